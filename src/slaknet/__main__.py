@@ -1,0 +1,5 @@
+import sys
+
+from slaknet.cli import main
+
+sys.exit(main())
