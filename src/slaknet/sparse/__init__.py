@@ -1,0 +1,75 @@
+"""Dynamic sparse training (SLaK's sparse-from-scratch training with prune-and-regrow).
+
+Public API::
+
+    from slaknet.sparse import SparseEngine, SparseConfig
+    engine = SparseEngine(model, optimizer, sparsity=0.4, total_steps=steps)   # masks + optimizer hook
+    # train as usual; optimizer.step() / scaler.step(optimizer) keep the model sparse
+    ckpt["sparse"] = engine.state_dict()                                       # exact resume
+
+For command lines: :func:`add_sparse_arguments` adds the official flags and :func:`config_from_args`
+turns the parsed namespace into a :class:`SparseConfig` (``None`` when ``--sparse`` was not given).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from slaknet.sparse.density import counts_from_scores, erk_counts, erk_densities, uniform_counts
+from slaknet.sparse.engine import SparseConfig, SparseEngine, SparseLayer
+from slaknet.sparse.selection import parse_filter, select_parameters, unwrap_model
+from slaknet.sparse.counting import sparse_counts
+
+__all__ = ["SparseEngine", "SparseConfig", "SparseLayer", "select_parameters", "unwrap_model",
+           "erk_densities", "erk_counts", "uniform_counts", "counts_from_scores", "sparse_counts",
+           "add_sparse_arguments", "config_from_args"]
+
+
+def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the sparse-training flags (official SLaK names, dashes or underscores) to ``parser``."""
+    g = parser.add_argument_group("sparse training (slaknet.sparse)")
+    g.add_argument("--sparse", action="store_true", help="train with the dynamic sparse engine")
+    g.add_argument("--sparsity", type=float, default=0.4, help="global fraction of zero weights (default 0.4)")
+    g.add_argument("--sparse-init", "--sparse_init", dest="sparse_init", default="ERK",
+                   choices=["uniform", "ERK", "snip"], help="initial layer-wise density (default ERK)")
+    g.add_argument("--erk-power-scale", dest="erk_power_scale", type=float, default=1.0,
+                   help="ERK power scale (default 1.0)")
+    g.add_argument("--prune-rate", "--prune_rate", dest="prune_rate", type=float, default=0.3,
+                   help="initial prune (= regrow) fraction per update (default 0.3), cosine-decayed")
+    g.add_argument("--prune-rate-final", dest="prune_rate_final", type=float, default=0.005,
+                   help="prune rate at the end of the cosine schedule (default 0.005)")
+    g.add_argument("--growth", default="random", choices=["random", "gradient", "momentum"],
+                   help="regrowth criterion (default random, the paper's)")
+    g.add_argument("-u", "--update-frequency", "--update_frequency", dest="update_frequency", type=int,
+                   default=100, help="topology update every U optimizer steps (default 100)")
+    g.add_argument("--redistribution", default="none", choices=["none", "magnitude", "momentum"],
+                   help="share regrowth across layers (default none, the paper's)")
+    g.add_argument("--fix", action="store_true", help="static sparse training: masks never change")
+    g.add_argument("--sparse-layers", dest="sparse_layers", default="all", choices=["all", "large_kernel"],
+                   help="which weights are sparse: every conv/linear (default) or only large-kernel strips")
+    g.add_argument("--sparse-include", dest="sparse_include", default=None,
+                   help="comma-separated glob patterns of extra weights to make sparse")
+    g.add_argument("--sparse-exclude", dest="sparse_exclude", default=None,
+                   help="comma-separated glob patterns of weights to keep dense")
+    g.add_argument("--sparse-optimizer-state", dest="sparse_optimizer_state", default="zero",
+                   choices=["zero", "keep"], help="optimizer state of pruned/regrown weights (default zero)")
+    g.add_argument("--sparse-seed", dest="sparse_seed", type=int, default=None,
+                   help="seed of mask randomness (default: the run's --seed, else 0)")
+
+
+def config_from_args(args: argparse.Namespace, total_steps: Optional[int] = None) -> Optional[SparseConfig]:
+    """A :class:`SparseConfig` from flags added by :func:`add_sparse_arguments` (None without --sparse)."""
+    if not getattr(args, "sparse", False):
+        return None
+    seed = getattr(args, "sparse_seed", None)
+    if seed is None:
+        seed = getattr(args, "seed", 0) or 0
+    cfg = SparseConfig(sparsity=args.sparsity, sparse_init=args.sparse_init,
+                       erk_power_scale=args.erk_power_scale, prune_rate=args.prune_rate,
+                       prune_rate_final=args.prune_rate_final, growth=args.growth,
+                       update_frequency=args.update_frequency, total_steps=total_steps,
+                       redistribution=args.redistribution, fix=args.fix, layers=args.sparse_layers,
+                       include=parse_filter(args.sparse_include), exclude=parse_filter(args.sparse_exclude),
+                       optimizer_state=args.sparse_optimizer_state, seed=int(seed))
+    cfg.validate()
+    return cfg

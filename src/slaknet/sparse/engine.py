@@ -1,0 +1,687 @@
+"""The dynamic sparse training engine (SLaK / RigL-style prune-and-regrow with exact, resumable masks).
+
+Usage in one's own loop (three lines)::
+
+    engine = SparseEngine(model, optimizer, sparsity=0.4, total_steps=len(loader) * epochs)
+    ...                                   # unchanged loop: optimizer.step() / scaler.step(optimizer)
+    ckpt["sparse"] = engine.state_dict()  # and engine.load_state_dict(ckpt["sparse"]) on resume
+
+The engine registers a post-step hook on the optimizer, so every *real* optimizer step (also through
+``GradScaler.step``, which does not call ``optimizer.step()`` when it skips a step) is followed by
+re-applying the masks and, every ``update_frequency`` real steps, by a topology update.
+See docs/sparse.md for every option and the policies for optimizer state, AMP, DDP and EMA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slaknet.errors import CheckpointError, ConfigError
+from slaknet.sparse.density import counts_from_scores, erk_counts, uniform_counts
+from slaknet.sparse.selection import ParamFilter, select_parameters, unwrap_model
+
+__all__ = ["SparseConfig", "SparseEngine", "SparseLayer"]
+
+logger = logging.getLogger("slaknet.sparse")
+
+_INITS = ("uniform", "ERK", "snip")
+_GROWTHS = ("random", "gradient", "momentum")
+_REDISTS = ("none", "magnitude", "momentum")
+_DECAYS = ("cosine", "constant")
+_OPT_POLICIES = ("zero", "keep")
+_MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # Adam family first moment / SGD momentum
+
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class SparseConfig:
+    """All options of the engine (names follow the training CLI flags; see docs/sparse.md).
+
+    Attributes:
+        sparsity: global fraction of zero weights over the sparse layers (``--sparsity``), in [0, 1).
+        sparse_init: initial layer-wise density: ``uniform``, ``ERK`` or ``snip`` (``--sparse-init``).
+        erk_power_scale: exponent on ERK's raw density ``(sum(shape)/prod(shape))``; 0 gives uniform.
+        prune_rate: initial fraction of active weights pruned (and regrown) per update (``--prune-rate``).
+        prune_rate_final: prune rate reached at ``total_steps`` by the cosine schedule.
+        prune_rate_decay: ``cosine`` (default; needs ``total_steps``) or ``constant``.
+        growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``).
+        update_frequency: topology update every this many real optimizer steps (``-u/--update-frequency``).
+        total_steps: planned number of optimizer steps (cosine horizon).
+        update_end: no topology updates after this step (default: ``total_steps``).
+        redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``): how the
+            regrowth count is shared across layers.
+        fix: static masks, never updated (``--fix``).
+        layers: ``all`` (every conv / linear weight), ``large_kernel`` (only SLaK's large-kernel strips)
+            or ``none`` (only ``include``).
+        include / exclude: extra / excluded weights: glob patterns on parameter names or a predicate
+            ``(name, module, param) -> bool``.
+        dense_threshold: a layer whose initial density is at least this stays dense (no mask).
+        optimizer_state: ``zero`` (default: pruned and regrown positions get zeroed optimizer state, so
+            a regrown weight starts from 0 with fresh moments) or ``keep``.
+        seed: seed of all mask randomness (keyed by seed, step and layer: identical on every rank).
+        sync_check: under torch.distributed, compare a mask checksum across ranks at each update.
+    """
+
+    sparsity: float = 0.4
+    sparse_init: str = "ERK"
+    erk_power_scale: float = 1.0
+    prune_rate: float = 0.3
+    prune_rate_final: float = 0.005
+    prune_rate_decay: str = "cosine"
+    growth: str = "random"
+    update_frequency: int = 100
+    total_steps: Optional[int] = None
+    update_end: Optional[int] = None
+    redistribution: str = "none"
+    fix: bool = False
+    layers: str = "all"
+    include: ParamFilter = None
+    exclude: ParamFilter = None
+    dense_threshold: float = 1.0
+    optimizer_state: str = "zero"
+    seed: int = 0
+    sync_check: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (one line) for an invalid or ill-defined combination."""
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.sparse_init not in _INITS:
+            raise ConfigError(f"sparse_init must be one of {_INITS}, got {self.sparse_init!r}")
+        if self.growth not in _GROWTHS:
+            raise ConfigError(f"growth must be one of {_GROWTHS}, got {self.growth!r}")
+        if self.redistribution not in _REDISTS:
+            raise ConfigError(f"redistribution must be one of {_REDISTS}, got {self.redistribution!r}")
+        if self.prune_rate_decay not in _DECAYS:
+            raise ConfigError(f"prune_rate_decay must be one of {_DECAYS}, got {self.prune_rate_decay!r}")
+        if self.optimizer_state not in _OPT_POLICIES:
+            raise ConfigError(f"optimizer_state must be one of {_OPT_POLICIES}, got {self.optimizer_state!r}")
+        if not 0.0 <= self.prune_rate < 1.0:
+            raise ConfigError(f"prune_rate must be in [0, 1), got {self.prune_rate}")
+        if not 0.0 <= self.prune_rate_final <= 1.0:
+            raise ConfigError(f"prune_rate_final must be in [0, 1], got {self.prune_rate_final}")
+        if int(self.update_frequency) < 1:
+            raise ConfigError(f"update_frequency must be >= 1, got {self.update_frequency}")
+        if self.total_steps is not None and int(self.total_steps) < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {self.total_steps}")
+        if (not self.fix and self.prune_rate_decay == "cosine" and self.total_steps is None):
+            raise ConfigError("the cosine prune-rate schedule needs total_steps (planned optimizer steps); "
+                              "pass total_steps or prune_rate_decay='constant'")
+        if not 0.0 < self.dense_threshold <= 1.0:
+            raise ConfigError(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON/weights_only-safe dict (callable filters are recorded as their repr)."""
+        out = dataclasses.asdict(self)
+        for k in ("include", "exclude"):
+            v = out[k]
+            if callable(v):
+                out[k] = f"<callable {getattr(v, '__name__', type(v).__name__)}>"
+            elif v is not None and not isinstance(v, str):
+                out[k] = list(v)
+        return out
+
+
+@dataclasses.dataclass
+class SparseLayer:
+    """One managed weight: its name, parameter, bool mask (True = active) and 'ever active' record."""
+
+    name: str
+    index: int
+    param: nn.Parameter
+    mask: torch.Tensor
+    ever_active: torch.Tensor
+    init_density: float
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    def active(self) -> int:
+        return int(self.mask.sum().item())
+
+
+def _key(*parts: int) -> int:
+    """Deterministic 63-bit mix of integers (splitmix64 steps): the seed of one layer's randomness."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def _generator(device: torch.device, *key: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(_key(*key))
+    return g
+
+
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SparseEngine:
+    """Dynamic sparse training for any ``nn.Module`` (see module docstring and docs/sparse.md).
+
+    Args:
+        model: the model (a DDP / DataParallel / compiled wrapper is unwrapped, never copied).
+        optimizer: the optimizer updating the model; every managed weight must be in it.
+        config: a :class:`SparseConfig`; keyword arguments override its fields
+            (``SparseEngine(model, opt, sparsity=0.4, total_steps=n)``).
+        snip_batch: ``(inputs, targets)`` for ``sparse_init="snip"``.
+        snip_loss: loss for SNIP, ``loss_fn(outputs, targets)`` (default cross entropy), or, when
+            ``snip_batch`` is None, a callable ``loss(model) -> Tensor`` that runs a batch itself.
+        attach: register the optimizer post-step hook (default). With ``attach=False`` call
+            :meth:`after_step` yourself after each *real* optimizer step.
+        on_update: callbacks receiving the update record dict after each topology update.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 config: Optional[SparseConfig] = None, *, snip_batch: Optional[Tuple[Any, Any]] = None,
+                 snip_loss: Optional[Callable[..., torch.Tensor]] = None, attach: bool = True,
+                 on_update: Optional[List[Callable[[Dict[str, Any]], None]]] = None, **overrides: Any) -> None:
+        cfg = dataclasses.replace(config) if config is not None else SparseConfig()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise ConfigError(f"unknown sparse option {k!r}")
+            setattr(cfg, k, v)
+        cfg.validate()
+        self.config = cfg
+        self.model = unwrap_model(model)
+        self.optimizer = optimizer
+        self.step_count = 0          # real optimizer steps seen
+        self.skipped_steps = 0       # steps the GradScaler skipped (not counted)
+        self.update_count = 0        # topology updates done
+        self.history: List[Dict[str, Any]] = []  # global figures per update (small)
+        self.last_update: Optional[Dict[str, Any]] = None
+        self.on_update = list(on_update or [])
+        self._hook = None
+
+        chosen = select_parameters(self.model, cfg.layers, cfg.include, cfg.exclude)
+        if not chosen:
+            raise ConfigError("the sparse engine found no weight to make sparse (check layers/include/exclude)")
+        if optimizer is not None:
+            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            missing = [n for n, _, p in chosen if id(p) not in in_opt]
+            if missing:
+                raise ConfigError(f"sparse weight {missing[0]!r} is not in the optimizer "
+                                  f"({len(missing)} such weights)")
+        self._check_optimizer_for_momentum()
+        self.candidates = [(n, p) for n, _, p in chosen]
+        self.layers: List[SparseLayer] = []
+        self.dense_layers: List[str] = []
+        self.init_densities: Dict[str, float] = {}
+        self._init_masks(snip_batch, snip_loss)
+        self.apply_masks()
+        if attach and optimizer is not None:
+            self.attach(optimizer)
+
+    # ----------------------------------------------------------------------------------- wiring ---------
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Register the post-step hook on ``optimizer`` (done by the constructor unless attach=False)."""
+        self.detach()
+        self.optimizer = optimizer
+        self._hook = optimizer.register_step_post_hook(self._post_step_hook)
+
+    def detach(self) -> None:
+        """Remove the optimizer hook (masks stay applied; later steps are no longer masked)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def step(self, scaler: Optional[Any] = None, closure: Optional[Callable] = None) -> Any:
+        """Convenience: ``scaler.step(optimizer)`` or ``optimizer.step(closure)``, masked afterwards.
+
+        Works whether or not the hook is attached (a temporary hook is used when it is not), so a step
+        the scaler skips is never counted.
+        """
+        if self.optimizer is None:
+            raise ConfigError("SparseEngine.step needs an optimizer")
+        handle = None
+        if self._hook is None:
+            handle = self.optimizer.register_step_post_hook(self._post_step_hook)
+        try:
+            return scaler.step(self.optimizer) if scaler is not None else self.optimizer.step(closure)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # fused/capturable optimizers are stepped even when the scaler found inf and skip internally
+        found = getattr(optimizer, "found_inf", None)
+        if found is None and isinstance(kwargs, dict) and kwargs.get("grad_scaler") is not None:
+            st = kwargs["grad_scaler"]._per_optimizer_states.get(id(optimizer), {})
+            vals = list(st.get("found_inf_per_device", {}).values())
+            found = sum(v.float().sum() for v in vals) if vals else None
+        skipped = found is not None and bool(torch.as_tensor(found).float().sum().item() > 0)
+        self.after_step(skipped=skipped)
+
+    def after_step(self, skipped: bool = False) -> None:
+        """Call after each optimizer step (the hook does): re-mask, count the step, update if due."""
+        self.apply_masks()
+        if skipped:
+            self.skipped_steps += 1
+            return
+        self.step_count += 1
+        if self.update_due(self.step_count):
+            self.update_topology()
+
+    # ------------------------------------------------------------------------------------ masks ---------
+    @torch.no_grad()
+    def apply_masks(self, module: Optional[nn.Module] = None) -> None:
+        """Zero every inactive weight; with ``module`` (e.g. an EMA copy) mask its same-named weights."""
+        if module is None:
+            for layer in self.layers:
+                layer.param.mul_(layer.mask)
+            return
+        params = dict(unwrap_model(module).named_parameters())
+        for layer in self.layers:
+            p = params.get(layer.name)
+            if p is None or p.shape != layer.mask.shape:
+                raise ConfigError(f"module has no weight {layer.name!r} of shape {tuple(layer.mask.shape)}")
+            p.mul_(layer.mask.to(p.device))
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero gradients of inactive weights (optional; e.g. before gradient-norm clipping).
+
+        Not needed for correctness (weights are re-masked after every step); note that gradient growth
+        reads the dense gradient at update steps, so do not call this on those steps with ``growth=gradient``.
+        """
+        for layer in self.layers:
+            if layer.param.grad is not None:
+                layer.param.grad.mul_(layer.mask)
+
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """Name -> bool mask (True = active) of every sparse layer."""
+        return {layer.name: layer.mask for layer in self.layers}
+
+    # ----------------------------------------------------------------------------------- init -----------
+    def _init_masks(self, snip_batch: Optional[Tuple[Any, Any]], snip_loss: Optional[Callable]) -> None:
+        cfg = self.config
+        density = 1.0 - cfg.sparsity
+        names = [n for n, _ in self.candidates]
+        numels = {n: p.numel() for n, p in self.candidates}
+        if cfg.sparse_init == "uniform":
+            counts = uniform_counts(numels, density)
+        elif cfg.sparse_init == "ERK":
+            counts, _ = erk_counts({n: tuple(p.shape) for n, p in self.candidates}, density, cfg.erk_power_scale)
+        else:
+            scores = self._snip_scores(snip_batch, snip_loss)
+            counts = counts_from_scores(scores, density)
+        for index, (name, param) in enumerate(self.candidates):
+            k = counts[name]
+            d = k / numels[name]
+            self.init_densities[name] = d
+            if k >= numels[name] or d >= cfg.dense_threshold:
+                self.dense_layers.append(name)
+                continue
+            mask = self._random_mask(param, k, _key(cfg.seed, 0, index, 1))
+            self.layers.append(SparseLayer(name, index, param, mask, mask.clone(), d))
+        if not self.layers:
+            logger.info("sparse engine: every selected layer is dense at sparsity %.3f", cfg.sparsity)
+        logger.info("sparse init %s: %d sparse layers, %d dense, global density %.4f",
+                    cfg.sparse_init, len(self.layers), len(self.dense_layers), self.global_density())
+        del names
+
+    @staticmethod
+    def _random_mask(param: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+        """A bool mask with exactly ``k`` True entries at uniformly random positions."""
+        g = torch.Generator(device=param.device)
+        g.manual_seed(seed)
+        n = param.numel()
+        idx = torch.randperm(n, generator=g, device=param.device)[:k]
+        mask = torch.zeros(n, dtype=torch.bool, device=param.device)
+        mask[idx] = True
+        return mask.view_as(param)
+
+    def _snip_scores(self, batch: Optional[Tuple[Any, Any]], loss: Optional[Callable]) -> Dict[str, torch.Tensor]:
+        """|w * dL/dw| on one batch, on the unwrapped module, without touching .grad, BN stats or RNG.
+
+        Under torch.distributed the gradients are averaged across ranks so every rank gets the same
+        densities.
+        """
+        model = self.model
+        if batch is None and loss is None:
+            raise ConfigError("sparse_init='snip' needs snip_batch=(inputs, targets) or snip_loss=callable(model)")
+        params = [p for _, p in self.candidates]
+        buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+                   if not isinstance(v, nn.Parameter) and torch.is_tensor(v)}
+        was_training = model.training
+        devices = [p.device for p in params if p.device.type == "cuda"]
+        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}) if devices else []):
+            try:
+                model.train()
+                with torch.enable_grad():
+                    if batch is None:
+                        value = loss(model)
+                    else:
+                        x, y = batch
+                        out = model(x)
+                        value = (loss or F.cross_entropy)(out, y)
+                    grads = torch.autograd.grad(value, params, allow_unused=True)
+            finally:
+                model.train(was_training)
+                with torch.no_grad():  # restore BN running stats etc. touched by the forward
+                    sd = model.state_dict(keep_vars=True)
+                    for k, v in buffers.items():
+                        sd[k].copy_(v)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+        if _dist_world() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= _dist_world()
+            grads = list(torch.split(flat, [p.numel() for p in params]))
+            grads = [g.view_as(p) for g, p in zip(grads, params)]
+        return {n: (p.detach() * g).abs() for (n, p), g in zip(self.candidates, grads)}
+
+    # --------------------------------------------------------------------------------- schedule ---------
+    def prune_rate_at(self, step: int) -> float:
+        """Prune rate used by an update at optimizer step ``step`` (cosine from prune_rate to final)."""
+        cfg = self.config
+        if cfg.prune_rate_decay == "constant" or not cfg.total_steps:
+            return cfg.prune_rate
+        t = min(max(step, 0), cfg.total_steps) / cfg.total_steps
+        return cfg.prune_rate_final + 0.5 * (cfg.prune_rate - cfg.prune_rate_final) * (1.0 + math.cos(math.pi * t))
+
+    def update_due(self, step: int) -> bool:
+        """True when a topology update runs after optimizer step ``step`` (1-based)."""
+        cfg = self.config
+        if cfg.fix or not self.layers or step % int(cfg.update_frequency) != 0:
+            return False
+        end = cfg.update_end if cfg.update_end is not None else cfg.total_steps
+        return end is None or step < end
+
+    # ----------------------------------------------------------------------------------- update ---------
+    def _check_optimizer_for_momentum(self) -> None:
+        cfg = self.config
+        needs = cfg.growth == "momentum" or cfg.redistribution == "momentum"
+        if not needs or cfg.fix:
+            return
+        opt = self.optimizer
+        if opt is None:
+            raise ConfigError("momentum growth/redistribution needs the optimizer (its momentum state)")
+        if isinstance(opt, torch.optim.SGD) and not any(g.get("momentum", 0) for g in opt.param_groups):
+            raise ConfigError("momentum growth/redistribution needs an optimizer with momentum "
+                              "(SGD momentum=0 has no momentum buffer)")
+        if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam,
+                                torch.optim.RAdam, torch.optim.Adamax)):
+            logger.warning("momentum growth: %s must keep 'exp_avg' or 'momentum_buffer' state",
+                           type(opt).__name__)
+
+    def _momentum(self, layer: SparseLayer) -> torch.Tensor:
+        st = self.optimizer.state.get(layer.param, {}) if self.optimizer is not None else {}
+        for k in _MOMENTUM_KEYS:
+            v = st.get(k)
+            if torch.is_tensor(v) and v.shape == layer.param.shape:
+                return v
+        raise RuntimeError(f"momentum growth: optimizer has no momentum state for {layer.name!r} "
+                           f"(expected one of {_MOMENTUM_KEYS})")
+
+    @torch.no_grad()
+    def update_topology(self) -> Dict[str, Any]:
+        """Prune ``ceil(rate * active)`` smallest-magnitude active weights per layer and regrow as many.
+
+        Regrowth picks among positions inactive after pruning (random / |gradient| / |momentum|); grown
+        weights start at exactly 0, and with ``optimizer_state='zero'`` the optimizer state of pruned and
+        grown positions is zeroed. Returns (and logs) the update record.
+        """
+        cfg = self.config
+        step = self.step_count
+        rate = self.prune_rate_at(step)
+        self.apply_masks()
+        # 1) prune by magnitude
+        pruned: Dict[str, torch.Tensor] = {}
+        n_prune: Dict[str, int] = {}
+        for layer in self.layers:
+            active = layer.active()
+            k = min(int(math.ceil(rate * active)), max(active - 1, 0))
+            n_prune[layer.name] = k
+            flat_mask = layer.mask.view(-1)
+            if k == 0:
+                pruned[layer.name] = torch.zeros_like(flat_mask)
+                continue
+            score = layer.param.detach().reshape(-1).abs().float()
+            score = score.masked_fill(~flat_mask, float("inf"))
+            idx = torch.topk(score, k, largest=False, sorted=False).indices
+            p = torch.zeros_like(flat_mask)
+            p[idx] = True
+            pruned[layer.name] = p
+        # 2) how many to regrow per layer
+        n_grow = self._regrowth_counts(n_prune, pruned)
+        # 3) regrow
+        records = []
+        for layer in self.layers:
+            flat_mask = layer.mask.view(-1)
+            new_mask = flat_mask & ~pruned[layer.name]
+            k = n_grow[layer.name]
+            grown = torch.zeros_like(flat_mask)
+            if k > 0:
+                score = self._growth_score(layer, step)
+                score = score.masked_fill(new_mask, float("-inf"))
+                idx = torch.topk(score, k, largest=True, sorted=False).indices
+                grown[idx] = True
+                new_mask |= grown
+            changed = pruned[layer.name] | grown  # grown positions were inactive -> weight is already 0
+            layer.param.view(-1).masked_fill_(~new_mask, 0.0)
+            if cfg.optimizer_state == "zero" and self.optimizer is not None:
+                self._zero_optimizer_state(layer, changed)
+            layer.mask = new_mask.view_as(layer.param)
+            layer.ever_active |= layer.mask
+            records.append({"name": layer.name, "pruned": n_prune[layer.name], "regrown": k,
+                            "active": int(new_mask.sum().item()), "numel": layer.numel})
+        self.update_count += 1
+        record = {"step": step, "update": self.update_count, "prune_rate": rate,
+                  "pruned": sum(r["pruned"] for r in records), "regrown": sum(r["regrown"] for r in records),
+                  "density": self.global_density(), "itop_rate": self.itop_rate(), "layers": records}
+        if cfg.sync_check and _dist_world() > 1:
+            self.check_consistency()
+        self.last_update = record
+        self.history.append({k: v for k, v in record.items() if k != "layers"})
+        logger.info("sparse update %d @ step %d: rate %.4f, pruned %d, regrown %d, density %.4f, ITOP %.4f",
+                    self.update_count, step, rate, record["pruned"], record["regrown"], record["density"],
+                    record["itop_rate"])
+        for cb in self.on_update:
+            cb(record)
+        return record
+
+    def _growth_score(self, layer: SparseLayer, step: int) -> torch.Tensor:
+        g = self.config.growth
+        if g == "random":
+            gen = _generator(layer.param.device, self.config.seed, step, layer.index, 2)
+            return torch.rand(layer.numel, generator=gen, device=layer.param.device)
+        if g == "gradient":
+            if layer.param.grad is None:
+                raise RuntimeError(f"gradient growth: {layer.name!r} has no gradient at update step {step}")
+            return layer.param.grad.detach().reshape(-1).abs().float()
+        return self._momentum(layer).detach().reshape(-1).abs().float()
+
+    def _regrowth_counts(self, n_prune: Dict[str, int], pruned: Dict[str, torch.Tensor]) -> Dict[str, int]:
+        mode = self.config.redistribution
+        if mode == "none":
+            return dict(n_prune)
+        total = sum(n_prune.values())
+        scores: Dict[str, float] = {}
+        cap: Dict[str, int] = {}
+        for layer in self.layers:
+            keep = layer.mask.view(-1) & ~pruned[layer.name]
+            cap[layer.name] = layer.numel - int(keep.sum().item())
+            src = layer.param if mode == "magnitude" else self._momentum(layer)
+            vals = src.detach().reshape(-1)[keep].abs().float()
+            scores[layer.name] = float(vals.mean().item()) if vals.numel() else 0.0
+        out = {n: 0 for n in scores}
+        remaining = total
+        open_ = [n for n in scores if cap[n] > 0]
+        while remaining > 0 and open_:
+            s = sum(scores[n] for n in open_)
+            share = {n: (scores[n] / s if s > 0 else 1.0 / len(open_)) * remaining for n in open_}
+            base = {n: min(int(math.floor(share[n])), cap[n] - out[n]) for n in open_}
+            for n in open_:
+                out[n] += base[n]
+            left = remaining - sum(base.values())
+            # largest remainders get one more, deterministic order
+            for n in sorted(open_, key=lambda m: (-(share[m] - math.floor(share[m])), m)):
+                if left == 0:
+                    break
+                if out[n] < cap[n]:
+                    out[n] += 1
+                    left -= 1
+            remaining = left
+            open_ = [n for n in open_ if out[n] < cap[n]]
+        return out
+
+    def _zero_optimizer_state(self, layer: SparseLayer, positions: torch.Tensor) -> None:
+        state = self.optimizer.state.get(layer.param)
+        if not state:
+            return
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == layer.param.shape:
+                v.view(-1).masked_fill_(positions, 0)
+
+    # ---------------------------------------------------------------------------------- monitoring -------
+    def global_density(self) -> float:
+        """Active fraction over all selected layers (dense layers count as fully active)."""
+        num = sum(layer.active() for layer in self.layers)
+        den = sum(layer.numel for layer in self.layers)
+        dense = {n: p.numel() for n, p in self.candidates if n in set(self.dense_layers)}
+        num += sum(dense.values())
+        den += sum(dense.values())
+        return num / den if den else 1.0
+
+    def itop_rate(self) -> float:
+        """In-time over-parameterization rate: fraction of sparse-layer weights ever active."""
+        den = sum(layer.numel for layer in self.layers)
+        return sum(int(layer.ever_active.sum().item()) for layer in self.layers) / den if den else 1.0
+
+    def stats(self) -> Dict[str, Any]:
+        """Machine-readable monitoring dict (JSON-serialisable)."""
+        layers = []
+        for layer in self.layers:
+            a = layer.active()
+            layers.append({"name": layer.name, "numel": layer.numel, "active": a, "density": a / layer.numel,
+                           "init_density": layer.init_density, "dense": False,
+                           "ever_active": int(layer.ever_active.sum().item())})
+        for n, p in self.candidates:
+            if n in self.dense_layers:
+                layers.append({"name": n, "numel": p.numel(), "active": p.numel(), "density": 1.0,
+                               "init_density": self.init_densities[n], "dense": True,
+                               "ever_active": p.numel()})
+        total = sum(r["numel"] for r in layers)
+        active = sum(r["active"] for r in layers)
+        return {"step": self.step_count, "updates": self.update_count, "skipped_steps": self.skipped_steps,
+                "prune_rate": self.prune_rate_at(self.step_count), "sparsity_target": self.config.sparsity,
+                "density": active / total if total else 1.0, "sparse_params": total, "active_params": active,
+                "itop_rate": self.itop_rate(), "num_sparse_layers": len(self.layers),
+                "num_dense_layers": len(self.dense_layers),
+                "last_update": ({k: v for k, v in self.last_update.items() if k != "layers"}
+                                if self.last_update else None),
+                "layers": layers}
+
+    def summary(self, max_layers: int = 12) -> str:
+        """A short human-readable report (global figures and the first ``max_layers`` layers)."""
+        s = self.stats()
+        cfg = self.config
+        lines = [f"sparse engine: init={cfg.sparse_init} target sparsity={cfg.sparsity:.3f} "
+                 f"growth={cfg.growth} u={cfg.update_frequency} redistribution={cfg.redistribution}"
+                 f"{' (fixed masks)' if cfg.fix else ''}",
+                 f"  step {s['step']} updates {s['updates']} skipped {s['skipped_steps']} "
+                 f"prune rate {s['prune_rate']:.4f}",
+                 f"  density {s['density']:.4f} ({s['active_params']:,}/{s['sparse_params']:,}) "
+                 f"ITOP {s['itop_rate']:.4f}; {s['num_sparse_layers']} sparse, {s['num_dense_layers']} dense layers"]
+        for r in s["layers"][:max_layers]:
+            lines.append(f"    {r['name']:<48} {r['active']:>10,}/{r['numel']:<10,} "
+                         f"{r['density']:.4f}{' dense' if r['dense'] else ''}")
+        if len(s["layers"]) > max_layers:
+            lines.append(f"    ... {len(s['layers']) - max_layers} more layers")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------------------------- distributed -----
+    @torch.no_grad()
+    def mask_checksum(self) -> torch.Tensor:
+        """int64 [L, 3] fingerprint of the masks: active count, sum of active indices, sum of idx^2 mod p."""
+        rows = []
+        for layer in self.layers:
+            idx = layer.mask.view(-1).nonzero().squeeze(1)
+            rows.append(torch.stack([idx.numel() * torch.ones((), dtype=torch.int64, device=idx.device),
+                                     idx.sum(), (idx * idx % 1_000_003).sum()]))
+        if not rows:
+            return torch.zeros(0, 3, dtype=torch.int64)
+        return torch.stack(rows)
+
+    def check_consistency(self) -> None:
+        """Raise RuntimeError if masks differ across ranks (two tiny all-reduces of a checksum)."""
+        if _dist_world() <= 1:
+            return
+        c = self.mask_checksum()
+        if dist.get_backend() == "nccl" and c.device.type != "cuda":
+            c = c.cuda()
+        lo, hi = c.clone(), c.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            bad = [self.layers[i].name for i in (lo != hi).any(1).nonzero().view(-1).tolist()]
+            raise RuntimeError(f"sparse masks differ across ranks at step {self.step_count} "
+                               f"(layers {bad[:3]}...): are weights/seed identical on every rank?")
+
+    # --------------------------------------------------------------------------------- state -------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume exactly (loadable with ``torch.load(weights_only=True)``)."""
+        return {"version": _STATE_VERSION, "config": self.config.to_dict(), "step": self.step_count,
+                "skipped_steps": self.skipped_steps, "updates": self.update_count,
+                "prune_rate": self.prune_rate_at(self.step_count),
+                "masks": {layer.name: layer.mask.detach().cpu().clone() for layer in self.layers},
+                "ever_active": {layer.name: layer.ever_active.detach().cpu().clone() for layer in self.layers},
+                "init_densities": dict(self.init_densities), "dense_layers": list(self.dense_layers),
+                "history": [dict(h) for h in self.history]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore masks and counters (never re-initialises masks) and re-apply masks to the weights."""
+        if not isinstance(state, dict) or "masks" not in state:
+            raise CheckpointError("not a sparse-engine state (no 'masks')")
+        if int(state.get("version", 0)) > _STATE_VERSION:
+            raise CheckpointError(f"sparse state version {state.get('version')} is newer than supported")
+        masks, ever = state["masks"], state.get("ever_active", {})
+        names = {n for n, _ in self.candidates}
+        unknown = [n for n in masks if n not in names]
+        if unknown:
+            raise CheckpointError(f"sparse state has a mask for {unknown[0]!r}, which this engine does not manage")
+        saved_cfg = state.get("config", {})
+        for k in ("sparsity", "growth", "update_frequency", "redistribution", "sparse_init"):
+            if k in saved_cfg and saved_cfg[k] != getattr(self.config, k):
+                logger.warning("sparse resume: %s was %r in the checkpoint, now %r", k, saved_cfg[k],
+                               getattr(self.config, k))
+        params = dict(self.candidates)
+        index = {n: i for i, (n, _) in enumerate(self.candidates)}
+        layers = []
+        for name, mask in masks.items():
+            p = params[name]
+            if tuple(mask.shape) != tuple(p.shape):
+                raise CheckpointError(f"mask {name!r} has shape {tuple(mask.shape)}, weight has {tuple(p.shape)}")
+            m = mask.to(device=p.device, dtype=torch.bool).clone()
+            e = ever.get(name, mask).to(device=p.device, dtype=torch.bool).clone() | m
+            d = float(state.get("init_densities", {}).get(name, m.float().mean().item()))
+            layers.append(SparseLayer(name, index[name], p, m, e, d))
+        layers.sort(key=lambda l: l.index)
+        self.layers = layers
+        self.dense_layers = [n for n, _ in self.candidates if n not in masks]
+        self.init_densities = {n: float(v) for n, v in state.get("init_densities", {}).items()} or \
+            {l.name: l.init_density for l in layers}
+        self.step_count = int(state.get("step", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.update_count = int(state.get("updates", 0))
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.last_update = None
+        self.apply_masks()
