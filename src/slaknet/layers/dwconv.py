@@ -1,15 +1,74 @@
 """Depthwise convolution operator used by every large-kernel branch.
 
 This module is the single entry point through which slaknet runs a depthwise ("groups == channels")
-convolution with 'same' padding. Backends (plain PyTorch, layout tricks, FFT/Toeplitz, Triton) plug in
-here, so the layers never care which implementation runs.
+convolution with 'same' padding. It picks a backend automatically per device, shape and dtype:
+
+* ``plain``: ``F.conv2d`` exactly as PyTorch runs it (cuDNN on CUDA, oneDNN on CPU); always available.
+* ``fast``: a custom autograd operator (:class:`slaknet.layers.dwconv_impl.DepthwiseConvFunction`) whose
+  forward and input gradient run PyTorch's depthwise kernel in the memory layout where it is fast, and
+  whose weight gradient is formed by FFT or banded GEMMs where PyTorch's kernel is slow (CPU).
+* ``fft`` / ``gemm``: ``fast`` with that weight-gradient method forced (benchmarks, tests).
+
+Default (``auto``): ``fast`` on CPU for floating dtypes, ``plain`` elsewhere (on CUDA cuDNN was measured to
+be as fast or faster, docs/speed.md). Override with the ``backend`` argument, or for the whole process
+with the environment variable ``SLAKNET_DWCONV=plain|fast|fft|gemm|auto``. The choice is logged once per
+(device, backend) on the ``slaknet.dwconv`` logger.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import logging
+import os
+from typing import Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from slaknet.errors import ConfigError
+
+__all__ = ["depthwise_conv2d", "resolve_backend", "BACKENDS", "ENV_VAR"]
+
+ENV_VAR = "SLAKNET_DWCONV"
+BACKENDS = ("auto", "plain", "fast", "fft", "gemm")
+logger = logging.getLogger("slaknet.dwconv")
+_logged: Set[Tuple[str, str, str]] = set()
+
+
+def _requested(backend: Optional[str]) -> str:
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = (name or "auto").strip().lower()
+    if name not in BACKENDS:
+        source = "backend argument" if backend is not None else f"{ENV_VAR}"
+        raise ConfigError(f"unknown depthwise conv backend {name!r} ({source}); choose from {', '.join(BACKENDS)}")
+    return name
+
+
+def _fast_applies(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int]) -> bool:
+    """The custom operator handles depthwise, odd-kernel, 'same'-padded, floating-point 4-D convs."""
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1 or x.shape[1] != weight.shape[0]:
+        return False
+    kh, kw = weight.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0 or tuple(padding) != (kh // 2, kw // 2):
+        return False
+    return x.is_floating_point() and x.device == weight.device
+
+
+def resolve_backend(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int] = (0, 0),
+                    backend: Optional[str] = None) -> str:
+    """The backend that :func:`depthwise_conv2d` runs for these inputs: 'plain', 'fast', 'fft' or 'gemm'."""
+    name = _requested(backend)
+    if name == "plain" or not _fast_applies(x, weight, padding):
+        return "plain"
+    if name == "auto":
+        return "fast" if x.device.type == "cpu" else "plain"
+    return name
+
+
+def _log_once(device: str, requested: str, chosen: str) -> None:
+    key = (device, requested, chosen)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("depthwise conv on %s: backend %r (requested %r; set %s or backend= to override)",
+                    device, chosen, requested, ENV_VAR)
 
 
 def depthwise_conv2d(
@@ -21,6 +80,33 @@ def depthwise_conv2d(
 ) -> torch.Tensor:
     """Depthwise conv, stride 1: ``weight`` is ``[C, 1, kh, kw]``, ``x`` is ``[N, C, H, W]``.
 
-    Numerically equal to ``F.conv2d(x, weight, bias, padding=padding, groups=C)``.
+    Numerically equal (up to summation order) to ``F.conv2d(x, weight, bias, padding=padding, groups=C)``
+    in outputs and gradients, whichever backend runs. ``backend``: see the module docstring.
     """
-    return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
+    padding = (int(padding[0]), int(padding[1]))
+    chosen = resolve_backend(x, weight, padding, backend)
+    _log_once(x.device.type, _requested(backend), chosen)
+    if chosen == "plain":
+        return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
+
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # autocast would run conv2d in its low-precision dtype; do the same cast, then run unautocast
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return _apply(x, weight, bias, padding, chosen)
+    return _apply(x, weight, bias, padding, chosen)
+
+
+def _apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
+           chosen: str) -> torch.Tensor:
+    from slaknet.layers.dwconv_impl import DepthwiseConvFunction, choose_weight_grad
+
+    if chosen == "fast":
+        n, c, h, w = x.shape
+        wgrad = choose_weight_grad(x.device.type, n, c, h, w, weight.shape[2], weight.shape[3])
+    else:
+        wgrad = chosen
+    return DepthwiseConvFunction.apply(x, weight, bias, padding, wgrad)

@@ -1,0 +1,183 @@
+"""Building blocks of slaknet's fast depthwise convolution (stride 1, odd kernel, 'same' padding).
+
+Every function here computes exactly what ``F.conv2d(..., groups=C)`` or its gradients compute, by a
+different route that the backends choose per device and shape (see :mod:`slaknet.layers.dwconv`):
+
+* forward / input gradient: PyTorch's own depthwise kernel, but fed in the memory layout in which the
+  fast kernel accepts the shape. oneDNN's NCHW depthwise kernel refuses a left padding above 6 and
+  falls back to im2col + GEMM (~10x slower for a 5 x 51 strip); its channels_last kernel has no such
+  limit. The input gradient is the forward conv of the output gradient with the flipped kernel.
+* weight gradient: ``dW[c, i, j] = sum_{n, y, x} xpad[n, c, y + i, x + j] * gy[n, c, y, x]``, a
+  cross-correlation of the input with the output gradient, summed over the batch. PyTorch's CPU kernel
+  for it only has a fast path for kernel widths <= 3; we use either
+
+  - ``fft``: one real 2-D FFT of the input and of the output gradient, a product summed over the batch
+    in frequency space, one inverse FFT per channel, cropped to the kernel (cost independent of the
+    kernel size), or
+  - ``gemm``: per channel one matrix product between the input rows (shifted along the short kernel
+    axis) and the output-gradient rows along the long axis, then the kernel taps are the sums along the
+    diagonals of that product (a Toeplitz / banded formulation that runs at GEMM speed).
+
+All three are exact up to floating-point summation order (checked against F.conv2d in the tests).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["conv_forward", "weight_grad", "weight_grad_fft", "weight_grad_gemm", "weight_grad_plain",
+           "choose_weight_grad", "DepthwiseConvFunction"]
+
+# oneDNN's NCHW depthwise forward kernel accepts a left (width) padding up to this value.
+_ONEDNN_MAX_LEFT_PAD = 6
+# keep the temporaries of the GEMM weight gradient below this many elements (chunked over channels)
+_GEMM_CHUNK_ELEMS = 1 << 24
+
+
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 padding: Tuple[int, int]) -> torch.Tensor:
+    """Depthwise 'same' conv, choosing the memory layout in which the backend kernel is fast.
+
+    The result has the input's memory format (NCHW-contiguous in, NCHW-contiguous out), like F.conv2d.
+    """
+    c = weight.shape[0]
+    ph, pw = padding
+    if x.device.type == "cpu" and pw > _ONEDNN_MAX_LEFT_PAD \
+            and not x.is_contiguous(memory_format=torch.channels_last):
+        # the NCHW kernel would fall back to im2col; channels_last has a direct kernel for any padding
+        xc = x.contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(xc, weight, bias, 1, (ph, pw), 1, c)
+        return out.contiguous()
+    return F.conv2d(x, weight, bias, 1, (ph, pw), 1, c)
+
+
+def weight_grad_plain(x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor,
+                      padding: Tuple[int, int]) -> torch.Tensor:
+    """PyTorch's own depthwise weight gradient (the reference path)."""
+    c = weight.shape[0]
+    return torch.ops.aten.convolution_backward(
+        gy, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], c, [False, True, False])[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _smooth_size(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3, 5 (fast FFT lengths)."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def weight_grad_fft(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Weight gradient ``[C, 1, kh, kw]`` by FFT cross-correlation (computed in fp32 at least)."""
+    n, c, h, w = x.shape
+    ph, pw = kh // 2, kw // 2
+    # circular correlation of length L is alias-free for lags |d| <= p when L >= size + p (and >= k)
+    lh, lw = _smooth_size(max(h + ph, kh)), _smooth_size(max(w + pw, kw))
+    work = torch.promote_types(x.dtype, torch.float32)
+    fx = torch.fft.rfft2(x.to(work), s=(lh, lw))
+    fg = torch.fft.rfft2(gy.to(work), s=(lh, lw))
+    # sum over the batch: sum_n fx * conj(fg), done in place to keep memory low
+    prod = fx.mul_(fg.conj()).sum(0)
+    del fx, fg
+    corr = torch.fft.irfft2(prod, s=(lh, lw))  # corr[c, d] = sum x[y + d] * gy[y] (circular lags)
+    # lags -ph..ph live at indices L-ph..L-1 and 0..ph; roll them into 0..k-1
+    corr = torch.roll(corr, shifts=(ph, pw), dims=(1, 2))[:, :kh, :kw]
+    return corr.unsqueeze(1).to(x.dtype)
+
+
+def _weight_grad_gemm_long_h(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """GEMM weight gradient with the long kernel axis along H (``x``, ``gy`` may be any strided views)."""
+    n, c, h, w = x.shape
+    ph, pw = kh // 2, kw // 2
+    k = n * w
+    out = x.new_empty((c, kw, kh))
+    per_channel = kw * h * k + k * h + kw * h * (h + 2 * ph)
+    step = max(1, _GEMM_CHUNK_ELEMS // max(1, per_channel))
+    xp = F.pad(x, (pw, pw)) if pw else x  # zero-pad along the short (W) axis only
+    for c0 in range(0, c, step):
+        c1 = min(c, c0 + step)
+        cc = c1 - c0
+        # A[c, j * h + yx, (n, x)] = xpad[n, c, yx, x + j]
+        a = xp[:, c0:c1].unfold(3, w, 1).permute(1, 3, 2, 0, 4).reshape(cc, kw * h, k)
+        b = gy[:, c0:c1].permute(1, 0, 3, 2).reshape(cc, k, h)  # B[c, (n, x), y] = gy[n, c, y, x]
+        s = torch.bmm(a, b).view(cc, kw, h, h)  # S[c, j, yx, y] = sum_{n,x} xpad[.., yx, x+j] gy[.., y, x]
+        del a, b
+        # dW[c, i, j] = sum_y S[c, j, y + i - ph, y]: transpose to [.., y, yx], zero-pad yx by ph on both
+        # sides, then a strided view walks the diagonals (row stride + 1)
+        sp = F.pad(s.transpose(2, 3), (ph, ph))
+        del s
+        span = h + 2 * ph
+        diag = sp.as_strided((cc, kw, h, kh), (kw * h * span, h * span, span + 1, 1))
+        out[c0:c1] = diag.sum(2, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
+        del sp, diag
+    return out.transpose(1, 2).reshape(c, 1, kh, kw)
+
+
+def weight_grad_gemm(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Weight gradient ``[C, 1, kh, kw]`` by banded (Toeplitz) batched GEMMs along the long kernel axis."""
+    if kh >= kw:
+        return _weight_grad_gemm_long_h(x, gy, kh, kw)
+    g = _weight_grad_gemm_long_h(x.transpose(2, 3), gy.transpose(2, 3), kw, kh)
+    return g.transpose(2, 3).contiguous()
+
+
+def choose_weight_grad(device_type: str, n: int, c: int, h: int, w: int, kh: int, kw: int) -> str:
+    """The weight-gradient method for a shape: 'fft', 'gemm' or 'plain'.
+
+    Rule of thumb from measurements on a 2-core Zen4 (docs/speed.md): PyTorch's CPU kernel is fast only
+    for kernel width <= 3; for strips on small maps the banded GEMM wins, otherwise the FFT.
+    """
+    if device_type != "cpu":
+        return "plain"
+    if kh * kw <= 9 and kw <= 3:
+        return "plain"
+    long_k, short_k = max(kh, kw), min(kh, kw)
+    if short_k <= 7 and long_k >= 3 * short_k and h * w <= 32 * 32:
+        return "gemm"
+    return "fft"
+
+
+def weight_grad(method: str, x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor,
+                padding: Tuple[int, int]) -> torch.Tensor:
+    """Dispatch to one weight-gradient method (see module docstring)."""
+    kh, kw = weight.shape[-2:]
+    if method == "fft":
+        return weight_grad_fft(x, gy, kh, kw)
+    if method == "gemm":
+        return weight_grad_gemm(x, gy, kh, kw)
+    return weight_grad_plain(x, gy, weight, padding)
+
+
+class DepthwiseConvFunction(torch.autograd.Function):
+    """Depthwise 'same' conv with a layout-aware forward / input gradient and a chosen weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                padding: Tuple[int, int], wgrad: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.wgrad = wgrad
+        ctx.has_bias = bias is not None
+        return conv_forward(x, weight, bias, padding)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = conv_forward(gy, weight.flip(-2, -1), None, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            gw = weight_grad(ctx.wgrad, x, gy, weight, ctx.padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb, None, None
