@@ -13,6 +13,8 @@ from typing import List, Optional
 # name -> (module, one-line help). Add a command by adding a line here.
 COMMANDS = {
     "info": ("slaknet.analysis.counting_cli", "build a model and print dense / non-zero parameters and MACs"),
+    "erf": ("slaknet.analysis.erf_cli", "effective receptive field: area ratios, .npy matrices and heatmaps"),
+    "kernels": ("slaknet.analysis.kernels_cli", "pictures of learned large kernels and per-layer density bars"),
 }
 
 
