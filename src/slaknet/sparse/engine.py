@@ -202,12 +202,13 @@ class SparseEngine:
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.step_count = 0          # real optimizer steps seen
-        self.skipped_steps = 0       # steps the GradScaler skipped (not counted)
+        self.skipped_steps = 0       # skipped steps seen (fused-optimizer found_inf, or via engine.step(scaler))
         self.update_count = 0        # topology updates done
         self.history: List[Dict[str, Any]] = []  # global figures per update (small)
         self.last_update: Optional[Dict[str, Any]] = None
         self.on_update = list(on_update or [])
         self._hook = None
+        self._dense_grads: Optional[Dict[str, torch.Tensor]] = None
 
         chosen = select_parameters(self.model, cfg.layers, cfg.include, cfg.exclude)
         if not chosen:
@@ -223,8 +224,13 @@ class SparseEngine:
         self.layers: List[SparseLayer] = []
         self.dense_layers: List[str] = []
         self.init_densities: Dict[str, float] = {}
+        self._modules = {n: mod for n, mod, _ in chosen}
+        self._pending: List[Any] = []
         self._init_masks(snip_batch, snip_loss)
-        self.apply_masks()
+        # Masks reach the weights lazily, right before the first forward of a sparse layer (or at the first
+        # optimizer step / apply_masks / load_state_dict), so that building the engine after loading trained
+        # weights and then calling load_state_dict never zeroes trained weights with fresh random masks.
+        self._install_pending()
         if attach and optimizer is not None:
             self.attach(optimizer)
 
@@ -252,11 +258,15 @@ class SparseEngine:
         handle = None
         if self._hook is None:
             handle = self.optimizer.register_step_post_hook(self._post_step_hook)
+        seen = self.step_count + self.skipped_steps
         try:
-            return scaler.step(self.optimizer) if scaler is not None else self.optimizer.step(closure)
+            out = scaler.step(self.optimizer) if scaler is not None else self.optimizer.step(closure)
         finally:
             if handle is not None:
                 handle.remove()
+        if self.step_count + self.skipped_steps == seen:  # the scaler did not call optimizer.step()
+            self.skipped_steps += 1
+        return out
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # fused/capturable optimizers are stepped even when the scaler found inf and skip internally
@@ -279,10 +289,30 @@ class SparseEngine:
             self.update_topology()
 
     # ------------------------------------------------------------------------------------ masks ---------
+    def _install_pending(self) -> None:
+        self._clear_pending()
+        mods = {id(self._modules[l.name]): self._modules[l.name] for l in self.layers}
+        self._pending = [m.register_forward_pre_hook(self._pending_hook) for m in mods.values()]
+
+    def _clear_pending(self) -> None:
+        for h in self._pending:
+            h.remove()
+        self._pending = []
+
+    def _pending_hook(self, module: nn.Module, args: Any) -> None:
+        self.apply_masks()
+
+    @property
+    def masks_applied(self) -> bool:
+        """False until the initial masks have been written into the weights (first forward / step)."""
+        return not self._pending
+
     @torch.no_grad()
     def apply_masks(self, module: Optional[nn.Module] = None) -> None:
         """Zero every inactive weight; with ``module`` (e.g. an EMA copy) mask its same-named weights."""
         if module is None:
+            if self._pending:
+                self._clear_pending()
             for layer in self.layers:
                 layer.param.mul_(layer.mask)
             return
@@ -297,9 +327,13 @@ class SparseEngine:
     def mask_gradients(self) -> None:
         """Zero gradients of inactive weights (optional; e.g. before gradient-norm clipping).
 
-        Not needed for correctness (weights are re-masked after every step); note that gradient growth
-        reads the dense gradient at update steps, so do not call this on those steps with ``growth=gradient``.
+        Not needed for correctness (weights are re-masked after every step). Gradient growth needs the
+        dense gradient at update steps: before the step that will trigger an update, the dense gradients
+        are stashed (one copy, every ``update_frequency`` steps) and used for growth.
         """
+        if self.config.growth == "gradient" and self.update_due(self.step_count + 1):
+            self._dense_grads = {layer.name: layer.param.grad.detach().clone() for layer in self.layers
+                                 if layer.param.grad is not None}
         for layer in self.layers:
             if layer.param.grad is not None:
                 layer.param.grad.mul_(layer.mask)
@@ -357,8 +391,7 @@ class SparseEngine:
         if batch is None and loss is None:
             raise ConfigError("sparse_init='snip' needs snip_batch=(inputs, targets) or snip_loss=callable(model)")
         params = [p for _, p in self.candidates]
-        buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
-                   if not isinstance(v, nn.Parameter) and torch.is_tensor(v)}
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         was_training = model.training
         devices = [p.device for p in params if p.device.type == "cuda"]
         with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}) if devices else []):
@@ -375,9 +408,8 @@ class SparseEngine:
             finally:
                 model.train(was_training)
                 with torch.no_grad():  # restore BN running stats etc. touched by the forward
-                    sd = model.state_dict(keep_vars=True)
-                    for k, v in buffers.items():
-                        sd[k].copy_(v)
+                    for k, v in model.named_buffers():
+                        v.copy_(buffers[k])
         grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
         if _dist_world() > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -474,14 +506,17 @@ class SparseEngine:
                 idx = torch.topk(score, k, largest=True, sorted=False).indices
                 grown[idx] = True
                 new_mask |= grown
-            changed = pruned[layer.name] | grown  # grown positions were inactive -> weight is already 0
-            layer.param.view(-1).masked_fill_(~new_mask, 0.0)
+            changed = (pruned[layer.name] | grown).view(layer.param.shape)
+            new_mask = new_mask.view(layer.param.shape)
+            # grown positions were inactive, so their weight is already exactly 0
+            layer.param.masked_fill_(~new_mask, 0.0)
             if cfg.optimizer_state == "zero" and self.optimizer is not None:
                 self._zero_optimizer_state(layer, changed)
-            layer.mask = new_mask.view_as(layer.param)
-            layer.ever_active |= layer.mask
+            layer.mask = new_mask
+            layer.ever_active |= new_mask
             records.append({"name": layer.name, "pruned": n_prune[layer.name], "regrown": k,
                             "active": int(new_mask.sum().item()), "numel": layer.numel})
+        self._dense_grads = None
         self.update_count += 1
         record = {"step": step, "update": self.update_count, "prune_rate": rate,
                   "pruned": sum(r["pruned"] for r in records), "regrown": sum(r["regrown"] for r in records),
@@ -503,6 +538,8 @@ class SparseEngine:
             gen = _generator(layer.param.device, self.config.seed, step, layer.index, 2)
             return torch.rand(layer.numel, generator=gen, device=layer.param.device)
         if g == "gradient":
+            if self._dense_grads is not None and layer.name in self._dense_grads:
+                return self._dense_grads[layer.name].reshape(-1).abs().float()
             if layer.param.grad is None:
                 raise RuntimeError(f"gradient growth: {layer.name!r} has no gradient at update step {step}")
             return layer.param.grad.detach().reshape(-1).abs().float()
@@ -548,7 +585,7 @@ class SparseEngine:
             return
         for v in state.values():
             if torch.is_tensor(v) and v.shape == layer.param.shape:
-                v.view(-1).masked_fill_(positions, 0)
+                v.masked_fill_(positions, 0)
 
     # ---------------------------------------------------------------------------------- monitoring -------
     def global_density(self) -> float:

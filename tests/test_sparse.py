@@ -1,0 +1,608 @@
+"""Tests of slaknet.sparse: each guards against one defect of the research code or one promised feature.
+
+Expected values come from independent computations (hand arithmetic, sorting, plain loops), never from
+the engine under test.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slaknet.errors import CheckpointError, ConfigError
+from slaknet.sparse import (SparseConfig, SparseEngine, add_sparse_arguments, config_from_args,
+                            erk_densities, select_parameters, sparse_counts)
+
+
+class Net(nn.Module):
+    """Tiny conv + BN + linear net (channels 3 -> 6 -> 8, 8x8 input, 5 classes)."""
+
+    def __init__(self, p_drop: float = 0.0) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.drop = nn.Dropout(p_drop)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.c1(x)))
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.fc(self.drop(x.flatten(1)))
+
+
+def batch(step: int, n: int = 4):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def train_step(model, opt, step, scaler=None, clip=None, autocast=False):
+    x, y = batch(step)
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = F.cross_entropy(model(x), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return loss
+
+
+def assert_masked(engine):
+    for layer in engine.layers:
+        assert layer.mask.dtype == torch.bool
+        inactive = layer.param.detach()[~layer.mask]
+        assert torch.count_nonzero(inactive) == 0, f"{layer.name}: {torch.count_nonzero(inactive)} pruned non-zeros"
+
+
+# ------------------------------------------------------------------------------------------ init ---------
+
+def test_uniform_exact_counts_and_bool_masks():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = SparseEngine(m, opt, sparsity=0.7, sparse_init="uniform", total_steps=10)
+    assert not e.masks_applied
+    m(batch(0)[0])  # masks reach the weights at the first forward
+    assert e.masks_applied
+    shapes = {"c1.weight": 6 * 3 * 9, "c2.weight": 8 * 6 * 9, "fc.weight": 5 * 128}
+    assert [l.name for l in e.layers] == list(shapes)
+    for layer in e.layers:
+        assert layer.mask.dtype == torch.bool
+        assert int(layer.mask.sum()) == round(0.3 * shapes[layer.name])
+        # the weights really are zero where the mask is off, and (almost surely) non-zero where on
+        assert torch.count_nonzero(layer.param[~layer.mask]) == 0
+        assert torch.count_nonzero(layer.param[layer.mask]) == int(layer.mask.sum())
+
+
+def test_erk_densities_hand_computed_with_dense_fallback():
+    # Linear(2->4): raw=(4+2)/8=0.75; Linear(100->50): raw=(50+100)/5000=0.03. density 0.5, total 5008.
+    # eps = 2504/(0.75*8 + 0.03*5000) = 16.05 -> 0.75*eps > 1 so the small layer is dense;
+    # then eps = (2504-8)/150 = 16.64 and the big layer's density = 0.4992 (2496 kept).
+    d = erk_densities({"a": (4, 2), "b": (50, 100)}, 0.5)
+    assert d["a"] == 1.0
+    assert d["b"] == pytest.approx(2496 / 5000)
+
+    m = nn.Sequential(nn.Linear(2, 4, bias=False), nn.Linear(4, 100, bias=False), nn.Linear(100, 50, bias=False))
+    # raw: (4+2)/8=0.75, (100+4)/400=0.26, (50+100)/5000=0.03; total=8+400+5000=5408, target 2704
+    # eps0 = 2704/(6+104+150)=10.4 -> layer0 dense (0.75*eps>1) ; eps1=(2704-8)/(104+150)=10.614 ->
+    # layer1 0.26*10.614=2.76>1 dense ; eps2=(2704-408)/150=15.307 -> layer2 density 0.45920 (2296 kept)
+    e = SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparsity=0.5, sparse_init="ERK", fix=True)
+    assert e.dense_layers == ["0.weight", "1.weight"]
+    assert [l.name for l in e.layers] == ["2.weight"]
+    assert int(e.layers[0].mask.sum()) == 2296
+    stats = e.stats()
+    dense = {r["name"]: r["dense"] for r in stats["layers"]}
+    assert dense == {"0.weight": True, "1.weight": True, "2.weight": False}
+    assert stats["active_params"] == 2704
+
+
+def test_erk_power_scale_zero_is_uniform():
+    d = erk_densities({"a": (4, 2), "b": (50, 100)}, 0.5, power_scale=0.0)
+    assert d == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
+
+
+def test_erk_global_count_exact_and_logged_densities_saved():
+    torch.manual_seed(0)
+    m = Net()
+    e = SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparsity=0.6, total_steps=10)
+    total = 162 + 432 + 640
+    assert sum(int(l.mask.sum()) for l in e.layers) + sum(
+        p.numel() for n, p in m.named_parameters() if n in e.dense_layers) == round(0.4 * total)
+    sd = e.state_dict()
+    assert set(sd["init_densities"]) == {"c1.weight", "c2.weight", "fc.weight"}
+
+
+def test_snip_never_empties_a_layer_and_is_side_effect_free():
+    torch.manual_seed(0)
+    m = Net(p_drop=0.5)
+
+    # c2's output is multiplied by 0 in this loss, so every c2 score is 0: topk would keep none of it
+    def loss(model):
+        x, y = batch(0, 8)
+        h = F.relu(model.bn(model.c1(x)))
+        z = model.c2(h) * 0.0 + h.sum(1, keepdim=True)  # 8 channels, none depending on c2's weight
+        return F.cross_entropy(model.fc(model.drop(F.max_pool2d(z, 2).flatten(1))), y)
+
+    rm_before = m.bn.running_mean.clone()
+    rng_before = torch.get_rng_state()
+    e = SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparsity=0.95, sparse_init="snip",
+                     snip_loss=loss, total_steps=10)
+    counts = {l.name: int(l.mask.sum()) for l in e.layers}
+    assert counts["c2.weight"] >= 1
+    assert sum(counts.values()) + sum(p.numel() for n, p in m.named_parameters() if n in e.dense_layers) \
+        == round(0.05 * (162 + 432 + 640))
+    assert torch.equal(m.bn.running_mean, rm_before)  # BN stats restored
+    assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched (exact resume)
+    assert all(p.grad is None for p in m.parameters())  # .grad untouched
+
+
+def test_snip_with_batch_uses_saliency():
+    torch.manual_seed(0)
+    m = Net()
+    x, y = batch(0, 16)
+    e = SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparsity=0.5, sparse_init="snip",
+                     snip_batch=(x, y), total_steps=10)
+    # independent: global top-k of |w * g| per layer
+    m2 = Net()
+    torch.manual_seed(0)
+    m2 = Net()
+    F.cross_entropy(m2(x), y).backward()
+    names = ["c1.weight", "c2.weight", "fc.weight"]
+    params = dict(m2.named_parameters())
+    scores = torch.cat([(params[n] * params[n].grad).abs().flatten() for n in names])
+    k = round(0.5 * scores.numel())
+    thr = scores.sort(descending=True).values[k - 1]
+    expect = {n: int(((params[n] * params[n].grad).abs() >= thr).sum()) for n in names}
+    got = {l.name: int(l.mask.sum()) for l in e.layers}
+    got.update({n: params[n].numel() for n in e.dense_layers})
+    for n in names:
+        assert abs(got[n] - expect[n]) <= 1
+
+
+def test_snip_requires_data():
+    m = Net()
+    with pytest.raises(ConfigError):
+        SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparse_init="snip", total_steps=5)
+
+
+# ----------------------------------------------------------------------------------- masking -------------
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_zero_after_every_step_with_weight_decay_momentum_and_clipping(opt_name):
+    torch.manual_seed(0)
+    m = Net()
+    if opt_name == "adamw":
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.5)
+    else:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=12)
+    for step in range(8):
+        train_step(m, opt, step, clip=0.5)
+        assert_masked(e)
+    assert e.update_count == 2
+
+
+def test_amp_bf16_autocast_gradscaler_stays_sparse_and_skipped_steps_not_counted():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=20)
+    train_step(m, opt, 0, scaler=scaler, autocast=True)
+    assert_masked(e)
+    assert e.step_count == 1
+    # a step with inf gradients: the scaler skips it -> not counted, no update triggered
+    x, y = batch(1)
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(m(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    scaler.step(opt)
+    scaler.update()
+    assert e.step_count == 1 and e.update_count == 0
+    assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
+    train_step(m, opt, 2, scaler=scaler, autocast=True)
+    assert e.step_count == 2 and e.update_count == 1
+    for step in range(3, 7):
+        train_step(m, opt, step, scaler=scaler, autocast=True)
+        assert_masked(e)
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=30)
+    accum = 4
+    micro = 0
+    for step in range(7):
+        opt.zero_grad()
+        for _ in range(accum):
+            x, y = batch(micro)
+            micro += 1
+            (F.cross_entropy(m(x), y) / accum).backward()
+        e.step()  # the convenience form: same as opt.step() with the hook attached
+        assert_masked(e)
+    assert micro == 28 and e.step_count == 7 and e.update_count == 2
+    assert [h["step"] for h in e.history] == [3, 6]
+
+
+def test_engine_step_without_attached_hook_and_with_scaler():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=10, attach=False)
+    scaler = torch.amp.GradScaler("cpu")
+    for step in range(4):
+        x, y = batch(step)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(m(x), y)).backward()
+        e.step(scaler)
+        scaler.update()
+        assert_masked(e)
+    assert e.step_count == 4 and e.update_count == 2 and e.skipped_steps == 0
+    opt.zero_grad()
+    x, y = batch(8)
+    scaler.scale(F.cross_entropy(m(x), y) * float("inf")).backward()
+    e.step(scaler)  # skipped by the scaler: seen, not counted
+    scaler.update()
+    assert e.step_count == 4 and e.skipped_steps == 1
+    opt.zero_grad()
+    F.cross_entropy(m(batch(9)[0]), batch(9)[1]).backward()
+    opt.step()  # not attached: the engine does not see this step
+    assert e.step_count == 4
+
+
+# ------------------------------------------------------------------------------------ updates ------------
+
+def cosine(step, total, r0=0.3, r1=0.005):
+    return r1 + 0.5 * (r0 - r1) * (1 + math.cos(math.pi * step / total))
+
+
+def test_update_exact_counts_magnitude_prune_and_cosine_rate():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=10, prune_rate=0.3)
+    init_counts = {l.name: int(l.mask.sum()) for l in e.layers}
+    for step in range(1, 9):
+        old = {l.name: (l.mask.clone(), l.param.detach().clone()) for l in e.layers}
+        # capture weights right after the optimizer step but before the update: run the step unattached
+        e.detach()
+        train_step(m, opt, step)
+        old_w = {l.name: l.param.detach().clone() for l in e.layers}
+        e.attach(opt)
+        e.after_step()
+        for l in e.layers:
+            assert int(l.mask.sum()) == init_counts[l.name]  # exact count after every update
+        if step % 2 == 0:
+            rec = e.last_update
+            assert rec["step"] == step
+            assert rec["prune_rate"] == pytest.approx(cosine(step, 10))
+            for r, l in zip(rec["layers"], e.layers):
+                mask0 = old[l.name][0]
+                k = math.ceil(cosine(step, 10) * init_counts[l.name])
+                assert r["pruned"] == k and r["regrown"] == k
+                # pruned = the k smallest |w| among the previously active (independent sort)
+                w = old_w[l.name][mask0]
+                kth = w.abs().sort().values[k - 1]
+                removed = mask0 & ~l.mask
+                assert bool((old_w[l.name][removed].abs() <= kth).all())
+                # new and removed positions have weight exactly 0
+                assert torch.count_nonzero(l.param[l.mask & ~mask0]) == 0
+    assert e.update_count == 4
+
+
+def test_gradient_growth_picks_largest_dense_gradients():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    e = SparseEngine(m, opt, sparsity=0.6, growth="gradient", update_frequency=1000,
+                     prune_rate=0.2, prune_rate_decay="constant")
+    train_step(m, opt, 0)
+    masks0 = {l.name: l.mask.clone() for l in e.layers}
+    w0 = {l.name: l.param.detach().clone() for l in e.layers}
+    g0 = {l.name: l.param.grad.detach().clone() for l in e.layers}
+    e.update_topology()
+    for l in e.layers:
+        m0 = masks0[l.name]
+        k = math.ceil(0.2 * int(m0.sum()))
+        # independent prune set: k smallest |w| among active
+        act_idx = m0.flatten().nonzero().squeeze(1)
+        order = w0[l.name].flatten()[act_idx].abs().argsort()
+        pruned = torch.zeros_like(m0.flatten())
+        pruned[act_idx[order[:k]]] = True
+        kept = m0.flatten() & ~pruned
+        cand = (~kept).nonzero().squeeze(1)
+        order = g0[l.name].flatten()[cand].abs().argsort(descending=True)
+        expect = kept.clone()
+        expect[cand[order[:k]]] = True
+        assert torch.equal(l.mask.flatten(), expect), l.name
+
+
+def test_grown_weights_optimizer_state_zeroed_and_keep_policy_differs():
+    def run(policy):
+        torch.manual_seed(0)
+        m = Net()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=30, optimizer_state=policy)
+        for step in range(2):
+            train_step(m, opt, step)
+        masks = {l.name: l.mask.clone() for l in e.layers}
+        train_step(m, opt, 2)  # the update step
+        assert e.update_count == 1
+        out = []
+        for l in e.layers:
+            grown = l.mask & ~masks[l.name]
+            pruned = masks[l.name] & ~l.mask
+            st = opt.state[l.param]
+            assert grown.any()
+            out.append((st["exp_avg"][grown], st["exp_avg_sq"][grown], st["exp_avg"][pruned], l.param[grown]))
+        return out
+
+    for ea, eas, ep, w in run("zero"):
+        assert torch.count_nonzero(ea) == 0 and torch.count_nonzero(eas) == 0 and torch.count_nonzero(ep) == 0
+        assert torch.count_nonzero(w) == 0  # grown weights start at exactly zero
+    kept = run("keep")
+    assert any(torch.count_nonzero(eas) > 0 for _, eas, _, _ in kept)  # the test can tell the policies apart
+
+
+def test_sgd_momentum_buffer_zeroed_for_grown():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=30)
+    train_step(m, opt, 0)
+    masks = {l.name: l.mask.clone() for l in e.layers}
+    train_step(m, opt, 1)
+    for l in e.layers:
+        grown = l.mask & ~masks[l.name]
+        assert torch.count_nonzero(opt.state[l.param]["momentum_buffer"][grown]) == 0
+
+
+def test_momentum_growth_reads_state_before_zeroing_and_refuses_without_momentum():
+    m = Net()
+    with pytest.raises(ConfigError):
+        SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), growth="momentum", total_steps=10)
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    e = SparseEngine(m, opt, sparsity=0.6, growth="momentum", update_frequency=1000,
+                     prune_rate=0.2, prune_rate_decay="constant")
+    for s in range(2):
+        train_step(m, opt, s)
+    masks0 = {l.name: l.mask.clone() for l in e.layers}
+    mom = {l.name: opt.state[l.param]["momentum_buffer"].clone() for l in e.layers}
+    e.update_topology()
+    for l in e.layers:
+        grown = l.mask & ~masks0[l.name]
+        k = int(grown.sum())
+        assert k > 0
+        # grown positions are among the inactive ones with the largest |momentum|
+        inactive_scores = mom[l.name][~masks0[l.name]].abs()
+        thr = inactive_scores.sort(descending=True).values[min(k, inactive_scores.numel()) - 1]
+        assert bool((mom[l.name][grown].abs() >= thr).all())
+        assert torch.count_nonzero(opt.state[l.param]["momentum_buffer"][grown]) == 0
+
+
+def test_fixed_masks_never_change():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=1, fix=True)
+    masks = {l.name: l.mask.clone() for l in e.layers}
+    for s in range(4):
+        train_step(m, opt, s)
+        assert_masked(e)
+    assert e.update_count == 0
+    assert all(torch.equal(masks[l.name], l.mask) for l in e.layers)
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "momentum"])
+def test_redistribution_keeps_global_count_and_capacity(mode):
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    e = SparseEngine(m, opt, sparsity=0.5, redistribution=mode, update_frequency=1, total_steps=20,
+                     prune_rate=0.5, prune_rate_decay="constant")
+    total = sum(int(l.mask.sum()) for l in e.layers)
+    for s in range(4):
+        train_step(m, opt, s)
+        assert sum(int(l.mask.sum()) for l in e.layers) == total
+        assert all(1 <= int(l.mask.sum()) <= l.numel for l in e.layers)
+        assert_masked(e)
+        rec = e.last_update
+        assert rec["pruned"] == rec["regrown"]
+
+
+def test_invalid_options_raise_config_error():
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for kw in [dict(sparsity=1.0), dict(growth="magic"), dict(sparse_init="erk"), dict(update_frequency=0),
+               dict(redistribution="x"), dict(prune_rate=-0.1), dict(nonsense=1)]:
+        with pytest.raises(ConfigError):
+            SparseEngine(m, opt, total_steps=10, **kw)
+    with pytest.raises(ConfigError, match="total_steps"):
+        SparseEngine(m, opt)  # cosine schedule without a horizon
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="not in the optimizer"):
+        SparseEngine(m, other, total_steps=10)
+
+
+# ------------------------------------------------------------------------------------ resume -------------
+
+def _run(steps, resume_at=None, tmp_path=None):
+    torch.manual_seed(0)
+    m = Net(p_drop=0.2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=steps, growth="random", seed=7)
+    torch.manual_seed(123)
+    for step in range(steps):
+        if resume_at is not None and step == resume_at:
+            buf = io.BytesIO()
+            torch.save({"model": m.state_dict(), "opt": opt.state_dict(), "sparse": e.state_dict(),
+                        "rng": torch.get_rng_state()}, buf)
+            buf.seek(0)
+            ck = torch.load(buf, weights_only=True)
+            # a fresh process: different init, fresh engine (with different initial masks)
+            torch.manual_seed(999)
+            m = Net(p_drop=0.2)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05)
+            e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=steps, growth="random", seed=7)
+            m.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            e.load_state_dict(ck["sparse"])
+            torch.set_rng_state(ck["rng"])
+        m.train()
+        train_step(m, opt, step)
+    return m, e
+
+
+def test_resume_equals_uninterrupted_bitwise():
+    m1, e1 = _run(12)
+    m2, e2 = _run(12, resume_at=5)  # between updates 3 and 6, just after regrown (zero) weights appeared
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p1, p2), n
+    for l1, l2 in zip(e1.layers, e2.layers):
+        assert torch.equal(l1.mask, l2.mask) and torch.equal(l1.ever_active, l2.ever_active)
+    assert e1.step_count == e2.step_count == 12 and e1.update_count == e2.update_count == 3
+    assert e1.history == e2.history
+
+
+def test_resume_keeps_just_regrown_zero_weights():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=1, total_steps=10)
+    train_step(m, opt, 0)  # update: regrown weights are active but exactly zero
+    sd = e.state_dict()
+    grown_zero = sum(int((l.mask & (l.param == 0)).sum()) for l in e.layers)
+    assert grown_zero > 0
+    # resume in the common order: load trained weights, build the engine, load its state
+    m2 = Net()
+    m2.load_state_dict(m.state_dict())
+    e2 = SparseEngine(m2, torch.optim.SGD(m2.parameters(), lr=0.1), sparsity=0.5, update_frequency=1,
+                      total_steps=10, seed=1)
+    assert any(not torch.equal(a.mask, b.mask) for a, b in zip(e.layers, e2.layers))  # fresh masks differ
+    e2.load_state_dict(sd)
+    for a, b in zip(e.layers, e2.layers):
+        assert torch.equal(a.mask, b.mask)  # masks are not inferred from zeros
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))  # no re-init over weights
+
+
+def test_state_dict_weights_only_and_bool(tmp_path):
+    torch.manual_seed(0)
+    m = Net()
+    e = SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparsity=0.5, total_steps=10)
+    path = tmp_path / "s.pt"
+    torch.save(e.state_dict(), path)
+    sd = torch.load(path, weights_only=True)
+    assert all(t.dtype == torch.bool for t in sd["masks"].values())
+    bad = dict(sd, masks={"c1.weight": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(CheckpointError):
+        e.load_state_dict(bad)
+    with pytest.raises(CheckpointError):
+        e.load_state_dict({"nothing": 1})
+
+
+# ---------------------------------------------------------------------------- selection / misc -----------
+
+def test_large_kernel_only_and_filters():
+    from slaknet.layers import LargeKernelConv
+
+    class LKNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.lk = LargeKernelConv(4, 13, 3)
+            self.lk2 = LargeKernelConv(4, 9, 3, decompose=False)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.lk2(self.lk(self.stem(x))).mean((2, 3)))
+
+    m = LKNet()
+    names = [n for n, _, _ in select_parameters(m, "large_kernel")]
+    assert names == ["lk.LoRA1.conv.weight", "lk.LoRA2.conv.weight", "lk2.lkb_origin.conv.weight"]
+    allnames = [n for n, _, _ in select_parameters(m, "all", exclude=["fc.*", "*small_conv*"])]
+    assert allnames == ["stem.weight", "lk.LoRA1.conv.weight", "lk.LoRA2.conv.weight",
+                        "lk2.lkb_origin.conv.weight"]
+    only = [n for n, _, _ in select_parameters(m, "none", include=lambda n, mod, p: n.startswith("fc"))]
+    assert only == ["fc.weight"]
+
+
+def test_ema_copy_masking_and_counting():
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=20)
+    ema = ModelEmaV3(m, decay=0.5)
+    for s in range(5):
+        train_step(m, opt, s)
+        ema.update(m, step=s)
+    # the EMA copy averages over topologies: pruned positions are not zero until masked
+    nz_before = sparse_counts(ema.module)["params_nonzero"]
+    e.apply_masks(ema.module)
+    counts = sparse_counts(ema.module)
+    assert counts["params_nonzero"] < nz_before
+    assert counts["params_nonzero"] == sparse_counts(m)["params_nonzero"]
+
+
+def test_sparse_counts_macs_hand_computed():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(3 * 4 * 4, 2, bias=False))
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].weight[0] = 0.0  # 18 of 54 zero
+        m[2].weight.fill_(1.0)
+    c = sparse_counts(m, (2, 4, 4))
+    assert c["params_dense"] == 54 + 96 and c["params_nonzero"] == 36 + 96
+    assert c["macs_dense"] == 16 * 54 + 96 and c["macs_nonzero"] == 16 * 36 + 96
+    mask = {"2.weight": torch.zeros(2, 48, dtype=torch.bool)}
+    mask["2.weight"][0, :10] = True
+    c = sparse_counts(m, (2, 4, 4), mask)
+    assert c["params_nonzero"] == 36 + 10 and c["macs_nonzero"] == 16 * 36 + 10
+
+
+def test_stats_json_and_summary():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=1, total_steps=10)
+    train_step(m, opt, 0)
+    s = json.loads(json.dumps(e.stats()))
+    assert s["updates"] == 1 and s["density"] == pytest.approx(0.5, abs=1e-3)
+    # ITOP: ever-active fraction > density after an update that regrew some pruned-never-active positions
+    ever = sum(int(l.ever_active.sum()) for l in e.layers) / sum(l.numel for l in e.layers)
+    assert s["itop_rate"] == pytest.approx(ever) and ever > s["density"]
+    assert "ITOP" in e.summary()
+
+
+def test_cli_flags_map_to_config():
+    p = argparse.ArgumentParser()
+    add_sparse_arguments(p)
+    args = p.parse_args(["--sparse", "--sparsity", "0.3", "--sparse-init", "snip", "--prune-rate", "0.5",
+                         "--growth", "gradient", "-u", "50", "--redistribution", "magnitude", "--fix"])
+    cfg = config_from_args(args, total_steps=1000)
+    assert isinstance(cfg, SparseConfig)
+    assert (cfg.sparsity, cfg.sparse_init, cfg.prune_rate, cfg.growth, cfg.update_frequency,
+            cfg.redistribution, cfg.fix, cfg.total_steps) == (0.3, "snip", 0.5, "gradient", 50, "magnitude",
+                                                              True, 1000)
+    assert config_from_args(p.parse_args([])) is None
