@@ -1,0 +1,91 @@
+"""``slaknet.create_model``: build a registered SLaK variant, optionally fitted to a checkpoint."""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import os
+from typing import Any, List, Optional, Tuple, Union
+
+import timm
+import torch.nn as nn
+
+from slaknet.errors import ConfigError
+from slaknet.layers import LargeKernelConv
+from slaknet.models.checkpoint import (ArchSpec, describe_state_dict, extract_state_dict, load_checkpoint,
+                                       read_checkpoint)
+from slaknet.models.slak import MODEL_SPECS
+
+__all__ = ["create_model", "list_models", "reparameterize_model", "guess_variant"]
+
+log = logging.getLogger(__name__)
+_WIDTH_FACTORS = (1.0, 1.3, 1.5, 2.0)
+
+
+def list_models() -> List[str]:
+    """Names of the SLaK variants registered with timm."""
+    return list(MODEL_SPECS)
+
+
+def guess_variant(spec: ArchSpec) -> Tuple[Optional[str], Optional[float]]:
+    """The registered variant and width factor whose depths and widths equal the checkpoint's, if any."""
+    for name, s in MODEL_SPECS.items():
+        if tuple(s["depths"]) != spec.depths:
+            continue
+        for wf in _WIDTH_FACTORS:
+            if tuple(int(d * wf) for d in s["dims"]) == spec.widths:
+                return name, wf
+    return None, None
+
+
+def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None,
+                 use_ema: Optional[bool] = None, **overrides: Any) -> nn.Module:
+    """Build ``name`` (e.g. ``"slak_tiny"``) with keyword ``overrides`` of its defaults.
+
+    With ``checkpoint``, the architecture (depths, widths, kernel sizes, N, decomposition, classes, and
+    reparameterized form) is read from the file's tensor shapes, the model is built to match, and the
+    weights are loaded strictly. Explicit ``overrides`` win over what the file implies, so a conflicting
+    override ends in an error that describes both sides. ``use_ema`` picks EMA or raw weights.
+    """
+    if name not in MODEL_SPECS:
+        close = difflib.get_close_matches(name, list(MODEL_SPECS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model '{name}'{hint} (available: {', '.join(MODEL_SPECS)})")
+    if checkpoint is None:
+        return timm.create_model(name, **overrides)
+
+    sd = extract_state_dict(read_checkpoint(checkpoint), use_ema=use_ema)
+    spec = describe_state_dict(sd)
+    variant, wf = guess_variant(spec)
+    arch = dict(depths=spec.depths, kernel_size=spec.kernel_sizes, num_classes=spec.num_classes,
+                in_chans=spec.in_chans, layer_scale_init_value=1e-6 if spec.layer_scale else 0.0)
+    if variant is not None:
+        arch.update(dims=MODEL_SPECS[variant]["dims"], width_factor=wf)
+        if variant != name:
+            log.warning("checkpoint %s looks like %s (width %s), not %s: building that architecture",
+                        checkpoint, variant, wf, name)
+    else:
+        arch.update(dims=spec.widths, width_factor=1.0)
+    if spec.reparameterized != "dense":  # merged kernels no longer tell N or the decomposition
+        arch.update(small_kernel=spec.small_kernel, decompose=spec.decompose)
+    arch.update(overrides)
+    model = timm.create_model(name, **arch)
+    if spec.reparameterized:
+        reparameterize_model(model, merge_dense=spec.reparameterized == "dense", inplace=True)
+    load_checkpoint(model, sd, strict=True)
+    log.info("loaded %s: %s", checkpoint, spec.summary())
+    return model
+
+
+def reparameterize_model(model: nn.Module, merge_dense: bool = False, inplace: bool = False) -> nn.Module:
+    """Fold every large-kernel layer into its inference form (see ``LargeKernelConv.reparameterize``).
+
+    Equivalent to ``timm.utils.reparameterize_model`` for the default lean form; ``merge_dense`` merges
+    each layer into one M x M kernel instead. Returns the (copied unless ``inplace``) model in eval mode.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, LargeKernelConv):
+            module.reparameterize(merge_dense=merge_dense)
+    return model.eval()

@@ -1,0 +1,29 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def official_shapes():
+    with open(DATA / "official_state_dict_shapes.json") as f:
+        return json.load(f)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) * 2 - 1)
