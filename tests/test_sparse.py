@@ -606,3 +606,35 @@ def test_cli_flags_map_to_config():
             cfg.redistribution, cfg.fix, cfg.total_steps) == (0.3, "snip", 0.5, "gradient", 50, "magnitude",
                                                               True, 1000)
     assert config_from_args(p.parse_args([])) is None
+
+
+def test_fused_adamw_with_scaler_skip_not_counted():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=10)
+    train_step(m, opt, 0, scaler=scaler)
+    x, y = batch(1)
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(m(x), y) * float("inf")).backward()
+    scaler.step(opt)  # fused optimizers are called and skip internally: the hook must see found_inf
+    scaler.update()
+    assert e.step_count == 1 and e.skipped_steps == 1 and e.update_count == 0
+    train_step(m, opt, 2, scaler=scaler)
+    assert e.step_count == 2 and e.update_count == 1
+    assert_masked(e)
+
+
+def test_mask_randomness_independent_of_global_rng():
+    def run(noise):
+        torch.manual_seed(0)
+        m = Net()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        e = SparseEngine(m, opt, sparsity=0.5, update_frequency=1, total_steps=10, seed=3)
+        for s in range(3):
+            torch.rand(noise)  # ranks / processes consume the global RNG differently
+            train_step(m, opt, s)
+        return [l.mask.clone() for l in e.layers]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(1), run(17)))
