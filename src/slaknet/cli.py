@@ -10,6 +10,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from slaknet.errors import SlaknetError
+
 # name -> (module, one-line help). Add a command by adding a line here.
 COMMANDS = {
     "info": ("slaknet.analysis.counting_cli", "build a model and print dense / non-zero parameters and MACs"),
@@ -45,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, SlaknetError, FileNotFoundError, ValueError) as exc:
         print(f"slaknet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
