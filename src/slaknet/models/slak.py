@@ -122,7 +122,8 @@ class SLaK(nn.Module):
             self.downsample_layers.append(nn.Sequential(
                 LayerNorm2d(widths[i - 1], eps=1e-6), nn.Conv2d(widths[i - 1], widths[i], kernel_size=2, stride=2)))
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)  # stochastic depth rate grows linearly from 0 to drop_path_rate
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.stages = nn.ModuleList()
         self.feature_info: List[Dict[str, Any]] = []
         block_idx = 0

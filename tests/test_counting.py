@@ -1,0 +1,75 @@
+"""Counting against hand computations and the published figures."""
+import pytest
+import torch
+import torch.nn as nn
+
+import slaknet
+from slaknet.analysis.counting import conv_tap_coverage, count_model
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 4, (5, 1), padding=(2, 0), groups=4, bias=False)
+        self.fc = nn.Linear(4, 7)
+
+    def forward(self, x):
+        return self.fc(self.dw(self.conv(x)).mean((2, 3)))
+
+
+def test_hand_computed_counts():
+    m = Tiny()
+    c = count_model(m, 5)
+    assert c.params == (3 * 4 * 9 + 4) + 4 * 5 + (4 * 7 + 7)
+    # conv 3x3 pad 1 on 5x5: 25 positions x 108 weights; per-axis in-bounds taps 4+5+4 -> 13 x 13 = 169
+    # depthwise 5x1 pad 2 on 5 rows: in-bounds taps per column 3+4+5+4+3 = 19, 5 columns, 4 channels
+    assert c.macs_dense == 25 * 108 + 25 * 20 + 28
+    assert c.macs_inbounds == 169 * 12 + 19 * 5 * 4 + 28
+    with torch.no_grad():
+        m.dw.weight[:, :, 0] = 0   # top tap: in-bounds at 3 of 5 row positions
+        m.fc.weight[:3] = 0
+    c = count_model(m, 5)
+    assert c.params_nonzero == c.params - 4 - 12 - int((m.conv.bias == 0).sum()) - int((m.fc.bias == 0).sum())
+    assert c.macs_nonzero == 169 * 12 + (19 - 3) * 5 * 4 + 16
+    assert c.macs_dense == 25 * 108 + 25 * 20 + 28  # dense figures ignore zeros
+
+
+def test_tap_coverage_small_map_under_large_kernel():
+    conv = nn.Conv2d(1, 1, 13, padding=6)
+    cov = conv_tap_coverage(conv, (7, 7), (7, 7))
+    # every in-bounds (output, input) pair is counted exactly once: 7x7 outputs x 7x7 inputs
+    assert int(cov.sum()) == 49 * 49
+    assert cov[0, 0] == 1 and cov[6, 6] == 49
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,dense_m,paper_m", [("slak_tiny", 50.7, 30), ("slak_small", 91.1, 55), ("slak_base", 158.0, 95)])
+def test_published_parameter_counts(name, dense_m, paper_m):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = slaknet.create_model(name)
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 1) == dense_m
+    # paper: 40% sparsity over all conv and linear weights (hand formula: keep 60% of those weights)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    nonzero = params - weights + 0.6 * weights
+    assert abs(nonzero / 1e6 - paper_m) < 1.0
+
+
+def test_sparsity_counts_slak_tiny():
+    model = slaknet.create_model("slak_tiny")
+    c = count_model(model, 64, sparsity=0.4)
+    weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    weights = sum(p.numel() for p in model.parameters() if id(p) in weight_ids)
+    others_nonzero = sum(int((p != 0).sum()) for p in model.parameters() if id(p) not in weight_ids)
+    assert c.params == 50_703_838
+    assert abs(c.params_nonzero - (others_nonzero + 0.6 * weights)) < 100  # per-tensor rounding only
+
+
+def test_sparsity_figures_use_exact_counts():
+    m = Tiny()
+    c = count_model(m, 5, sparsity=0.5)
+    weights = 108 + 20 + 28
+    assert c.params_nonzero == c.params - weights + (54 + 10 + 14)
+    with pytest.raises(ValueError):
+        count_model(m, 5, sparsity=1.0)
