@@ -199,3 +199,16 @@ def test_large_kernel_layer_same_as_plain(backend, monkeypatch):
     layer.reparameterize()
     monkeypatch.setenv(ENV_VAR, backend)
     _close(layer(x), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["plain", "auto"] + FAST_BACKENDS)
+@pytest.mark.parametrize("c,hw,k", SHAPES[:8] + [(12, 16, (5, 5))])
+def test_exact_cuda(backend, c, hw, k):
+    torch.manual_seed(7)
+    dev = "cuda"
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(2, c, hw, hw + 1, device=dev)
+    w = torch.randn(c, 1, *k, device=dev)
+    _check(x, w, torch.randn(c, device=dev), backend)

@@ -17,6 +17,8 @@ COMMANDS = {
     "info": ("slaknet.analysis.counting_cli", "build a model and print dense / non-zero parameters and MACs"),
     "erf": ("slaknet.analysis.erf_cli", "effective receptive field: area ratios, .npy matrices and heatmaps"),
     "kernels": ("slaknet.analysis.kernels_cli", "pictures of learned large kernels and per-layer density bars"),
+    "bench": ("slaknet.bench", "time the fast large-kernel conv vs plain PyTorch (per branch, whole model)"),
+    "train": ("slaknet.train.train_cli", "train a SLaK model (no arguments: built-in CPU demo with dynamic sparsity)"),
 }
 
 

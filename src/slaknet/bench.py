@@ -1,0 +1,327 @@
+"""``slaknet bench``: time SLaK models / large-kernel branches with the fast depthwise operator vs plain PyTorch.
+
+Every figure is a ratio against the plain ``nn.Conv2d`` path measured in the same process, alternating the
+two backends run by run (``SLAKNET_DWCONV`` is switched between runs) and taking medians, because the
+machine may be shared. It prints times, images/s, speedups and the fraction of the machine's peak on
+*in-bounds* multiply-adds (taps that fall on zero padding are not counted), and optionally peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from slaknet.errors import ConfigError
+
+ENV = "SLAKNET_DWCONV"
+
+# SLaK-T stage shapes at 224 (width factor 1.3): channels, map size, kernel, blocks
+SLAK_T_STAGES = ((124, 56, 51, 3), (249, 28, 49, 3), (499, 14, 47, 9), (998, 7, 13, 3))
+
+
+# ----------------------------------------------------------------------------------------------- counting
+def _inbounds_1d(size_in: int, size_out: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """Number of (output position, tap) pairs along one axis whose input index is inside the map."""
+    total = 0
+    for o in range(size_out):
+        start = o * stride - pad
+        total += sum(1 for t in range(k) if 0 <= start + t * dil < size_in)
+    return total
+
+
+def count_inbounds_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass of ``model`` on ``example`` that touch real (non-padding) input.
+
+    Counts every ``nn.Conv2d`` (including slaknet's depthwise convs) and ``nn.Linear``; other layers
+    (norms, activations) are ignored, as is customary for MAC counts.
+    """
+    total = [0]
+
+    def conv_hook(m: nn.Conv2d, inp, out) -> None:
+        x = inp[0]
+        n, _, h, w = x.shape
+        ho, wo = out.shape[-2:]
+        kh, kw = m.kernel_size
+        pad = m.padding if isinstance(m.padding, tuple) else (0, 0)
+        taps = _inbounds_1d(h, ho, kh, m.stride[0], pad[0], m.dilation[0]) * \
+            _inbounds_1d(w, wo, kw, m.stride[1], pad[1], m.dilation[1])
+        total[0] += n * m.out_channels * (m.in_channels // m.groups) * taps
+
+    def linear_hook(m: nn.Linear, inp, out) -> None:
+        total[0] += inp[0].numel() // m.in_features * m.in_features * m.out_features
+
+    def strips_hook(m: nn.Module, inp, out) -> None:
+        # reparameterized strips run their convs functionally (no module call): count them here
+        for conv in (m.lkb_strip1, m.lkb_strip2):
+            conv_hook(conv, inp, out)
+
+    from slaknet.layers import LargeKernelConv
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, LargeKernelConv) and mod.reparameterized == "strips":
+            handles.append(mod.register_forward_hook(strips_hook))
+        elif isinstance(mod, nn.Conv2d):
+            handles.append(mod.register_forward_hook(conv_hook))
+        elif isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_hook(linear_hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def measure_peak_gmacs(threads: int, size: int = 1536, reps: int = 5) -> float:
+    """The machine's practical fp32 peak in G multiply-adds/s: the median rate of a large sgemm."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(size ** 3 / (time.perf_counter() - t0) / 1e9)
+    return max(rates)  # peak: the best of the repeats (others are slowed by neighbours)
+
+
+# ----------------------------------------------------------------------------------------------- workloads
+class BranchStack(nn.Module):
+    """SLaK-T's large-kernel layers alone (per stage: blocks x LargeKernelConv), fed by per-stage inputs."""
+
+    def __init__(self, stages: Sequence[Tuple[int, int, int, int]], small_kernel: int = 5) -> None:
+        super().__init__()
+        from slaknet.layers import LargeKernelConv
+
+        self.sizes = [s[1] for s in stages]
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[LargeKernelConv(c, k, small_kernel) for _ in range(d)]) for c, _, k, d in stages)
+        self.channels = [s[0] for s in stages]
+
+    def make_inputs(self, batch: int) -> List[torch.Tensor]:
+        return [torch.randn(batch, c, s, s) for c, s in zip(self.channels, self.sizes)]
+
+    def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return sum(stage(x).float().mean() for stage, x in zip(self.stages, xs))  # type: ignore[return-value]
+
+
+def _reparameterize(model: nn.Module) -> None:
+    from slaknet.layers import LargeKernelConv
+
+    for m in model.modules():
+        if isinstance(m, LargeKernelConv):
+            m.reparameterize()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _with_backend(backend: str, fn: Callable[[], None]) -> float:
+    old = os.environ.get(ENV)
+    os.environ[ENV] = backend
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        return time.perf_counter() - t0
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
+
+
+def compare(fns: Dict[str, Callable[[], None]], backends: Sequence[str], reps: int, warmup: int = 1,
+            progress: bool = True) -> Dict[str, Dict[str, List[float]]]:
+    """Time each workload under each backend, interleaving backends run by run (fair on a busy machine)."""
+    from tqdm import tqdm
+
+    times: Dict[str, Dict[str, List[float]]] = {w: {b: [] for b in backends} for w in fns}
+    total = len(fns) * len(backends) * (reps + warmup)
+    with tqdm(total=total, desc="bench", disable=not progress, leave=False) as bar:
+        for name, fn in fns.items():
+            for r in range(reps + warmup):
+                for b in (backends if r % 2 == 0 else list(reversed(backends))):
+                    dt = _with_backend(b, fn)
+                    if r >= warmup:
+                        times[name][b].append(dt)
+                    bar.update(1)
+    return times
+
+
+def model_workloads(model: nn.Module, x, train_inputs: Callable[[], object], loss_fn: Callable,
+                    channels_last: bool = False) -> Tuple[Dict[str, Callable[[], None]], nn.Module]:
+    """forward (eval, no grad), training step (forward+backward+AdamW) and reparameterized inference."""
+    import copy
+
+    train_model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+    infer_model = copy.deepcopy(model).eval()
+    rep_model = copy.deepcopy(model).eval()
+    _reparameterize(rep_model)
+    if channels_last:
+        for m in (train_model, infer_model, rep_model):
+            m.to(memory_format=torch.channels_last)
+
+    def forward() -> None:
+        with torch.no_grad():
+            infer_model(x)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(train_model(train_inputs())).backward()
+        opt.step()
+
+    def reparam() -> None:
+        with torch.no_grad():
+            rep_model(x)
+
+    return {"forward": forward, "train step": train_step, "reparam inference": reparam}, rep_model
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+def format_table(times: Dict[str, Dict[str, List[float]]], backends: Sequence[str], batch: int,
+                 macs_per_pass: Dict[str, float], peak_gmacs: float) -> str:
+    """Median times, images/s, speedup vs the first backend and % of peak per workload."""
+    base = backends[0]
+    lines = [f"| workload | backend | median s | img/s | speedup vs {base} | % of peak |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for work, per in times.items():
+        t_base = statistics.median(per[base])
+        for b in backends:
+            t = statistics.median(per[b])
+            pct = 100.0 * macs_per_pass[work] / t / 1e9 / peak_gmacs if peak_gmacs else float("nan")
+            lines.append(f"| {work} | {b} | {t:.4f} | {batch / t:.2f} | {t_base / t:.2f}x | {pct:.0f}% |")
+    return "\n".join(lines)
+
+
+def _peak_memory_subprocess(args: argparse.Namespace, backend: str) -> float:
+    """Peak RSS increase (MiB) over two training steps, in a fresh process so allocators start clean."""
+    code = (
+        "import sys, resource, torch, slaknet.bench as b;"
+        f"torch.set_num_threads({args.threads});"
+        f"print(b._train_memory({args.model!r}, {args.batch}, {args.size}, {bool(args.channels_last)}))"
+    )
+    env = dict(os.environ, **{ENV: backend})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _train_memory(model_name: str, batch: int, size: int, channels_last: bool) -> float:
+    model, x, inputs, loss_fn = _build(model_name, batch, size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(inputs())).backward()
+        opt.step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+
+
+def _build(name: str, batch: int, size: int, device: str = "cpu"):
+    torch.manual_seed(0)
+    if name == "branches":
+        model: nn.Module = BranchStack(SLAK_T_STAGES).to(device)
+        xs = [x.to(device) for x in model.make_inputs(batch)]  # type: ignore[operator]
+        return model, xs, (lambda: xs), (lambda out: out)
+    import slaknet
+
+    try:
+        model = slaknet.create_model(name)
+    except Exception as exc:  # unknown names are user errors
+        raise ConfigError(f"cannot build model {name!r}: {exc}") from exc
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, 1000, (batch,), device=device) % max(1, getattr(model, "num_classes", 1000))
+    ce = nn.CrossEntropyLoss()
+    return model, x, (lambda: x), (lambda out: ce(out, target))
+
+
+def run_bench(model_name: str, batch: int, size: int, reps: int, threads: int,
+              backends: Sequence[str] = ("plain", "auto"), channels_last: bool = False,
+              workloads: Optional[Sequence[str]] = None, peak_gmacs: Optional[float] = None,
+              progress: bool = True, device: str = "cpu") -> Dict[str, object]:
+    """Benchmark one model (or ``branches``) and return times, MACs and the formatted table."""
+    torch.set_num_threads(threads)
+    peak = peak_gmacs or (measure_peak_gmacs(threads) if device == "cpu" else 0.0)
+    model, x, inputs, loss_fn = _build(model_name, batch, size, device)
+    fns, rep_model = model_workloads(model, x, inputs, loss_fn, channels_last)
+    if workloads:
+        fns = {k: v for k, v in fns.items() if k in workloads}
+    fwd_macs = count_inbounds_macs(model.eval(), x) if model_name != "branches" else _branch_macs(model, x)
+    rep_macs = count_inbounds_macs(rep_model, x) if model_name != "branches" else _branch_macs(rep_model, x)
+    macs = {"forward": fwd_macs, "train step": 3 * fwd_macs, "reparam inference": rep_macs}
+    times = compare(fns, list(backends), reps, progress=progress)
+    table = format_table(times, list(backends), batch, macs, peak)
+    return {"model": model_name, "batch": batch, "size": size, "threads": threads, "peak_gmacs": peak,
+            "macs_per_pass": macs, "times": times, "table": table}
+
+
+def _branch_macs(model: nn.Module, xs) -> int:
+    total = 0
+    for stage, x in zip(model.stages, xs):  # type: ignore[attr-defined]
+        total += count_inbounds_macs(stage, x)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="slak_tiny",
+                        help="model name (slak_tiny, slak_pico, ...) or 'branches' (SLaK-T large-kernel layers only)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224, help="input resolution")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per backend (median reported)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--backends", default="plain,auto",
+                        help="comma-separated SLAKNET_DWCONV values; the first is the baseline")
+    parser.add_argument("--workloads", default="forward,train step,reparam inference")
+    parser.add_argument("--channels-last", action="store_true", help="run the models in channels_last")
+    parser.add_argument("--memory", action="store_true", help="also measure peak training memory (subprocesses)")
+    parser.add_argument("--peak-gmacs", type=float, default=None,
+                        help="machine peak in G multiply-adds/s (default: measured with a large sgemm)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.size < 32 or args.reps < 1 or args.threads < 1:
+        raise ConfigError("--batch, --reps and --threads must be >= 1 and --size >= 32")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from slaknet.layers.dwconv import BACKENDS
+
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or len(backends) < 1:
+        raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+    res = run_bench(args.model, args.batch, args.size, args.reps, args.threads, backends,
+                    args.channels_last, [w.strip() for w in args.workloads.split(",")], args.peak_gmacs,
+                    device=args.device)
+    print(f"{args.model} {args.size}x{args.size} batch {args.batch} fp32, {args.threads} threads, "
+          f"peak {res['peak_gmacs']:.1f} GMAC/s (sgemm); in-bounds GMAC per forward "
+          f"{res['macs_per_pass']['forward'] / 1e9:.2f}")
+    print(res["table"])
+    if args.memory and args.model != "branches":
+        mem = {b: _peak_memory_subprocess(args, b) for b in backends}
+        print("peak training RSS increase (MiB): " + ", ".join(f"{b} {v:.0f}" for b, v in mem.items()))
+        res["train_peak_rss_mib"] = mem
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({k: v for k, v in res.items()}, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
