@@ -563,7 +563,15 @@ def test_ema_copy_masking_and_counting():
     e.apply_masks(ema.module)
     counts = sparse_counts(ema.module)
     assert counts["params_nonzero"] < nz_before
-    assert counts["params_nonzero"] == sparse_counts(m)["params_nonzero"]
+    ema_params = dict(ema.module.named_parameters())
+    for l in e.layers:
+        assert torch.count_nonzero(ema_params[l.name][~l.mask]) == 0
+    # mask-based accounting of the EMA copy equals the engine's own figures
+    dense_total = sum(p.numel() for p in m.parameters())
+    by_mask = sparse_counts(ema.module, masks=e.masks())["params_nonzero"]
+    other = sum(int(torch.count_nonzero(p)) for n, p in ema_params.items() if n not in e.masks())
+    assert by_mask == other + e.stats()["active_params"] - sum(
+        m.get_parameter(n).numel() for n in e.dense_layers) and by_mask < dense_total
 
 
 def test_sparse_counts_macs_hand_computed():

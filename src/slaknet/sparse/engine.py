@@ -145,8 +145,15 @@ class SparseLayer:
     def numel(self) -> int:
         return self.param.numel()
 
+    count: int = -1  # active weights (kept exact by the engine; recomputed if negative)
+    ever_count: int = -1
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = int(torch.count_nonzero(self.mask).item())
+
     def active(self) -> int:
-        return int(self.mask.sum().item())
+        return self.count
 
 
 def _key(*parts: int) -> int:
@@ -166,6 +173,18 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(_key(*key))
     return g
+
+
+def _fill_at(t: torch.Tensor, flat_idx: torch.Tensor, value: float) -> None:
+    """Set ``t`` to ``value`` at flat (row-major) positions ``flat_idx``, for any memory layout."""
+    if flat_idx.numel() == 0:
+        return
+    if t.is_contiguous():
+        t.view(-1).index_fill_(0, flat_idx, value)
+    else:  # e.g. channels_last: go through a logical bool mask
+        sel = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        sel.view(-1)[flat_idx] = True
+        t.masked_fill_(sel, value)
 
 
 def _dist_world() -> int:
@@ -314,7 +333,7 @@ class SparseEngine:
             if self._pending:
                 self._clear_pending()
             for layer in self.layers:
-                layer.param.mul_(layer.mask)
+                layer.param.data.mul_(layer.mask.view(torch.uint8))
             return
         params = dict(unwrap_model(module).named_parameters())
         for layer in self.layers:
@@ -474,48 +493,46 @@ class SparseEngine:
         step = self.step_count
         rate = self.prune_rate_at(step)
         self.apply_masks()
-        # 1) prune by magnitude
+        # 1) prune by magnitude: indices of the k smallest |w| among active weights
         pruned: Dict[str, torch.Tensor] = {}
         n_prune: Dict[str, int] = {}
         for layer in self.layers:
-            active = layer.active()
+            active = layer.count
             k = min(int(math.ceil(rate * active)), max(active - 1, 0))
             n_prune[layer.name] = k
-            flat_mask = layer.mask.view(-1)
+            flat_mask = layer.mask.reshape(-1)
             if k == 0:
-                pruned[layer.name] = torch.zeros_like(flat_mask)
+                pruned[layer.name] = torch.zeros(0, dtype=torch.long, device=flat_mask.device)
                 continue
-            score = layer.param.detach().reshape(-1).abs().float()
-            score = score.masked_fill(~flat_mask, float("inf"))
-            idx = torch.topk(score, k, largest=False, sorted=False).indices
-            p = torch.zeros_like(flat_mask)
-            p[idx] = True
-            pruned[layer.name] = p
+            score = layer.param.detach().reshape(-1).abs().float().masked_fill_(~flat_mask, float("inf"))
+            pruned[layer.name] = torch.topk(score, k, largest=False, sorted=False).indices
+            del score
         # 2) how many to regrow per layer
         n_grow = self._regrowth_counts(n_prune, pruned)
-        # 3) regrow
+        # 3) regrow among positions inactive after pruning
         records = []
         for layer in self.layers:
-            flat_mask = layer.mask.view(-1)
-            new_mask = flat_mask & ~pruned[layer.name]
+            new_mask = layer.mask.reshape(-1).clone()
+            p_idx = pruned[layer.name]
+            new_mask[p_idx] = False
             k = n_grow[layer.name]
-            grown = torch.zeros_like(flat_mask)
             if k > 0:
-                score = self._growth_score(layer, step)
-                score = score.masked_fill(new_mask, float("-inf"))
-                idx = torch.topk(score, k, largest=True, sorted=False).indices
-                grown[idx] = True
-                new_mask |= grown
-            changed = (pruned[layer.name] | grown).view(layer.param.shape)
+                score = self._growth_score(layer, step).masked_fill_(new_mask, float("-inf"))
+                g_idx = torch.topk(score, k, largest=True, sorted=False).indices
+                del score
+                new_mask[g_idx] = True
+            else:
+                g_idx = p_idx[:0]
             new_mask = new_mask.view(layer.param.shape)
-            # grown positions were inactive, so their weight is already exactly 0
-            layer.param.masked_fill_(~new_mask, 0.0)
+            # pruned weights -> 0; grown positions were inactive, so their weight already is exactly 0
+            _fill_at(layer.param.data, p_idx, 0.0)
             if cfg.optimizer_state == "zero" and self.optimizer is not None:
-                self._zero_optimizer_state(layer, changed)
+                self._zero_optimizer_state(layer, torch.cat([p_idx, g_idx]))
             layer.mask = new_mask
-            layer.ever_active |= new_mask
+            layer.count = layer.count - n_prune[layer.name] + k
+            layer.ever_active.view(-1)[g_idx] = True
             records.append({"name": layer.name, "pruned": n_prune[layer.name], "regrown": k,
-                            "active": int(new_mask.sum().item()), "numel": layer.numel})
+                            "active": layer.count, "numel": layer.numel})
         self._dense_grads = None
         self.update_count += 1
         record = {"step": step, "update": self.update_count, "prune_rate": rate,
@@ -553,8 +570,9 @@ class SparseEngine:
         scores: Dict[str, float] = {}
         cap: Dict[str, int] = {}
         for layer in self.layers:
-            keep = layer.mask.view(-1) & ~pruned[layer.name]
-            cap[layer.name] = layer.numel - int(keep.sum().item())
+            keep = layer.mask.reshape(-1).clone()
+            keep[pruned[layer.name]] = False
+            cap[layer.name] = layer.numel - (layer.count - n_prune[layer.name])
             src = layer.param if mode == "magnitude" else self._momentum(layer)
             vals = src.detach().reshape(-1)[keep].abs().float()
             scores[layer.name] = float(vals.mean().item()) if vals.numel() else 0.0
@@ -580,12 +598,13 @@ class SparseEngine:
         return out
 
     def _zero_optimizer_state(self, layer: SparseLayer, positions: torch.Tensor) -> None:
+        """Zero every optimizer-state tensor shaped like the weight at flat ``positions``."""
         state = self.optimizer.state.get(layer.param)
         if not state:
             return
         for v in state.values():
             if torch.is_tensor(v) and v.shape == layer.param.shape:
-                v.masked_fill_(positions, 0)
+                _fill_at(v, positions, 0)
 
     # ---------------------------------------------------------------------------------- monitoring -------
     def global_density(self) -> float:
@@ -600,7 +619,8 @@ class SparseEngine:
     def itop_rate(self) -> float:
         """In-time over-parameterization rate: fraction of sparse-layer weights ever active."""
         den = sum(layer.numel for layer in self.layers)
-        return sum(int(layer.ever_active.sum().item()) for layer in self.layers) / den if den else 1.0
+        return sum(int(torch.count_nonzero(layer.ever_active).item()) for layer in self.layers) / den \
+            if den else 1.0
 
     def stats(self) -> Dict[str, Any]:
         """Machine-readable monitoring dict (JSON-serialisable)."""
@@ -609,7 +629,7 @@ class SparseEngine:
             a = layer.active()
             layers.append({"name": layer.name, "numel": layer.numel, "active": a, "density": a / layer.numel,
                            "init_density": layer.init_density, "dense": False,
-                           "ever_active": int(layer.ever_active.sum().item())})
+                           "ever_active": int(torch.count_nonzero(layer.ever_active).item())})
         for n, p in self.candidates:
             if n in self.dense_layers:
                 layers.append({"name": n, "numel": p.numel(), "active": p.numel(), "density": 1.0,
@@ -650,7 +670,7 @@ class SparseEngine:
         """int64 [L, 3] fingerprint of the masks: active count, sum of active indices, sum of idx^2 mod p."""
         rows = []
         for layer in self.layers:
-            idx = layer.mask.view(-1).nonzero().squeeze(1)
+            idx = layer.mask.reshape(-1).nonzero().squeeze(1)
             rows.append(torch.stack([idx.numel() * torch.ones((), dtype=torch.int64, device=idx.device),
                                      idx.sum(), (idx * idx % 1_000_003).sum()]))
         if not rows:
@@ -707,7 +727,7 @@ class SparseEngine:
             p = params[name]
             if tuple(mask.shape) != tuple(p.shape):
                 raise CheckpointError(f"mask {name!r} has shape {tuple(mask.shape)}, weight has {tuple(p.shape)}")
-            m = mask.to(device=p.device, dtype=torch.bool).clone()
+            m = mask.to(device=p.device, dtype=torch.bool).clone().contiguous()
             e = ever.get(name, mask).to(device=p.device, dtype=torch.bool).clone() | m
             d = float(state.get("init_densities", {}).get(name, m.float().mean().item()))
             layers.append(SparseLayer(name, index[name], p, m, e, d))
