@@ -1,0 +1,104 @@
+"""Training checkpoints: atomic writes, weights-only reads, RNG state capture, safetensors export.
+
+A training checkpoint is a plain dict of tensors and Python scalars / lists / dicts (loadable with
+``torch.load(weights_only=True)``): ``model``, ``model_ema``, ``optimizer``, ``scheduler``, ``scaler``,
+``sparse`` (engine state: masks, counters), ``epoch`` / ``step`` / ``batch_in_epoch``, ``rng`` and
+``config`` (the resolved run configuration), ``history`` (per-epoch records), ``best``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+import torch
+
+from slaknet.errors import CheckpointError
+
+__all__ = ["atomic_save", "load_training_checkpoint", "capture_rng", "restore_rng", "export_safetensors"]
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace`` onto ``path``.
+
+    The previous file at ``path`` stays intact until the new one is completely written, so a crash (or
+    SIGKILL) mid-write never leaves a truncated checkpoint behind.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a slaknet training checkpoint (weights only); one-line errors for missing / foreign files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist (check --resume)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable weights-only checkpoint "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(obj, dict) or "model" not in obj or "optimizer" not in obj:
+        raise CheckpointError(f"{path} is not a slaknet training checkpoint (no model/optimizer state); "
+                              "use --finetune to start from plain or official weights")
+    return obj
+
+
+def capture_rng() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as weights-only-safe values."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    out: Dict[str, Any] = {
+        "python_version": int(py[0]), "python_state": torch.tensor(py[1], dtype=torch.int64),
+        "python_gauss": py[2],
+        "numpy_keys": torch.from_numpy(npst[1].astype(np.int64)), "numpy_pos": int(npst[2]),
+        "numpy_has_gauss": int(npst[3]), "numpy_gauss": float(npst[4]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                         int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
+                       metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a state dict as safetensors (contiguous CPU copies, atomic)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

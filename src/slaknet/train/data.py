@@ -1,0 +1,342 @@
+"""Datasets for ``slaknet train``: a built-in long-range benchmark, image folders, torchvision datasets.
+
+The built-in benchmark (:class:`InsidenessDataset`, ``--data builtin:insideness``) needs no download:
+every image is drawn procedurally from ``(seed, split, index)``. Each image shows one closed, wiggly
+contour and one red marker dot; the label says whether the dot lies inside (1) or outside (0) the contour.
+Deciding that needs information from far away from the dot (the contour may be half an image away and
+its local shape alone is ambiguous), which is what large receptive fields are for. Be careful with claims,
+though: a net's stem and downsampling alone can give a small-kernel net a receptive field larger than a
+small image, so compare architectures at equal depth, width, normalization, training time and seeds.
+
+``difficulty`` in [0, 1] scales the contour's wiggliness (number and amplitude of harmonics), the
+background clutter (open distractor arcs) and the pixel noise. The ``val`` split uses disjoint seeds.
+
+Image folders (ImageNet layout ``ROOT/train/CLASS/*.jpg``, ``ROOT/val/CLASS/*.jpg``) go through
+:class:`SafeImageFolder`, which skips unreadable / corrupt images with a warning and counts them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from slaknet.errors import ConfigError
+
+__all__ = ["InsidenessDataset", "SafeImageFolder", "render_insideness", "dump_pngs", "BUILTIN_TASKS",
+           "IMG_EXTENSIONS", "parse_data_spec", "list_image_files"]
+
+log = logging.getLogger("slaknet.train")
+
+BUILTIN_TASKS = ("insideness",)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+# ------------------------------------------------------------------------------------- built-in task ----
+def _curve(rng: np.random.Generator, size: int, difficulty: float,
+           center: Optional[Tuple[float, float]] = None, scale: float = 1.0) -> Dict[str, Any]:
+    """Random star-shaped closed curve r(theta) = R0 (1 + sum_k a_k cos(k theta + phi_k))."""
+    n_harm = 2 + int(round(difficulty * 5))
+    amp = 0.18 + 0.32 * difficulty
+    ks = np.arange(2, 2 + n_harm, dtype=np.float64)
+    a = rng.uniform(0.2, 1.0, n_harm) / np.sqrt(ks - 1)
+    a *= amp / a.sum()
+    phi = rng.uniform(0, 2 * math.pi, n_harm)
+    if center is None:
+        center = (rng.uniform(0.38, 0.62) * size, rng.uniform(0.38, 0.62) * size)
+    theta = np.linspace(0, 2 * math.pi, 720, endpoint=False)
+    shape = 1.0 + (a[:, None] * np.cos(ks[:, None] * theta[None] + phi[:, None])).sum(0)
+    # largest base radius that keeps the whole curve 2 px inside the frame
+    cx, cy = center
+    dx, dy = np.cos(theta) * shape, np.sin(theta) * shape
+    lim = np.full_like(theta, np.inf)
+    for d, c in ((dx, cx), (dy, cy)):
+        pos, neg = d > 1e-9, d < -1e-9
+        lim[pos] = np.minimum(lim[pos], (size - 3 - c) / d[pos])
+        lim[neg] = np.minimum(lim[neg], (2 - c) / d[neg])
+    r_max = float(lim.min())
+    r0 = min(r_max, rng.uniform(0.30, 0.42) * size * scale)
+    return dict(ks=ks, a=a, phi=phi, cx=cx, cy=cy, r0=r0)
+
+
+def _radius(c: Dict[str, Any], theta: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """r(theta) and dr/dtheta."""
+    arg = c["ks"][:, None] * theta.reshape(1, -1) + c["phi"][:, None]
+    r = c["r0"] * (1.0 + (c["a"][:, None] * np.cos(arg)).sum(0))
+    dr = -c["r0"] * ((c["a"] * c["ks"])[:, None] * np.sin(arg)).sum(0)
+    return r.reshape(theta.shape), dr.reshape(theta.shape)
+
+
+def _curve_distance(c: Dict[str, Any], xs: np.ndarray, ys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Approximate perpendicular distance of points to the curve, and signed radial offset (<0 inside)."""
+    dx, dy = xs - c["cx"], ys - c["cy"]
+    rho = np.hypot(dx, dy)
+    theta = np.arctan2(dy, dx)
+    r, dr = _radius(c, theta)
+    off = rho - r
+    return np.abs(off) / np.sqrt(1.0 + (dr / np.maximum(r, 1e-6)) ** 2), off
+
+
+def render_insideness(seed: int, split: str, index: int, size: int = 64,
+                      difficulty: float = 0.5) -> Tuple[np.ndarray, int]:
+    """One sample of the insideness task: ``(HxWx3 uint8 image, label)``; deterministic in its arguments."""
+    rng = np.random.default_rng([int(seed), _SPLITS[split], int(index), 0x51A4])
+    label = int(rng.integers(2))
+    width = max(1.0, size / 64.0) * (1.0 + 0.4 * rng.random())
+    margin = max(2.0, size * (0.06 - 0.03 * difficulty)) + width
+    # The dot is placed uniformly first and the contour is then drawn until the dot falls on the wanted
+    # side, so the dot's position in the frame says nothing about the label (no centre/corner shortcut).
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    pt = (float(rng.uniform(0.12, 0.88) * size), float(rng.uniform(0.12, 0.88) * size))
+    c = None
+    for _ in range(400):
+        cand = _curve(rng, size, difficulty, scale=rng.uniform(0.55, 1.0),
+                      center=(rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size))
+        d, off = _curve_distance(cand, np.array([pt[0]]), np.array([pt[1]]))
+        if d[0] >= margin and (off[0] < 0) == bool(label):
+            c = cand
+            break
+    if c is None:  # rare: move the dot along a ray from the last contour's centre instead
+        c = cand
+        t = rng.uniform(0, 2 * math.pi)
+        r, _ = _radius(c, np.array([t]))
+        rho = r[0] * 0.5 if label else r[0] + margin
+        pt = (float(np.clip(c["cx"] + rho * math.cos(t), 1, size - 1)),
+              float(np.clip(c["cy"] + rho * math.sin(t), 1, size - 1)))
+    # background, clutter and contour (grey levels with random contrast)
+    bg = rng.uniform(0.0, 0.35)
+    fg = rng.uniform(0.65, 1.0)
+    ink = np.zeros((size, size))
+    d, _ = _curve_distance(c, xx, yy)
+    ink = np.maximum(ink, np.clip(width / 2 + 0.5 - d, 0.0, 1.0))
+    n_arcs = int(round(difficulty * 3 * rng.random()))
+    for _ in range(n_arcs):  # open arcs: pieces of other curves, so "a line nearby" is no shortcut
+        o = _curve(rng, size, difficulty, scale=rng.uniform(0.3, 0.7),
+                   center=(rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size))
+        start, span = rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.6)
+        ang = np.arctan2(yy - o["cy"], xx - o["cx"])
+        on = np.mod(ang - start, 2 * math.pi) < span
+        da, _ = _curve_distance(o, xx, yy)
+        dd, _ = _curve_distance(o, np.array([pt[0]]), np.array([pt[1]]))
+        if dd[0] < margin:  # keep the marker clear of distractors too
+            continue
+        ink = np.maximum(ink, on * np.clip(width / 2 + 0.5 - da, 0.0, 1.0))
+    img = np.empty((size, size, 3))
+    img[:] = bg + (fg - bg) * ink[..., None]
+    rad = max(1.5, size / 40.0)
+    dot = np.clip(rad + 0.5 - np.hypot(xx - pt[0], yy - pt[1]), 0.0, 1.0)[..., None]
+    img = img * (1 - dot) + dot * np.array([1.0, 0.1, 0.1])
+    img += rng.normal(0.0, 0.02 + 0.06 * difficulty, img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+class InsidenessDataset(Dataset):
+    """Built-in long-range benchmark: is the red dot inside the closed contour? (classes outside/inside).
+
+    Args:
+        split: ``train``, ``val`` or ``test`` (disjoint seeds).
+        num_samples: images in this split.
+        image_size: side in pixels (16-512; 32-256 recommended).
+        difficulty: 0 (smooth blob, clean) to 1 (wiggly contour, distractor arcs, noise).
+        seed: dataset seed (independent of the training seed).
+        transform: optional callable on the ``[3, H, W]`` float tensor in [0, 1].
+        cache: keep rendered images in memory (uint8), so later epochs cost nothing.
+    """
+
+    classes = ["outside", "inside"]
+
+    def __init__(self, split: str = "train", num_samples: int = 6000, image_size: int = 64,
+                 difficulty: float = 0.5, seed: int = 0, transform: Optional[Callable] = None,
+                 cache: bool = True) -> None:
+        if split not in _SPLITS:
+            raise ConfigError(f"split must be one of {list(_SPLITS)}, got {split!r}")
+        if not 16 <= int(image_size) <= 512:
+            raise ConfigError(f"built-in dataset image size must be in [16, 512], got {image_size}")
+        if not 0.0 <= float(difficulty) <= 1.0:
+            raise ConfigError(f"difficulty must be in [0, 1], got {difficulty}")
+        if int(num_samples) < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+        self.split, self.num_samples = split, int(num_samples)
+        self.image_size, self.difficulty, self.seed = int(image_size), float(difficulty), int(seed)
+        self.transform = transform
+        self.cache = cache
+        self._cache: Dict[int, Tuple[np.ndarray, int]] = {}
+        self._lock = threading.Lock()
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def raw(self, index: int) -> Tuple[np.ndarray, int]:
+        """The uint8 HxWx3 image and label of ``index``."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        hit = self._cache.get(index)
+        if hit is None:
+            hit = render_insideness(self.seed, self.split, index, self.image_size, self.difficulty)
+            if self.cache:
+                with self._lock:
+                    self._cache[index] = hit
+        return hit
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        img, label = self.raw(index)
+        x = torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, label
+
+    def describe(self) -> str:
+        return (f"built-in insideness task, split {self.split}: {self.num_samples} images "
+                f"{self.image_size}x{self.image_size}, difficulty {self.difficulty}, seed {self.seed}")
+
+
+def dump_pngs(dataset: InsidenessDataset, out_dir: str, count: int = 16) -> List[str]:
+    """Write the first ``count`` images of ``dataset`` as PNGs named ``{index}_{class}.png``; returns paths."""
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(min(count, len(dataset))):
+        img, label = dataset.raw(i)
+        p = os.path.join(out_dir, f"{dataset.split}_{i:05d}_{dataset.classes[label]}.png")
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+class FlipRot:
+    """Random horizontal/vertical flip and 90-degree rotation of a CHW tensor (insideness is invariant)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.randint(0, 8, (1,)).item()
+        if r & 1:
+            x = x.flip(-1)
+        if r & 2:
+            x = x.flip(-2)
+        if r & 4:
+            x = x.transpose(-1, -2)
+        return x
+
+
+class Normalize:
+    """Channel-wise ``(x - mean) / std`` on a CHW tensor."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Compose:
+    def __init__(self, fns: Sequence[Callable]) -> None:
+        self.fns = list(fns)
+
+    def __call__(self, x: Any) -> Any:
+        for f in self.fns:
+            x = f(x)
+        return x
+
+
+# -------------------------------------------------------------------------------------- image folders --
+def list_image_files(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """Classes (sub-folder names, sorted) and ``(path, class_index)`` samples of an image-folder root.
+
+    Raises ConfigError (one line) for a missing root, no class folders, or an empty class folder.
+    """
+    if not os.path.isdir(root):
+        raise ConfigError(f"data folder {root!r} does not exist (expected ROOT/CLASS/*.jpg)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"no class folders in {root!r} (expected ROOT/CLASS/*.jpg)")
+    samples: List[Tuple[str, int]] = []
+    for ci, c in enumerate(classes):
+        files = []
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+        if not files:
+            raise ConfigError(f"class folder {os.path.join(root, c)!r} holds no images "
+                              f"({', '.join(IMG_EXTENSIONS[:4])}, ...); remove it or add images")
+        samples += [(f, ci) for f in files]
+    return classes, samples
+
+
+class SafeImageFolder(Dataset):
+    """ImageNet-layout folder dataset that skips unreadable images instead of crashing the run.
+
+    A corrupt or unreadable file is reported once (warning) and replaced by the next readable sample;
+    ``bad_files`` lists them and ``num_bad`` counts them (per process; the trainer sums across ranks and
+    workers via the per-batch flag returned by :meth:`__getitem__` when ``report_bad=True``).
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, classes: Optional[List[str]] = None,
+                 report_bad: bool = False) -> None:
+        found, samples = list_image_files(root)
+        if classes is not None and found != list(classes):
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise ConfigError(f"class folders of {root!r} differ from the training classes "
+                              f"(missing {missing[:3]}, extra {extra[:3]})")
+        self.root, self.classes, self.samples = root, found, samples
+        self.class_to_idx = {c: i for i, c in enumerate(found)}
+        self.targets = [t for _, t in samples]
+        self.transform = transform
+        self.report_bad = report_bad
+        self.bad_files: List[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: str) -> Any:
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img.convert("RGB")
+
+    def __getitem__(self, index: int) -> Tuple[Any, ...]:
+        n = len(self.samples)
+        bad = 0
+        for k in range(min(n, 50)):
+            path, target = self.samples[(index + k) % n]
+            try:
+                img = self._load(path)
+            except Exception as exc:  # PIL raises many types for damaged files
+                bad += 1
+                if path not in self.bad_files:
+                    self.bad_files.append(path)
+                    warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}")
+                continue
+            x = self.transform(img) if self.transform is not None else img
+            return (x, target, bad) if self.report_bad else (x, target)
+        raise RuntimeError(f"50 consecutive unreadable images in {self.root!r} around index {index}")
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.bad_files)
+
+    def describe(self) -> str:
+        return f"image folder {self.root}: {len(self.samples)} images, {len(self.classes)} classes"
+
+
+def parse_data_spec(spec: str) -> Tuple[str, str]:
+    """``builtin:insideness`` -> ("builtin", "insideness"); ``torchvision:CIFAR10`` ->
+    ("torchvision", "CIFAR10"); anything else is an image-folder path ("folder", path)."""
+    if spec.startswith("builtin:") or spec in BUILTIN_TASKS:
+        task = spec.split(":", 1)[1] if ":" in spec else spec
+        if task not in BUILTIN_TASKS:
+            raise ConfigError(f"unknown built-in dataset {task!r}; available: {', '.join(BUILTIN_TASKS)}")
+        return "builtin", task
+    if spec.startswith("torchvision:"):
+        return "torchvision", spec.split(":", 1)[1]
+    return "folder", spec
