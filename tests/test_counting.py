@@ -32,6 +32,7 @@ def test_hand_computed_counts():
     c = count_model(m, 5)
     assert c.params_nonzero == c.params - 4 - 12 - int((m.conv.bias == 0).sum()) - int((m.fc.bias == 0).sum())
     assert c.macs_nonzero == 169 * 12 + (19 - 3) * 5 * 4 + 16
+    assert c.macs_nonzero_padded == 25 * 108 + 25 * 16 + 16
     assert c.macs_dense == 25 * 108 + 25 * 20 + 28  # dense figures ignore zeros
 
 

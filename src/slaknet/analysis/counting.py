@@ -10,7 +10,9 @@ Conventions (explained in the README):
   - ``macs_dense``: every kernel tap at every output position, padding included (the common convention);
   - ``macs_inbounds``: only taps that read a real input pixel (zero padding is free), which is what an
     efficient implementation must compute; with large kernels on small maps the two differ a lot;
-  - ``macs_nonzero``: in-bounds taps whose weight is non-zero (what a sparse kernel could skip to).
+  - ``macs_nonzero``: in-bounds taps whose weight is non-zero (what a sparse kernel could skip to);
+  - ``macs_nonzero_padded``: non-zero taps at every output position, padding included (the dense
+    convention applied to the non-zero weights).
 
 ``sparsity=S`` answers "what would it be at S sparsity over all conv and linear weights" for a dense
 model: each such weight tensor keeps ``round((1 - S) * numel)`` entries (uniform layer-wise density, the
@@ -34,6 +36,7 @@ class Counts:
     macs_dense: int
     macs_inbounds: int
     macs_nonzero: int
+    macs_nonzero_padded: int
     input_size: Tuple[int, int]
     sparsity: Optional[float] = None  # set when the non-zero figures are hypothetical (uniform sparsity)
 
@@ -48,6 +51,7 @@ class Counts:
             (f"parameters {label}", f"{self.params_nonzero / 1e6:.2f} M"),
             (f"MACs dense, padded taps @ {self.input_size[0]}x{self.input_size[1]}", f"{self.macs_dense / 1e9:.2f} G"),
             ("MACs dense, in-bounds taps", f"{self.macs_inbounds / 1e9:.2f} G"),
+            (f"MACs {label}, padded taps", f"{self.macs_nonzero_padded / 1e9:.2f} G"),
             (f"MACs {label}, in-bounds", f"{self.macs_nonzero / 1e9:.2f} G"),
         ]
         width = max(len(r[0]) for r in rows)
@@ -107,7 +111,7 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         else:
             params_nz += int((p != 0).sum())
 
-    macs = {"dense": 0, "inbounds": 0, "nonzero": 0}
+    macs = {"dense": 0, "inbounds": 0, "nonzero": 0, "nonzero_padded": 0}
 
     def conv_hook(mod: nn.Conv2d, inp, out) -> None:
         x = inp[0]
@@ -120,12 +124,15 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         macs["dense"] += n * out_pos * numel
         macs["inbounds"] += n * int((per_tap_all * cov).sum())
         macs["nonzero"] += n * int((kept * cov).sum())
+        macs["nonzero_padded"] += n * out_pos * int(kept.sum())
 
     def linear_hook(mod: nn.Linear, inp, out) -> None:
         tokens = inp[0].numel() // mod.in_features
         macs["dense"] += tokens * mod.weight.numel()
         macs["inbounds"] += tokens * mod.weight.numel()
-        macs["nonzero"] += tokens * int(_kept_mask(mod.weight.detach().cpu(), density).sum())
+        kept = tokens * int(_kept_mask(mod.weight.detach().cpu(), density).sum())
+        macs["nonzero"] += kept
+        macs["nonzero_padded"] += kept
 
     handles = []
     for m in model.modules():
@@ -145,5 +152,6 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
             hd.remove()
         model.train(was_training)
     return Counts(params=params, params_nonzero=params_nz, macs_dense=macs["dense"],
-                  macs_inbounds=macs["inbounds"], macs_nonzero=macs["nonzero"], input_size=(h, w),
+                  macs_inbounds=macs["inbounds"], macs_nonzero=macs["nonzero"],
+                  macs_nonzero_padded=macs["nonzero_padded"], input_size=(h, w),
                   sparsity=sparsity)
