@@ -208,6 +208,8 @@ class ERFResult:
 
 def _safe_stem(name: str) -> str:
     keep = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in name)
+    while "__" in keep:
+        keep = keep.replace("__", "_")
     return keep.strip("._") or "erf"
 
 
@@ -518,21 +520,47 @@ def _as_named(item, default: str) -> Tuple[str, np.ndarray, Optional[ERFResult]]
     return default, np.asarray(item), None
 
 
-def _draw_panel(ax, name: str, matrix: np.ndarray, thresholds: Sequence[float], cmap: str,
-                result: Optional[ERFResult]):
+def _zoom_side(matrices: Sequence[np.ndarray], thresholds: Sequence[float]) -> Optional[int]:
+    """Side of a centred zoom window when the largest square is small next to the image, else None."""
+    sides = [max((s for s, _ in area_ratios(m, thresholds).values()), default=0) for m in matrices]
+    small = min(min(m.shape) for m in matrices)
+    zoom = max(2 * max(sides) + 1, 15)
+    return zoom if zoom <= small // 3 else None
+
+
+def _draw_squares(ax, ratios, h: int, w: int, label: bool) -> None:
     from matplotlib.patches import Rectangle
 
-    data = scale_erf(matrix)
-    h, w = data.shape
-    im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ratios = area_ratios(matrix, thresholds)
-    for k, (t, (side, ratio)) in enumerate(ratios.items()):
+    for k, (t, (side, _)) in enumerate(ratios.items()):
         if side == 0:
             continue
         half = side // 2
         ax.add_patch(Rectangle((w // 2 - half - 0.5, h // 2 - half - 0.5), side, side, fill=False,
                                lw=1.2, ls="-" if k % 2 == 0 else "--",
-                               color=_SQUARE_STYLES[k % len(_SQUARE_STYLES)], label=f"{t:.0%} of total"))
+                               color=_SQUARE_STYLES[k % len(_SQUARE_STYLES)],
+                               label=f"{t:.0%} of total" if label else None))
+
+
+def _draw_panel(ax, name: str, matrix: np.ndarray, thresholds: Sequence[float], cmap: str,
+                result: Optional[ERFResult], zoom: Optional[int] = None):
+    data = scale_erf(matrix)
+    h, w = data.shape
+    im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ratios = area_ratios(matrix, thresholds)
+    _draw_squares(ax, ratios, h, w, label=True)
+    if zoom:  # the ERF is small next to the image: magnify the centre in an inset (same colours)
+        inset = ax.inset_axes([0.02, 0.02, 0.42, 0.42])
+        inset.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        _draw_squares(inset, ratios, h, w, label=False)
+        half = zoom // 2
+        inset.set_xlim(w // 2 - half - 0.5, w // 2 + half + 0.5)
+        inset.set_ylim(h // 2 + half + 0.5, h // 2 - half - 0.5)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        inset.set_title(f"centre {zoom}x{zoom} px", fontsize=7, color="w", pad=2)
+        for spine in inset.spines.values():
+            spine.set_edgecolor("w")
+        ax.indicate_inset_zoom(inset, edgecolor="w")
     ax.set_xticks([])
     ax.set_yticks([])
     title = name
@@ -554,7 +582,7 @@ def plot_erf(item: Union[ERFResult, np.ndarray, Tuple[str, np.ndarray]], path: s
     name, matrix, result = _as_named(item, title or "ERF")
     fig = Figure(figsize=(5.2, 6.0), layout="constrained")
     ax = fig.subplots()
-    im = _draw_panel(ax, title or name, matrix, thresholds, cmap, result)
+    im = _draw_panel(ax, title or name, matrix, thresholds, cmap, result, _zoom_side([matrix], thresholds))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="log10(contribution + 1), scaled to [0, 1]")
     ax.legend(loc="upper right", fontsize=7, framealpha=0.6, title="centred square holding",
               title_fontsize=7)
@@ -578,8 +606,9 @@ def plot_erf_comparison(items: Sequence[Union[ERFResult, Tuple[str, np.ndarray]]
     fig = Figure(figsize=(4.0 * n + 5.0, 5.4), layout="constrained")
     axes = fig.subplots(1, n + 1, gridspec_kw={"width_ratios": [1] * n + [1.1]})
     im = None
+    zoom = _zoom_side([m for _, m, _ in named], thresholds)  # one window for all, so sizes compare
     for ax, (name, matrix, result) in zip(axes[:n], named):
-        im = _draw_panel(ax, name, matrix, thresholds, cmap, result)
+        im = _draw_panel(ax, name, matrix, thresholds, cmap, result, zoom)
     axes[0].legend(loc="upper right", fontsize=7, framealpha=0.6, title="centred square holding",
                    title_fontsize=7)
     fig.colorbar(im, ax=list(axes[:n]), shrink=0.8, label="log10(contribution + 1), scaled to [0, 1]")
