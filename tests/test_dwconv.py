@@ -161,7 +161,10 @@ def test_plain_env_really_runs_conv2d(monkeypatch):
 
 
 def test_weight_grad_choice_rules():
-    assert choose_weight_grad("cuda", 8, 124, 56, 56, 51, 5) == "plain"
+    assert choose_weight_grad("cuda", 8, 124, 56, 56, 5, 5) == "plain"
+    assert choose_weight_grad("cuda", 8, 124, 56, 56, 51, 5) == "fft"
+    assert choose_weight_grad("cuda", 8, 499, 14, 14, 5, 47) == "gemm"
+    assert choose_weight_grad("mps", 8, 124, 56, 56, 51, 5) == "plain"
     assert choose_weight_grad("cpu", 8, 124, 56, 56, 51, 5) == "fft"
     assert choose_weight_grad("cpu", 8, 499, 14, 14, 47, 5) == "gemm"
     assert choose_weight_grad("cpu", 8, 124, 56, 56, 3, 3) == "plain"

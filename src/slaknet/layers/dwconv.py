@@ -9,8 +9,9 @@ convolution with 'same' padding. It picks a backend automatically per device, sh
   whose weight gradient is formed by FFT or banded GEMMs where PyTorch's kernel is slow (CPU).
 * ``fft`` / ``gemm``: ``fast`` with that weight-gradient method forced (benchmarks, tests).
 
-Default (``auto``): ``fast`` on CPU for floating dtypes, ``plain`` elsewhere (on CUDA cuDNN was measured to
-be as fast or faster, docs/speed.md). Override with the ``backend`` argument, or for the whole process
+Default (``auto``): ``fast`` on CPU and CUDA for floating dtypes (on CUDA it keeps cuDNN for the forward,
+the input gradient and small square kernels, and replaces only cuDNN's slow strip weight gradient, see
+docs/speed.md), ``plain`` on other devices. Override with the ``backend`` argument, or for the whole process
 with the environment variable ``SLAKNET_DWCONV=plain|fast|fft|gemm|auto``. The choice is logged once per
 (device, backend) on the ``slaknet.dwconv`` logger.
 """
@@ -59,7 +60,7 @@ def resolve_backend(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, i
     if name == "plain" or not _fast_applies(x, weight, padding):
         return "plain"
     if name == "auto":
-        return "fast" if x.device.type == "cpu" else "plain"
+        return "fast" if x.device.type in ("cpu", "cuda") else "plain"
     return name
 
 

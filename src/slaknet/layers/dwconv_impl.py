@@ -133,15 +133,21 @@ def weight_grad_gemm(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> tor
 def choose_weight_grad(device_type: str, n: int, c: int, h: int, w: int, kh: int, kw: int) -> str:
     """The weight-gradient method for a shape: 'fft', 'gemm' or 'plain'.
 
-    Rule of thumb from measurements on a 2-core Zen4 (docs/speed.md): PyTorch's CPU kernel is fast only
-    for kernel width <= 3; for strips on small maps the banded GEMM wins, otherwise the FFT.
+    Rules of thumb from measurements (docs/speed.md). CPU (2-core Zen4, oneDNN): PyTorch's kernel is fast
+    only for kernel width <= 3; for strips on small maps the banded GEMM wins, otherwise the FFT. CUDA
+    (H100, cuDNN): cuDNN is best for small square kernels, FFT / GEMM are 1.6-3.5x faster for strips.
     """
+    long_k, short_k = max(kh, kw), min(kh, kw)
+    strip = short_k <= 7 and long_k >= 3 * short_k
+    if device_type == "cuda":
+        if not strip:
+            return "plain"
+        return "gemm" if long_k >= 31 and h * w <= 32 * 32 else "fft"
     if device_type != "cpu":
         return "plain"
     if kh * kw <= 9 and kw <= 3:
         return "plain"
-    long_k, short_k = max(kh, kw), min(kh, kw)
-    if short_k <= 7 and long_k >= 3 * short_k and h * w <= 32 * 32:
+    if strip and h * w <= 32 * 32:
         return "gemm"
     return "fft"
 
