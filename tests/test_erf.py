@@ -261,6 +261,15 @@ def test_heatmap_and_comparison_files(tmp_path):
     assert "wide" in table and "t=99%" in table
 
 
+def test_small_erf_in_a_large_image_gets_a_zoom_window(tmp_path):
+    m = np.zeros((301, 301))
+    m[148:153, 148:153] = 5.0
+    assert erf._zoom_side([m], erf.DEFAULT_THRESHOLDS) == 15  # 99 % square is 5 px: 2*5+1 -> min 15
+    assert erf._zoom_side([np.ones((30, 30))], erf.DEFAULT_THRESHOLDS) is None
+    path = erf.plot_erf(("blob", m), str(tmp_path / "blob.png"))
+    assert os.path.getsize(path) > 1000
+
+
 def _cli(argv):
     from slaknet.analysis import erf_cli
 
