@@ -220,6 +220,17 @@ def test_sample_photo_views_are_deterministic_and_normalized():
     assert -3.0 < float(torch.stack(a).min()) and float(torch.stack(a).max()) < 3.0
 
 
+def test_benchmark_source_matches_the_training_dataset():
+    data = pytest.importorskip("slaknet.train.data")
+    imgs = list(erf.resolve_images("benchmark", size=32, num_images=2, seed=3))
+    assert len(imgs) == 4 and all(t.shape == (3, 32, 32) for t in imgs)
+    ds = data.InsidenessDataset(split="val", num_samples=4, image_size=32, seed=3)
+    for k, img in enumerate(imgs):  # same pictures, normalized as in training (mean = std = 0.5)
+        torch.testing.assert_close(img, (ds[k][0] - 0.5) / 0.5)
+    big = next(iter(erf.benchmark_images(size=600, num_images=1)))  # rendered at 512, resized
+    assert big.shape == (3, 600, 600) and float(big.min()) >= -1.0 and float(big.max()) <= 1.0
+
+
 def test_image_folder_source(tmp_path):
     from PIL import Image
 

@@ -445,50 +445,29 @@ def sample_photo_images(size: int = 1024, num_images: int = 50, seed: int = 0,
         yield _pil_to_tensor(view, size, mean, std)
 
 
-def benchmark_images(size: int = 1024, num_images: int = 50, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Images of slaknet's built-in procedurally generated benchmark dataset, resized to ``size``.
+def benchmark_images(size: int = 1024, num_images: int = 50, seed: int = 0,
+                     difficulty: float = 0.5) -> Iterator[torch.Tensor]:
+    """Images of slaknet's built-in long-range benchmark (the "insideness" task of ``slaknet train``).
 
-    Uses ``slaknet.train.data`` (the long-range benchmark): any ``torch.utils.data.Dataset`` it builds
-    through ``build_benchmark_dataset`` / ``LongRangeDataset``-style factories. Raises
-    :class:`ConfigError` if that module is not available in this installation.
+    Rendered procedurally from ``(seed, "val", index)`` by :class:`slaknet.train.data.InsidenessDataset`
+    at ``min(size, 512)`` pixels (its largest size), bicubic-resized to ``size`` when larger, and
+    normalized with mean = std = 0.5 as in training. Yields up to ``2 * num_images`` images (headroom
+    for skipped ones).
     """
-    dataset = _benchmark_dataset(seed)
-    n = len(dataset)
-    for k in range(min(num_images * 2, n)):  # headroom in case some images are skipped
-        item = dataset[k]
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(image, torch.Tensor):
-            image = torch.as_tensor(np.asarray(image))
-        image = image.float()
-        if image.ndim == 2:
-            image = image.unsqueeze(0)
-        if image.shape[-2:] != (size, size):
-            image = F.interpolate(image.unsqueeze(0), size=(size, size), mode="bicubic",
-                                  align_corners=False).squeeze(0)
-        yield image
-
-
-def _benchmark_dataset(seed: int):
     try:
-        from slaknet.train import data as bench
-    except ImportError as exc:
+        from slaknet.train.data import InsidenessDataset
+    except ImportError as exc:  # pragma: no cover - only in trimmed installations
         raise ConfigError("the built-in benchmark dataset (slaknet.train.data) is not available; "
                           "pass --images DIR or use the bundled photo") from exc
-    for factory in ("build_benchmark_dataset", "benchmark_dataset", "build_dataset"):
-        if hasattr(bench, factory):
-            fn = getattr(bench, factory)
-            try:
-                return fn(split="val", seed=seed)
-            except TypeError:
-                return fn()
-    for cls_name in ("LongRangeDataset", "BenchmarkDataset"):
-        if hasattr(bench, cls_name):
-            cls = getattr(bench, cls_name)
-            try:
-                return cls(split="val", seed=seed)
-            except TypeError:
-                return cls()
-    raise ConfigError("slaknet.train.data has no benchmark dataset factory this ERF tool knows")
+    native = max(16, min(int(size), 512))
+    dataset = InsidenessDataset(split="val", num_samples=2 * num_images, image_size=native,
+                                difficulty=difficulty, seed=seed, cache=False)
+    for k in range(len(dataset)):
+        image, _ = dataset[k]
+        if image.shape[-2:] != (size, size):
+            image = F.interpolate(image.unsqueeze(0), size=(size, size), mode="bicubic",
+                                  align_corners=False).squeeze(0).clamp_(0.0, 1.0)
+        yield _normalize(image, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def resolve_images(source: Optional[str], size: int = 1024, num_images: int = 50, seed: int = 0,
