@@ -13,6 +13,9 @@ per-step overhead averaged over ``u`` steps including the update step is reporte
 * ``paired``:   (median(engine - base) + update / u) / median(base)
 * ``measured``: (mask + update / u) / median(base)        -- less noisy on a shared machine
 
+On CPU every figure is given in process CPU time (``time.process_time``, robust to other processes on a
+shared machine; one thread by default so idle OpenMP spinning does not count) and in wall-clock time.
+
 ``--full`` instead runs ``u`` consecutive steps per arm (the engine arm performs its real update at step
 ``u``) and reports (sum(engine) - sum(base)) / sum(base); slow on CPU.
 
@@ -46,6 +49,8 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=3, help="timed topology updates")
     p.add_argument("--full", action="store_true", help="run u real steps per arm (slow on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--wall", action="store_true", help="on CPU, time wall-clock instead of process CPU time")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -55,16 +60,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # replaced by time.process_time on CPU unless --wall
+
+
 def _timed(fn: Callable[[], None], device: str) -> float:
     _sync(device)
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def main(argv: List[str] | None = None) -> int:
     args = parse_args(argv)
+    global CLOCK
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+        CLOCK = time.process_time if not args.wall else time.perf_counter
     import slaknet  # noqa: F401  (registers the models with timm)
     from slaknet.sparse import SparseEngine
 
@@ -88,7 +100,8 @@ def main(argv: List[str] | None = None) -> int:
     sparse_params = sum(layer.numel for layer in engine.layers)
     print(f"{args.model} @ {args.image_size}px, batch {args.batch_size}, device {args.device}, "
           f"threads {torch.get_num_threads()}; {len(engine.layers)} sparse layers "
-          f"({sparse_params / 1e6:.1f}M weights), {len(engine.dense_layers)} dense; u={args.update_frequency}",
+          f"({sparse_params / 1e6:.1f}M weights), {len(engine.dense_layers)} dense; u={args.update_frequency}; "
+          f"clock {CLOCK.__name__}",
           flush=True)
     for _ in range(args.warmup):
         step()
@@ -97,7 +110,7 @@ def main(argv: List[str] | None = None) -> int:
         step()
     engine.step_count = 0  # warm-up steps do not count towards the schedule
 
-    res = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+    res = {"clock": CLOCK.__name__, "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
            "device": args.device, "u": args.update_frequency, "sparsity": args.sparsity,
            "growth": args.growth, "sparse_init": args.sparse_init}
     if args.full:

@@ -174,10 +174,22 @@ def test_snip_with_batch_uses_saliency():
         assert abs(got[n] - expect[n]) <= 1
 
 
-def test_snip_requires_data():
+def test_snip_without_data_waits_for_state():
+    torch.manual_seed(0)
     m = Net()
-    with pytest.raises(ConfigError):
-        SparseEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), sparse_init="snip", total_steps=5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = SparseEngine(m, opt, sparse_init="snip", total_steps=5)
+    with pytest.raises(ConfigError, match="snip_batch"):
+        m(batch(0)[0])  # no masks yet: refuse to train dense silently
+    with pytest.raises(ConfigError, match="snip_batch"):
+        e.after_step()
+    # resume path: masks come from a saved state, no SNIP batch needed
+    src = SparseEngine(Net(), None, sparse_init="uniform", sparsity=0.5, fix=True)
+    e.load_state_dict(src.state_dict())
+    train_step(m, opt, 0)
+    assert_masked(e)
+    e2 = SparseEngine(m, opt, sparse_init="snip", total_steps=5, state=src.state_dict())
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(e2.layers, src.layers))
 
 
 # ----------------------------------------------------------------------------------- masking -------------

@@ -146,7 +146,6 @@ class SparseLayer:
         return self.param.numel()
 
     count: int = -1  # active weights (kept exact by the engine; recomputed if negative)
-    ever_count: int = -1
 
     def __post_init__(self) -> None:
         if self.count < 0:
@@ -205,12 +204,17 @@ class SparseEngine:
         attach: register the optimizer post-step hook (default). With ``attach=False`` call
             :meth:`after_step` yourself after each *real* optimizer step.
         on_update: callbacks receiving the update record dict after each topology update.
+        state: a :meth:`state_dict` to resume from: masks come from it and no initialisation runs
+            (SNIP then needs no batch). Equivalent to constructing and calling :meth:`load_state_dict`,
+            which is also allowed for ``sparse_init='snip'`` without a batch: such an engine waits
+            for its state and refuses to run a forward or step before it arrives.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                  config: Optional[SparseConfig] = None, *, snip_batch: Optional[Tuple[Any, Any]] = None,
                  snip_loss: Optional[Callable[..., torch.Tensor]] = None, attach: bool = True,
-                 on_update: Optional[List[Callable[[Dict[str, Any]], None]]] = None, **overrides: Any) -> None:
+                 on_update: Optional[List[Callable[[Dict[str, Any]], None]]] = None,
+                 state: Optional[Dict[str, Any]] = None, **overrides: Any) -> None:
         cfg = dataclasses.replace(config) if config is not None else SparseConfig()
         for k, v in overrides.items():
             if not hasattr(cfg, k):
@@ -245,11 +249,18 @@ class SparseEngine:
         self.init_densities: Dict[str, float] = {}
         self._modules = {n: mod for n, mod, _ in chosen}
         self._pending: List[Any] = []
-        self._init_masks(snip_batch, snip_loss)
+        self._awaiting_state = False
+        if state is not None:
+            self.load_state_dict(state)
+        elif cfg.sparse_init == "snip" and snip_batch is None and snip_loss is None:
+            self._awaiting_state = True
+        else:
+            self._init_masks(snip_batch, snip_loss)
         # Masks reach the weights lazily, right before the first forward of a sparse layer (or at the first
         # optimizer step / apply_masks / load_state_dict), so that building the engine after loading trained
         # weights and then calling load_state_dict never zeroes trained weights with fresh random masks.
-        self._install_pending()
+        if state is None:
+            self._install_pending()
         if attach and optimizer is not None:
             self.attach(optimizer)
 
@@ -299,6 +310,7 @@ class SparseEngine:
 
     def after_step(self, skipped: bool = False) -> None:
         """Call after each optimizer step (the hook does): re-mask, count the step, update if due."""
+        self._check_ready()
         self.apply_masks()
         if skipped:
             self.skipped_steps += 1
@@ -310,7 +322,8 @@ class SparseEngine:
     # ------------------------------------------------------------------------------------ masks ---------
     def _install_pending(self) -> None:
         self._clear_pending()
-        mods = {id(self._modules[l.name]): self._modules[l.name] for l in self.layers}
+        names = list(self._modules) if self._awaiting_state else [l.name for l in self.layers]
+        mods = {id(self._modules[n]): self._modules[n] for n in names}
         self._pending = [m.register_forward_pre_hook(self._pending_hook) for m in mods.values()]
 
     def _clear_pending(self) -> None:
@@ -319,7 +332,13 @@ class SparseEngine:
         self._pending = []
 
     def _pending_hook(self, module: nn.Module, args: Any) -> None:
+        self._check_ready()
         self.apply_masks()
+
+    def _check_ready(self) -> None:
+        if self._awaiting_state:
+            raise ConfigError("sparse_init='snip' needs snip_batch=(inputs, targets) or snip_loss=callable(model)"
+                              " (or load_state_dict before training)")
 
     @property
     def masks_applied(self) -> bool:
@@ -330,7 +349,7 @@ class SparseEngine:
     def apply_masks(self, module: Optional[nn.Module] = None) -> None:
         """Zero every inactive weight; with ``module`` (e.g. an EMA copy) mask its same-named weights."""
         if module is None:
-            if self._pending:
+            if self._pending and not self._awaiting_state:
                 self._clear_pending()
             for layer in self.layers:
                 layer.param.data.mul_(layer.mask.view(torch.uint8))
@@ -741,4 +760,5 @@ class SparseEngine:
         self.update_count = int(state.get("updates", 0))
         self.history = [dict(h) for h in state.get("history", [])]
         self.last_update = None
+        self._awaiting_state = False
         self.apply_masks()
