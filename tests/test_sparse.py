@@ -658,3 +658,60 @@ def test_mask_randomness_independent_of_global_rng():
         return [l.mask.clone() for l in e.layers]
 
     assert all(torch.equal(a, b) for a, b in zip(run(1), run(17)))
+
+
+def test_mask_gradients_stashes_dense_grads_for_gradient_growth_and_spares_momentum():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    e = SparseEngine(m, opt, sparsity=0.6, growth="gradient", update_frequency=2, total_steps=10)
+    for step in range(2):
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        dense = {l.name: l.param.grad.clone() for l in e.layers}
+        masks0 = {l.name: l.mask.clone() for l in e.layers}
+        e.mask_gradients()  # e.g. before clipping
+        for l in e.layers:
+            assert torch.count_nonzero(l.param.grad[~l.mask]) == 0
+        opt.step()
+    assert e.update_count == 1
+    # growth used the dense gradient, not the masked one (which is 0 on every candidate position)
+    for l in e.layers:
+        grown = l.mask & ~masks0[l.name]
+        assert grown.any() and torch.count_nonzero(dense[l.name][grown]) == int(grown.sum())
+
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    e = SparseEngine(m, opt, sparsity=0.6, growth="momentum", update_frequency=2, total_steps=10)
+    x, y = batch(0)
+    F.cross_entropy(m(x), y).backward()
+    g = {l.name: l.param.grad.clone() for l in e.layers}
+    e.mask_gradients()  # no-op with momentum growth
+    assert all(torch.equal(g[l.name], l.param.grad) for l in e.layers)
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_select_k_matches_sort_on_large_tensors(largest):
+    from slaknet.sparse.engine import select_k
+
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    score = torch.randn(n, generator=g).abs()
+    score[torch.randperm(n, generator=g)[:150_000]] = float("-inf") if largest else float("inf")
+    allowed = torch.isfinite(score)
+    for k in (1, 1234, 60_000, 249_000):
+        ref = score.argsort(descending=largest)[:k]
+        idx = select_k(score, k, largest)
+        assert idx.numel() == k and idx.unique().numel() == k
+        assert torch.equal(idx.sort().values, ref.sort().values)
+        # the same through an 'allowed' mask instead of infinities
+        finite = score.masked_fill(~allowed, 0.0)
+        idx = select_k(finite, k, largest, allowed=allowed)
+        assert torch.equal(idx.sort().values, ref.sort().values)
+    # heavy ties (e.g. many just-regrown zero weights): exact count, and a valid k-smallest/largest set
+    tied = torch.zeros(n)
+    tied[: n // 2] = torch.rand(n // 2, generator=g) + 1.0
+    idx = select_k(tied if not largest else -tied, 100_000, largest)
+    assert idx.numel() == 100_000 and idx.unique().numel() == 100_000
+    assert bool((tied[idx] == 0).all())

@@ -146,10 +146,13 @@ class SparseLayer:
         return self.param.numel()
 
     count: int = -1  # active weights (kept exact by the engine; recomputed if negative)
+    ever_count: int = -1  # weights ever active (ITOP numerator)
 
     def __post_init__(self) -> None:
         if self.count < 0:
             self.count = int(torch.count_nonzero(self.mask).item())
+        if self.ever_count < 0:
+            self.ever_count = int(torch.count_nonzero(self.ever_active).item())
 
     def active(self) -> int:
         return self.count
@@ -184,6 +187,70 @@ def _fill_at(t: torch.Tensor, flat_idx: torch.Tensor, value: float) -> None:
         sel = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
         sel.view(-1)[flat_idx] = True
         t.masked_fill_(sel, value)
+
+
+_FAST_SELECT_MIN = 1 << 18  # below this many entries a plain topk is fast enough
+
+
+def select_k(score: torch.Tensor, k: int, largest: bool, allowed: Optional[torch.Tensor] = None,
+             n_allowed: Optional[int] = None) -> torch.Tensor:
+    """Flat indices of exactly ``k`` entries of 1-D ``score`` with the largest (or smallest) values,
+    among the entries where the bool ``allowed`` is True (all when None; needs ``k <= allowed.sum()``).
+
+    Same set as ``torch.topk`` over the allowed entries up to the choice among ties, but for large
+    tensors much cheaper on CPU: a threshold is estimated from a fixed, deterministic sample of the
+    scores (a quantile with a safety margin), the candidates beyond it are gathered in one pass, and only
+    the few surplus candidates are dropped with a small topk. Falls back to a full topk if the estimate
+    is ever short. Deterministic for identical inputs (no RNG), so ranks agree. ``n_allowed`` (the
+    number of allowed entries, if known) saves a pass.
+    """
+    n = score.numel()
+    dev = score.device
+    fill = float("-inf") if largest else float("inf")
+
+    def full() -> torch.Tensor:
+        sc = score if allowed is None else score.masked_fill(~allowed, fill)
+        return torch.topk(sc, k, largest=largest, sorted=False).indices
+
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=dev)
+    if n < _FAST_SELECT_MIN:
+        return full()
+    s = 1 << 16
+    pos = (torch.arange(s, device=dev, dtype=torch.long) * 2654435761) % n
+    sample = score[pos]
+    n_ok = n
+    if allowed is not None:
+        ok = allowed[pos]
+        sample = sample[ok]
+        n_ok = int(torch.count_nonzero(allowed).item()) if n_allowed is None else int(n_allowed)
+        if sample.numel() < 1024 or k > n_ok:
+            return full()
+    m = sample.numel()
+    q = k / n_ok
+    margin = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+    if largest:
+        j = int(math.floor((1.0 - q - margin) * m))
+        if j < 1:
+            return full()
+        hit = score >= sample.kthvalue(j).values
+    else:
+        j = int(math.ceil((q + margin) * m))
+        if j >= m:
+            return full()
+        hit = score <= sample.kthvalue(j).values
+    if allowed is not None:
+        hit &= allowed
+    cand = hit.nonzero().squeeze(1)
+    if cand.numel() < k:
+        return full()
+    extra = cand.numel() - k
+    if extra:
+        drop = torch.topk(score[cand], extra, largest=not largest, sorted=False).indices
+        keep = torch.ones(cand.numel(), dtype=torch.bool, device=dev)
+        keep[drop] = False
+        cand = cand[keep]
+    return cand
 
 
 def _dist_world() -> int:
@@ -367,8 +434,17 @@ class SparseEngine:
 
         Not needed for correctness (weights are re-masked after every step). Gradient growth needs the
         dense gradient at update steps: before the step that will trigger an update, the dense gradients
-        are stashed (one copy, every ``update_frequency`` steps) and used for growth.
+        are stashed (one copy, every ``update_frequency`` steps) and used for growth. With momentum
+        growth this is a no-op (see docs/sparse.md).
         """
+        if self.config.growth == "momentum":
+            # inactive weights' accumulated momentum is the growth signal: masking their gradients
+            # would erase it, so this is a documented no-op with momentum growth
+            if not getattr(self, "_warned_mask_grad", False):
+                logger.warning("mask_gradients() does nothing with growth='momentum' (it would erase the "
+                               "momentum of inactive weights that growth ranks by)")
+                self._warned_mask_grad = True
+            return
         if self.config.growth == "gradient" and self.update_due(self.step_count + 1):
             self._dense_grads = {layer.name: layer.param.grad.detach().clone() for layer in self.layers
                                  if layer.param.grad is not None}
@@ -404,8 +480,10 @@ class SparseEngine:
             self.layers.append(SparseLayer(name, index, param, mask, mask.clone(), d))
         if not self.layers:
             logger.info("sparse engine: every selected layer is dense at sparsity %.3f", cfg.sparsity)
-        logger.info("sparse init %s: %d sparse layers, %d dense, global density %.4f",
-                    cfg.sparse_init, len(self.layers), len(self.dense_layers), self.global_density())
+        logger.info("sparse init %s: %d sparse layers, %d dense, global density %.4f; layer densities:\n%s",
+                    cfg.sparse_init, len(self.layers), len(self.dense_layers), self.global_density(),
+                    "\n".join(f"  {n}: {d:.4f}{' (dense)' if n in self.dense_layers else ''}"
+                              for n, d in self.init_densities.items()))
         del names
 
     @staticmethod
@@ -523,21 +601,22 @@ class SparseEngine:
             if k == 0:
                 pruned[layer.name] = torch.zeros(0, dtype=torch.long, device=flat_mask.device)
                 continue
-            score = layer.param.detach().reshape(-1).abs().float().masked_fill_(~flat_mask, float("inf"))
-            pruned[layer.name] = torch.topk(score, k, largest=False, sorted=False).indices
+            score = layer.param.detach().reshape(-1).abs().float()
+            pruned[layer.name] = select_k(score, k, largest=False, allowed=flat_mask, n_allowed=active)
             del score
         # 2) how many to regrow per layer
         n_grow = self._regrowth_counts(n_prune, pruned)
         # 3) regrow among positions inactive after pruning
         records = []
         for layer in self.layers:
-            new_mask = layer.mask.reshape(-1).clone()
+            new_mask = layer.mask.view(-1)  # updated in place (masks are contiguous)
             p_idx = pruned[layer.name]
             new_mask[p_idx] = False
             k = n_grow[layer.name]
             if k > 0:
-                score = self._growth_score(layer, step).masked_fill_(new_mask, float("-inf"))
-                g_idx = torch.topk(score, k, largest=True, sorted=False).indices
+                score = self._growth_score(layer, step)
+                g_idx = select_k(score, k, largest=True, allowed=~new_mask,
+                                 n_allowed=layer.numel - layer.count + n_prune[layer.name])
                 del score
                 new_mask[g_idx] = True
             else:
@@ -549,7 +628,9 @@ class SparseEngine:
                 self._zero_optimizer_state(layer, torch.cat([p_idx, g_idx]))
             layer.mask = new_mask
             layer.count = layer.count - n_prune[layer.name] + k
-            layer.ever_active.view(-1)[g_idx] = True
+            ever = layer.ever_active.view(-1)
+            layer.ever_count += int(g_idx.numel() - torch.count_nonzero(ever[g_idx]).item())
+            ever[g_idx] = True
             records.append({"name": layer.name, "pruned": n_prune[layer.name], "regrown": k,
                             "active": layer.count, "numel": layer.numel})
         self._dense_grads = None
@@ -638,8 +719,7 @@ class SparseEngine:
     def itop_rate(self) -> float:
         """In-time over-parameterization rate: fraction of sparse-layer weights ever active."""
         den = sum(layer.numel for layer in self.layers)
-        return sum(int(torch.count_nonzero(layer.ever_active).item()) for layer in self.layers) / den \
-            if den else 1.0
+        return sum(layer.ever_count for layer in self.layers) / den if den else 1.0
 
     def stats(self) -> Dict[str, Any]:
         """Machine-readable monitoring dict (JSON-serialisable)."""
@@ -648,7 +728,7 @@ class SparseEngine:
             a = layer.active()
             layers.append({"name": layer.name, "numel": layer.numel, "active": a, "density": a / layer.numel,
                            "init_density": layer.init_density, "dense": False,
-                           "ever_active": int(torch.count_nonzero(layer.ever_active).item())})
+                           "ever_active": layer.ever_count})
         for n, p in self.candidates:
             if n in self.dense_layers:
                 layers.append({"name": n, "numel": p.numel(), "active": p.numel(), "density": 1.0,
