@@ -301,6 +301,10 @@ def test_cli_on_saved_matrices(tmp_path, capsys):
     assert [d["name"] for d in data] == ["a", "b"]
     with pytest.raises(ConfigError):
         _cli([str(tmp_path / "a.npy"), "--thresholds", "0.5,2"])
+    with pytest.raises(ConfigError, match="gamma"):
+        _cli([str(tmp_path / "a.npy"), "--gamma", "0"])
+    assert _cli([str(tmp_path / "a.npy"), "--gamma", "1", "--out", str(out / "linear")]) == 0
+    assert (out / "linear" / "a.png").stat().st_size > 1000
 
 
 def test_cli_on_a_model(tmp_path, capsys):

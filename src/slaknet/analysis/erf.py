@@ -520,16 +520,30 @@ def _draw_squares(ax, ratios, h: int, w: int, label: bool) -> None:
                                label=f"{t:.0%} of total" if label else None))
 
 
+def _colour_norm(gamma: float):
+    from matplotlib.colors import Normalize, PowerNorm
+
+    if gamma <= 0:
+        raise ConfigError(f"gamma must be positive, got {gamma}")
+    return Normalize(0.0, 1.0) if gamma == 1 else PowerNorm(gamma, vmin=0.0, vmax=1.0)
+
+
+def _colour_label(gamma: float) -> str:
+    label = "log10(contribution + 1), scaled to [0, 1]"
+    return label if gamma == 1 else label + f"\n(colour gamma {gamma:g}: faint spread made visible)"
+
+
 def _draw_panel(ax, name: str, matrix: np.ndarray, thresholds: Sequence[float], cmap: str,
-                result: Optional[ERFResult], zoom: Optional[int] = None):
+                result: Optional[ERFResult], zoom: Optional[int] = None, gamma: float = 0.5):
     data = scale_erf(matrix)
     h, w = data.shape
-    im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    # antialiased: a 1024 px matrix drawn in ~400 px must be averaged, not subsampled
+    im = ax.imshow(data, cmap=cmap, norm=_colour_norm(gamma), interpolation="antialiased")
     ratios = area_ratios(matrix, thresholds)
     _draw_squares(ax, ratios, h, w, label=True)
     if zoom:  # the ERF is small next to the image: magnify the centre in an inset (same colours)
         inset = ax.inset_axes([0.02, 0.02, 0.42, 0.42])
-        inset.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        inset.imshow(data, cmap=cmap, norm=_colour_norm(gamma), interpolation="nearest")
         _draw_squares(inset, ratios, h, w, label=False)
         half = zoom // 2
         inset.set_xlim(w // 2 - half - 0.5, w // 2 + half + 0.5)
@@ -554,15 +568,20 @@ def _draw_panel(ax, name: str, matrix: np.ndarray, thresholds: Sequence[float], 
 
 def plot_erf(item: Union[ERFResult, np.ndarray, Tuple[str, np.ndarray]], path: str,
              thresholds: Sequence[float] = DEFAULT_THRESHOLDS, cmap: str = "magma",
-             title: Optional[str] = None) -> str:
-    """Heatmap PNG of one ERF (log-scaled to [0, 1]) with the centred threshold squares outlined."""
+             title: Optional[str] = None, gamma: float = 0.5) -> str:
+    """Heatmap PNG of one ERF (log-scaled to [0, 1]) with the centred threshold squares outlined.
+
+    ``gamma`` < 1 brightens low values for display only (``PowerNorm``; 1 = linear colours, as in
+    the papers' figures); the analysis numbers never depend on it. Small ERFs get a magnified inset.
+    """
     from matplotlib.figure import Figure  # no pyplot: works headless, leaves global state alone
 
     name, matrix, result = _as_named(item, title or "ERF")
     fig = Figure(figsize=(5.2, 6.0), layout="constrained")
     ax = fig.subplots()
-    im = _draw_panel(ax, title or name, matrix, thresholds, cmap, result, _zoom_side([matrix], thresholds))
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="log10(contribution + 1), scaled to [0, 1]")
+    im = _draw_panel(ax, title or name, matrix, thresholds, cmap, result, _zoom_side([matrix], thresholds),
+                     gamma)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=_colour_label(gamma))
     ax.legend(loc="upper right", fontsize=7, framealpha=0.6, title="centred square holding",
               title_fontsize=7)
     _save_figure(fig, path)
@@ -570,7 +589,8 @@ def plot_erf(item: Union[ERFResult, np.ndarray, Tuple[str, np.ndarray]], path: s
 
 
 def plot_erf_comparison(items: Sequence[Union[ERFResult, Tuple[str, np.ndarray]]], path: str,
-                        thresholds: Sequence[float] = DEFAULT_THRESHOLDS, cmap: str = "magma") -> str:
+                        thresholds: Sequence[float] = DEFAULT_THRESHOLDS, cmap: str = "magma",
+                        gamma: float = 0.5) -> str:
     """Side-by-side heatmaps on one colour scale, plus grouped bars of the area ratios per threshold.
 
     The outlined squares and the bars let a reader see which model spreads further without reading any
@@ -587,10 +607,10 @@ def plot_erf_comparison(items: Sequence[Union[ERFResult, Tuple[str, np.ndarray]]
     im = None
     zoom = _zoom_side([m for _, m, _ in named], thresholds)  # one window for all, so sizes compare
     for ax, (name, matrix, result) in zip(axes[:n], named):
-        im = _draw_panel(ax, name, matrix, thresholds, cmap, result, zoom)
+        im = _draw_panel(ax, name, matrix, thresholds, cmap, result, zoom, gamma)
     axes[0].legend(loc="upper right", fontsize=7, framealpha=0.6, title="centred square holding",
                    title_fontsize=7)
-    fig.colorbar(im, ax=list(axes[:n]), shrink=0.8, label="log10(contribution + 1), scaled to [0, 1]")
+    fig.colorbar(im, ax=list(axes[:n]), shrink=0.8, label=_colour_label(gamma))
     bar_ax = axes[n]
     width = 0.8 / n
     xs = np.arange(len(thresholds))

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(for models whose forward_features is not NCHW)")
     parser.add_argument("--thresholds", default="0.2,0.3,0.5,0.99",
                         help="comma-separated shares of the total for the area ratios")
+    parser.add_argument("--gamma", type=float, default=0.5,
+                        help="colour gamma of the heatmaps, display only (default 0.5 brightens faint "
+                             "spread; 1 = linear colours as in the papers)")
     parser.add_argument("--seed", type=int, default=0, help="image shuffling / view sampling seed")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -108,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from slaknet.errors import ConfigError
 
     thresholds = _parse_thresholds(args.thresholds)
+    if not args.gamma > 0:
+        raise ConfigError(f"--gamma must be positive, got {args.gamma}")
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
     kwargs = {}
@@ -148,11 +153,11 @@ def run(args: argparse.Namespace) -> int:
         used_stems.add(stem)
         if not spec.endswith(".npy"):
             result.save(args.out, stem, thresholds)
-        erf.plot_erf(result, os.path.join(args.out, stem + ".png"), thresholds)
+        erf.plot_erf(result, os.path.join(args.out, stem + ".png"), thresholds, gamma=args.gamma)
         results.append(result)
 
     if len(results) > 1:
-        erf.plot_erf_comparison(results, os.path.join(args.out, "compare.png"), thresholds)
+        erf.plot_erf_comparison(results, os.path.join(args.out, "compare.png"), thresholds, gamma=args.gamma)
     summary = [r.summary(thresholds) for r in results]
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "erf_ratios.json")
