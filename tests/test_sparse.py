@@ -715,3 +715,40 @@ def test_select_k_matches_sort_on_large_tensors(largest):
     idx = select_k(tied if not largest else -tied, 100_000, largest)
     assert idx.numel() == 100_000 and idx.unique().numel() == 100_000
     assert bool((tied[idx] == 0).all())
+
+
+def test_channels_last_weights_and_state():
+    torch.manual_seed(0)
+    m = Net().to(memory_format=torch.channels_last)
+    assert not m.c2.weight.is_contiguous()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=20, sparse_init="uniform")
+    counts = {l.name: l.count for l in e.layers}
+    for s in range(6):
+        masks = {l.name: l.mask.clone() for l in e.layers}
+        x, y = batch(s)
+        opt.zero_grad()
+        F.cross_entropy(m(x.to(memory_format=torch.channels_last)), y).backward()
+        opt.step()
+        assert_masked(e)
+        for l in e.layers:
+            assert int(l.mask.sum()) == counts[l.name]
+            if s % 2 == 1:
+                grown = l.mask & ~masks[l.name]
+                assert torch.count_nonzero(opt.state[l.param]["exp_avg"][grown]) == 0
+
+
+def test_update_end_and_dense_threshold():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=1, total_steps=10, update_end=3,
+                     sparse_init="ERK", dense_threshold=0.6)
+    # ERK densities here: independent check that every layer at >= 0.6 is dense and the others not
+    dens = erk_densities({n: tuple(p.shape) for n, p in m.named_parameters() if n.endswith("weight")
+                          and p.dim() > 1}, 0.5)
+    assert set(e.dense_layers) == {n for n in e.init_densities if e.init_densities[n] >= 0.6}
+    assert e.dense_layers and all(abs(e.init_densities[n] - dens[n]) < 0.01 for n in dens)
+    for s in range(6):
+        train_step(m, opt, s)
+    assert [h["step"] for h in e.history] == [1, 2]
