@@ -19,6 +19,8 @@ COMMANDS = {
     "kernels": ("slaknet.analysis.kernels_cli", "pictures of learned large kernels and per-layer density bars"),
     "bench": ("slaknet.bench", "time the fast large-kernel conv vs plain PyTorch (per branch, whole model)"),
     "train": ("slaknet.train.train_cli", "train a SLaK model (no arguments: built-in CPU demo with dynamic sparsity)"),
+    "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
+    "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
 }
 
 

@@ -78,6 +78,10 @@ def read_checkpoint(path: PathLike) -> Any:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        from slaknet.deploy.sparse_format import is_sparse_checkpoint, load_sparse_checkpoint
+
+        if is_sparse_checkpoint(path):  # slaknet's compact sparse format: decoded to the dense tensors
+            return load_sparse_checkpoint(path).state_dict
         try:
             return load_file(path, device="cpu")
         except Exception as exc:  # safetensors raises its own error types

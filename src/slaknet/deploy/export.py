@@ -1,0 +1,365 @@
+"""Export a SLaK model to ONNX, TorchScript, a torch.export program or safetensors, and verify the result.
+
+Every export runs the same three steps:
+
+1. **Reparameterize** a copy of the model (eval mode): by default the lean two-strip form (``strips``:
+   an M x N and an N x M depthwise conv per layer, BatchNorms and the small kernel folded in), or one
+   dense M x M kernel per layer (``dense``), or not at all (``none``).
+2. **Export** with the depthwise conv forced to its plain ``F.conv2d`` backend (``SLAKNET_DWCONV=plain``
+   for the duration), so the artefact holds standard convolutions only: ONNX ``Conv``, ``aten.conv2d``.
+   Batch size is dynamic, and so are height and width where the format allows it (ONNX and
+   exported-program: 64 to 4096 px in multiples of 32; TorchScript traces are shape-generic).
+3. **Verify**: run the saved artefact (onnxruntime for ONNX, the loaded program/module for the others)
+   on random inputs (the export shape, another batch size and, when dynamic, another spatial size)
+   and compare with the *original* eager PyTorch model. The check passes when
+   ``max|out - ref| <= tolerance * max(1, max|ref|)``; the default tolerance is 1e-4 (float32), about
+   100x the differences observed (reparameterization and export only change summation order).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from slaknet.errors import ConfigError, SlaknetError
+
+__all__ = ["FORMATS", "REPARAM_FORMS", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError",
+           "export_model", "load_exported", "verify_export", "plain_dwconv", "default_suffix"]
+
+FORMATS = ("onnx", "torchscript", "exported-program", "safetensors")
+REPARAM_FORMS = ("strips", "dense", "none")
+DEFAULT_TOLERANCE = 1e-4
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2",
+           "safetensors": ".safetensors"}
+META_KEY = "slaknet"
+MAX_SPATIAL = 4096
+
+
+class ExportVerificationError(SlaknetError):
+    """The exported artefact's outputs differ from eager PyTorch by more than the tolerance."""
+
+
+def default_suffix(fmt: str) -> str:
+    """The file-name ending used for ``fmt`` when no output path is given."""
+    return _SUFFIX[_check_format(fmt)]
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return fmt
+
+
+@contextlib.contextmanager
+def plain_dwconv() -> Iterator[None]:
+    """Run every depthwise conv through plain ``F.conv2d`` inside the block (for tracing and export)."""
+    from slaknet.layers.dwconv import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "plain"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+@dataclass
+class ExportResult:
+    """Outcome of :func:`export_model`: where the file is and how close it is to eager PyTorch."""
+
+    path: str
+    format: str
+    reparameterize: str
+    input_shape: Tuple[int, ...]
+    dynamic_batch: bool
+    dynamic_spatial: bool
+    tolerance: float
+    max_abs_diff: float = float("nan")
+    max_rel_diff: float = float("nan")  # max_abs_diff / max(1, max|ref|), compared with the tolerance
+    checks: List[Dict[str, Any]] = field(default_factory=list)
+    export_seconds: float = 0.0
+    file_bytes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_diff <= self.tolerance
+
+    def summary(self) -> str:
+        shapes = ", ".join(f"{tuple(c['shape'])}: {c['max_abs_diff']:.2e}" for c in self.checks)
+        return (f"{self.format} -> {self.path} ({self.file_bytes / 2**20:.1f} MiB, {self.reparameterize} form, "
+                f"exported in {self.export_seconds:.1f}s); max |diff| vs eager {self.max_abs_diff:.3e} "
+                f"(scaled {self.max_rel_diff:.2e}, tolerance {self.tolerance:.0e}) [{shapes}]")
+
+
+def _sample_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, int, int]:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", (3, 224, 224))
+    size = tuple(int(s) for s in input_size)
+    if len(size) == 2:
+        stem = getattr(model, "downsample_layers", None)
+        chans = stem[0][0].in_channels if stem is not None else 3
+        size = (chans,) + size
+    if len(size) != 3 or min(size) < 1:
+        raise ConfigError(f"input size must be (C, H, W) or (H, W), got {tuple(input_size)}")
+    return size  # type: ignore[return-value]
+
+
+def _prepare(model: nn.Module, reparameterize: str) -> nn.Module:
+    if reparameterize not in REPARAM_FORMS:
+        raise ConfigError(f"reparameterize must be one of {', '.join(REPARAM_FORMS)}, got {reparameterize!r}")
+    from slaknet.models.factory import reparameterize_model
+
+    if reparameterize == "none":
+        return copy.deepcopy(model).eval()
+    return reparameterize_model(model, merge_dense=reparameterize == "dense", inplace=False)
+
+
+def _spatial_dynamic_ok(h: int, w: int) -> bool:
+    return h % 32 == 0 and w % 32 == 0 and h >= 64 and w >= 64
+
+
+def _dynamic_shapes(batch: bool, spatial: bool, h: int, w: int) -> Optional[Dict[str, Dict[int, Any]]]:
+    from torch.export import Dim
+
+    dims: Dict[int, Any] = {}
+    if batch:
+        dims[0] = Dim("batch", min=1, max=4096)
+    if spatial:
+        dims[2] = 32 * Dim("h32", min=2, max=MAX_SPATIAL // 32)
+        dims[3] = 32 * Dim("w32", min=2, max=MAX_SPATIAL // 32)
+    return {"x": dims} if dims else None
+
+
+def _forward_arg_name(model: nn.Module) -> str:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return params[0] if params else "x"
+
+
+def _atomic_target(path: str) -> Tuple[str, Callable[[], None]]:
+    """A temp path beside ``path`` and a function that moves it into place."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+
+    def commit() -> None:
+        os.replace(tmp, path)
+
+    return tmp, commit
+
+
+def _export_onnx(model: nn.Module, sample: torch.Tensor, path: str, dyn: Optional[Dict], meta: Dict[str, Any],
+                 opset: Optional[int]) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo-based ONNX exporter needs it)
+    except ImportError as exc:
+        raise ConfigError("ONNX export needs onnx and onnxscript: pip install 'slaknet[export]'") from exc
+    kwargs: Dict[str, Any] = dict(dynamo=True, input_names=["input"], output_names=["output"], verbose=False)
+    if opset is not None:
+        kwargs["opset_version"] = int(opset)
+    if dyn is not None:
+        name = _forward_arg_name(model)
+        kwargs["dynamic_shapes"] = {name: dyn["x"]}
+    program = torch.onnx.export(model, (sample,), None, **kwargs)
+    try:  # record the model card in the ONNX file's metadata_props
+        program.model.metadata_props[META_KEY] = json.dumps(meta, default=str)
+    except Exception:  # pragma: no cover - depends on the onnx_ir version
+        pass
+    program.save(path, external_data=False)
+
+
+def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: str, meta: Dict[str, Any]) -> None:
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but still widely deployed
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, (sample,), check_trace=False)
+        torch.jit.save(traced, path, _extra_files={"slaknet.json": json.dumps(meta, default=str)})
+
+
+def _export_program(model: nn.Module, sample: torch.Tensor, path: str, dyn: Optional[Dict],
+                    meta: Dict[str, Any]) -> None:
+    if dyn is not None:
+        dyn = {_forward_arg_name(model): dyn["x"]}
+    program = torch.export.export(model, (sample,), dynamic_shapes=dyn)
+    torch.export.save(program, path, extra_files={"slaknet.json": json.dumps(meta, default=str)})
+
+
+def _export_safetensors(model: nn.Module, path: str, meta: Dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, path, metadata={META_KEY: json.dumps(meta, default=str)})
+
+
+def load_exported(path: str, fmt: str, model_name: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load an exported artefact as a function ``tensor -> tensor`` (onnxruntime for ONNX)."""
+    fmt = _check_format(fmt)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported file not found: {path}")
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        in_name = session.get_inputs()[0].name
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {in_name: x.detach().cpu().numpy()})[0])
+
+        return run_onnx
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(path, map_location="cpu").eval()
+    elif fmt == "exported-program":
+        module = torch.export.load(path).module()
+    else:
+        from slaknet.models.factory import create_model
+
+        if model_name is None:
+            model_name = _safetensors_meta(path).get("variant") or "slak_tiny"
+        module = create_model(model_name, checkpoint=path).eval()
+
+    def run_module(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), plain_dwconv() if fmt == "safetensors" else contextlib.nullcontext():
+            return module(x)
+
+    return run_module
+
+
+def _safetensors_meta(path: str) -> Dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _verify_shapes(shape: Tuple[int, ...], dynamic_batch: bool, dynamic_spatial: bool) -> List[Tuple[int, ...]]:
+    n, c, h, w = shape
+    shapes = [shape]
+    if dynamic_batch:
+        shapes.append((1 if n != 1 else 3, c, h, w))
+    if dynamic_spatial:
+        shapes.append((1, c, h + 32, max(64, w - 32) if w > 64 else w + 64))
+    return shapes
+
+
+def verify_export(run: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module,
+                  shapes: Sequence[Tuple[int, ...]], tolerance: float = DEFAULT_TOLERANCE,
+                  seed: int = 0) -> Tuple[float, float, List[Dict[str, Any]]]:
+    """Run ``run`` and eager ``reference`` on random inputs of each shape; return the largest differences.
+
+    Returns ``(max_abs_diff, max_scaled_diff, per_shape)`` where the scaled difference divides by
+    ``max(1, max|ref|)``. Does not raise; :func:`export_model` compares with the tolerance.
+    """
+    g = torch.Generator().manual_seed(seed)
+    reference = reference.eval()
+    worst_abs = worst_rel = 0.0
+    checks = []
+    for shape in shapes:
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            ref = reference(x)
+        out = run(x)
+        if tuple(out.shape) != tuple(ref.shape):
+            raise ExportVerificationError(f"exported model returned shape {tuple(out.shape)} for input "
+                                          f"{tuple(shape)}, eager PyTorch {tuple(ref.shape)}")
+        diff = float((out.float() - ref.float()).abs().max())
+        scale = max(1.0, float(ref.abs().max()))
+        checks.append({"shape": list(shape), "max_abs_diff": diff, "ref_max_abs": float(ref.abs().max())})
+        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
+        if diff != diff:  # NaN
+            worst_abs = worst_rel = float("inf")
+    return worst_abs, worst_rel, checks
+
+
+def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "onnx", *,
+                 reparameterize: str = "strips", input_size: Optional[Sequence[int]] = None, batch_size: int = 2,
+                 dynamic_batch: bool = True, dynamic_spatial: bool = True, opset: Optional[int] = None,
+                 verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
+                 metadata: Optional[Dict[str, Any]] = None) -> ExportResult:
+    """Reparameterize a copy of ``model``, export it to ``path`` in ``fmt``, and verify it (module docstring).
+
+    ``input_size``: ``(C, H, W)`` or ``(H, W)`` of the example input (default: the model's
+    ``pretrained_cfg``). ``batch_size`` of the example must be >= 2 for a dynamic batch (torch.export
+    specialises size-1 dimensions). Dynamic height/width need an example of at least 64 px in multiples of
+    32; otherwise the spatial size is fixed (a warning in the result's ``dynamic_spatial``).
+    Raises :class:`ExportVerificationError` when the scaled difference exceeds ``tolerance``.
+    """
+    fmt = _check_format(fmt)
+    path = os.fspath(path)
+    if tolerance <= 0:
+        raise ConfigError(f"tolerance must be positive, got {tolerance}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if fmt == "safetensors" and not path.endswith(".safetensors"):
+        raise ConfigError(f"a safetensors export needs a path ending in .safetensors, got {path!r}")
+    c, h, w = _sample_shape(model, input_size)
+    if dynamic_batch and batch_size < 2 and fmt in ("onnx", "exported-program"):
+        batch_size = 2
+    if dynamic_spatial and fmt in ("onnx", "exported-program") and not _spatial_dynamic_ok(h, w):
+        dynamic_spatial = False
+    model = model.eval()
+    deploy = _prepare(model, reparameterize)
+    from slaknet.deploy.metadata import model_metadata
+
+    meta = model_metadata(deploy)
+    meta.update({"export_format": fmt, "dynamic_batch": dynamic_batch, "dynamic_spatial": dynamic_spatial,
+                 "example_input": [batch_size, c, h, w]})
+    if metadata:
+        meta.update(metadata)
+    sample = torch.randn(batch_size, c, h, w)
+    result = ExportResult(path=path, format=fmt, reparameterize=reparameterize,
+                          input_shape=(batch_size, c, h, w), dynamic_batch=dynamic_batch,
+                          dynamic_spatial=dynamic_spatial, tolerance=tolerance)
+    tmp, commit = _atomic_target(path)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), plain_dwconv():
+            dyn = _dynamic_shapes(dynamic_batch, dynamic_spatial, h, w)
+            if fmt == "onnx":
+                _export_onnx(deploy, sample, tmp, dyn, meta, opset)
+            elif fmt == "torchscript":
+                _export_torchscript(deploy, sample, tmp, meta)
+            elif fmt == "exported-program":
+                _export_program(deploy, sample, tmp, dyn, meta)
+            else:
+                _export_safetensors(deploy, tmp, meta)
+        commit()
+    except SlaknetError:
+        raise
+    except Exception as exc:
+        raise SlaknetError(f"{fmt} export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    result.export_seconds = time.perf_counter() - start
+    result.file_bytes = os.path.getsize(path)
+    if verify:
+        run = load_exported(path, fmt, model_name=meta.get("variant"))
+        shapes = _verify_shapes(result.input_shape, dynamic_batch or fmt in ("torchscript", "safetensors"),
+                                dynamic_spatial or fmt in ("torchscript", "safetensors"))
+        result.max_abs_diff, result.max_rel_diff, result.checks = verify_export(run, model, shapes, tolerance)
+        if not result.passed:
+            raise ExportVerificationError(
+                f"{fmt} export of {path} differs from eager PyTorch by {result.max_abs_diff:.3e} "
+                f"(scaled {result.max_rel_diff:.2e} > tolerance {tolerance:.0e})")
+    return result

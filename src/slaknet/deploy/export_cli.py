@@ -1,0 +1,60 @@
+"""``slaknet export``: reparameterize, export (ONNX / TorchScript / torch.export / safetensors), verify."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slaknet.deploy.export import DEFAULT_TOLERANCE, FORMATS
+
+    parser.add_argument("--model", default="slak_tiny", help="registered model name (default slak_tiny)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights to export (official or slaknet; architecture read from the file)")
+    parser.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="take the EMA weights")
+    parser.add_argument("--format", dest="fmt", default="onnx", choices=FORMATS, help="export format (default onnx)")
+    parser.add_argument("-o", "--output", default=None, help="output file (default: MODEL.<format suffix>)")
+    parser.add_argument("--reparameterize", default="strips", choices=["strips", "dense", "none"],
+                        help="inference form: lean two strips per layer (default), one dense kernel, or none")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
+                        help="example input: H W, or one value for a square (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=2, help="example batch size (default 2)")
+    parser.add_argument("--static-batch", action="store_true", help="fix the batch size")
+    parser.add_argument("--static-spatial", action="store_true", help="fix height and width")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"largest accepted max|diff| / max(1, max|ref|) vs eager (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--no-verify", action="store_true", help="skip running the exported file")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from slaknet.deploy.export import default_suffix, export_model
+    from slaknet.errors import ConfigError
+    from slaknet.models.factory import create_model
+
+    size = args.input_size
+    if size is not None:
+        if len(size) == 1:
+            size = [size[0], size[0]]
+        if len(size) != 2 or min(size) < 32:
+            raise ConfigError(f"--input-size takes H W (or one value), each at least 32; got {args.input_size}")
+    model = create_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema).eval()
+    output = args.output or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
+                             else args.model) + default_suffix(args.fmt)
+    result = export_model(model, output, args.fmt, reparameterize=args.reparameterize, input_size=size,
+                          batch_size=args.batch_size, dynamic_batch=not args.static_batch,
+                          dynamic_spatial=not args.static_spatial, opset=args.opset, verify=not args.no_verify,
+                          tolerance=args.tolerance,
+                          metadata={"source_checkpoint": os.path.abspath(args.checkpoint)} if args.checkpoint else None)
+    if args.json:
+        out = {k: getattr(result, k) for k in ("path", "format", "reparameterize", "input_shape", "dynamic_batch",
+                                                "dynamic_spatial", "tolerance", "max_abs_diff", "max_rel_diff",
+                                                "checks", "export_seconds", "file_bytes")}
+        out["passed"] = result.passed if not args.no_verify else None
+        print(json.dumps(out, indent=2))
+    else:
+        print(result.summary() if not args.no_verify else
+              f"{result.format} -> {result.path} ({result.file_bytes / 2**20:.1f} MiB; not verified)")
+    return 0
