@@ -19,6 +19,8 @@ COMMANDS = {
     "kernels": ("slaknet.analysis.kernels_cli", "pictures of learned large kernels and per-layer density bars"),
     "bench": ("slaknet.bench", "time the fast large-kernel conv vs plain PyTorch (per branch, whole model)"),
     "train": ("slaknet.train.train_cli", "train a SLaK model (no arguments: built-in CPU demo with dynamic sparsity)"),
+    "eval": ("slaknet.train.eval_cli", "top-1/top-5/loss/images-per-s of a checkpoint (official or slaknet) on a dataset"),
+    "predict": ("slaknet.train.predict_cli", "top-k labels with probabilities for image files"),
     "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
 }

@@ -134,6 +134,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _bool_flag(g, "--channels-last", "--channels_last", dest="channels_last", help="channels_last memory format")
     g.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine)")
 
     g = parser.add_argument_group("run management")
     g.add_argument("--output-dir", "--output_dir", "-o", dest="output_dir", default=None,

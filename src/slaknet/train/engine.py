@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -35,7 +36,7 @@ from slaknet.train.distributed import DistInfo, ShardSampler, all_reduce_sum, ba
 from slaknet.train.evaluate import evaluate
 
 __all__ = ["train", "NonFiniteLossError", "build_datasets", "fit_kernel_sizes", "build_model_from_config",
-           "seed_everything"]
+           "build_optimizer", "build_scheduler", "seed_everything"]
 
 log = logging.getLogger("slaknet.train")
 
@@ -58,7 +59,7 @@ def seed_everything(*key: int) -> None:
 
 def fit_kernel_sizes(kernel_sizes: Sequence[int], small_kernel: Optional[int], input_size: int,
                      stem_stride: int = 4) -> Tuple[int, ...]:
-    """Cap stage ``i``'s kernel at ``2 * map_i - 1`` (map_i = input / (stem * 2^i)), never below N.
+    """Cap stage ``i``'s kernel at ``2 * map_i - 1`` (map_i = input / (stem * 2^i)), never below N + 2.
 
     With 'same' padding, kernel taps farther than ``map - 1`` from the centre only ever see padding, so
     the capped network computes exactly the same function with less work.
@@ -67,7 +68,8 @@ def fit_kernel_sizes(kernel_sizes: Sequence[int], small_kernel: Optional[int], i
     for i, k in enumerate(kernel_sizes):
         fmap = max(1, int(math.ceil(input_size / (stem_stride * 2 ** i))))
         cap = 2 * fmap - 1
-        lo = small_kernel if small_kernel is not None and small_kernel < k else 1
+        # keep M > N so a decomposed layer stays decomposed (M == N would switch to a single M x M kernel)
+        lo = small_kernel + 2 if small_kernel is not None and small_kernel < k else 1
         out.append(int(max(min(k, cap), lo)))
     return tuple(out)
 
@@ -221,6 +223,31 @@ def build_model_from_config(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
     return slaknet.create_model(name, **kw)
 
 
+def build_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
+    """timm optimizer; weight decay skips 1-D parameters (norm weights, biases, layer scale ``gamma``)."""
+    from timm.optim import create_optimizer_v2
+
+    kw: Dict[str, Any] = {}
+    name = str(cfg["opt"]).lower()
+    if name in ("sgd", "momentum", "nesterov", "rmsprop"):
+        kw["momentum"] = cfg["momentum"]
+    elif cfg.get("opt_eps") is not None:
+        kw["eps"] = cfg["opt_eps"]
+    try:
+        return create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], **kw)
+    except (AssertionError, KeyError, ValueError) as exc:
+        raise ConfigError(f"--opt {cfg['opt']!r}: {exc}") from exc
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Dict[str, Any], total_steps: int, warmup: int) -> Any:
+    """Per-step schedule: linear warm-up from ~0 to ``lr`` over ``warmup`` steps, then cosine to ``min_lr``."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=cfg["min_lr"],
+                             warmup_t=warmup, warmup_lr_init=min(1e-6, cfg["lr"]), warmup_prefix=True,
+                             t_in_epochs=False)
+
+
 # ---------------------------------------------------------------------------------------------- logs ----
 class RunLogger:
     """JSON-lines log, TensorBoard scalars and console lines (rank 0 only; no-ops elsewhere)."""
@@ -314,12 +341,12 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Run training as configured (see :func:`slaknet.train.config.resolve_config`); returns the summary."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
     from slaknet.sparse import SparseEngine, config_from_args
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     dist_info: DistInfo = init_distributed(cfg.get("device"))
     device = dist_info.device
     main = dist_info.is_main
@@ -358,6 +385,8 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if len(train_ds) < bs * dist_info.world_size:
         raise ConfigError(f"the training set has {len(train_ds)} images, fewer than one batch "
                           f"({bs} x {dist_info.world_size} processes); lower --batch-size")
+    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and bs % 2:
+        raise ConfigError(f"mixup/cutmix need an even --batch-size, got {bs}")
     sampler = EpochSampler(len(train_ds), seed, dist_info.rank, dist_info.world_size)
     workers = int(cfg["num_workers"])
     pin = bool(cfg["pin_mem"]) and device.type == "cuda"
@@ -388,19 +417,8 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         model.to(memory_format=torch.channels_last)
     if cfg["sync_bn"] and dist_info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt_kwargs: Dict[str, Any] = {}
-    if cfg["opt"].lower() in ("sgd", "momentum", "nesterov", "rmsprop"):
-        opt_kwargs["momentum"] = cfg["momentum"]
-    if cfg.get("opt_eps") is not None and cfg["opt"].lower() not in ("sgd", "momentum", "nesterov"):
-        opt_kwargs["eps"] = cfg["opt_eps"]
-    try:
-        optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                        **opt_kwargs)
-    except (AssertionError, KeyError, ValueError) as exc:
-        raise ConfigError(f"--opt {cfg['opt']!r}: {exc}") from exc
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=cfg["min_lr"],
-                                  warmup_t=warmup, warmup_lr_init=min(1e-6, cfg["lr"]), warmup_prefix=True,
-                                  t_in_epochs=False)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps, warmup)
     scaler = torch.amp.GradScaler(device.type) if (autocast_dtype == torch.float16) else None
 
     engine = None
@@ -485,8 +503,10 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     # ---------------------------------------------------------------- loop
     max_steps = cfg.get("max_steps")
     ckpt_every = int(cfg.get("ckpt_every_steps") or 0)
+    kill_at = int(os.environ.get("SLAKNET_TEST_KILL_AT_STEP", "0") or 0)
     stop = False
     t_session = time.perf_counter()
+    cpu_session = time.process_time()
     elapsed0 = state.elapsed
     while state.epoch < int(cfg["epochs"]) and not stop:
         epoch = state.epoch
@@ -572,6 +592,8 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                     save()
                 if max_steps and state.step >= int(max_steps):
                     stop = True
+                if kill_at and state.step == kill_at:  # fault injection for the kill-and-resume test
+                    os.kill(os.getpid(), signal.SIGKILL)
             if bar is not None:
                 bar.update(1)
             if stop:
@@ -633,6 +655,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     # ---------------------------------------------------------------- final outputs
     if stop and state.batch_in_epoch:
         save()
+    cfg["_cpu_seconds"] = time.process_time() - cpu_session
     summary = _finish(cfg, model, ema, engine, history, state, out_dir, main, logger, classes)
     logger.close()
     barrier()
@@ -650,6 +673,8 @@ def _finish(cfg: Dict[str, Any], model: nn.Module, ema: Any, engine: Any, histor
         "best_top1": state.best_top1 if state.best_top1 >= 0 else None,
         "best_epoch": state.best_epoch + 1 if state.best_epoch >= 0 else None,
         "train_seconds": round(state.elapsed, 1), "bad_images": state.bad_images,
+        "cpu_seconds_this_session": round(float(cfg.pop("_cpu_seconds", 0.0)), 1),
+        "torch_threads": torch.get_num_threads(),
         "chance_top1": 100.0 / max(len(classes), 1), "output_dir": out_dir,
     }
     if ema is not None and "ema_top1" in final:
@@ -666,6 +691,8 @@ def _finish(cfg: Dict[str, Any], model: nn.Module, ema: Any, engine: Any, histor
         summary.update(density=engine.global_density(), itop_rate=engine.itop_rate())
     if main:
         meta = {"model": cfg["model"], "num_classes": str(cfg["num_classes"]), "classes": json.dumps(classes),
+                "data": str(cfg["data"]), "difficulty": str(cfg.get("difficulty")),
+                "data_seed": str(cfg.get("data_seed")), "val_samples": str(cfg.get("val_samples")),
                 "input_size": str(size), "kernel_size": json.dumps(cfg.get("resolved_kernel_size"))}
         ckpt_io.export_safetensors(model.state_dict(), os.path.join(out_dir, "model.safetensors"), meta)
         if ema is not None:

@@ -1,0 +1,152 @@
+"""Built-in insideness dataset: determinism, splits, labels checked by an independent flood fill, PNG dump,
+and the image-folder reader (corrupt files skipped and counted, one-line errors)."""
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from slaknet.errors import ConfigError
+from slaknet.train.data import InsidenessDataset, SafeImageFolder, dump_pngs, list_image_files, render_insideness
+
+
+def _flood_outside(img: np.ndarray) -> tuple[bool, bool]:
+    """Independent label: flood-fill the non-contour pixels 4-connectedly from the image border and see
+    whether the red dot is reached (outside). Returns (dot_reached, dot_found)."""
+    f = img.astype(np.float64) / 255.0
+    red = (f[..., 0] > 0.6) & (f[..., 1] < 0.45) & (f[..., 2] < 0.45) & (f[..., 0] - f[..., 1] > 0.3)
+    grey = f.mean(-1)
+    g = grey[~red]
+    lo, hi = np.percentile(g, 5), np.percentile(g, 99.9)
+    wall = (grey > lo + 0.3 * (hi - lo)) & ~red
+    h, w = grey.shape
+    seen = np.zeros((h, w), bool)
+    q = deque()
+    for y in range(h):
+        for x in (0, w - 1):
+            if not wall[y, x] and not seen[y, x]:
+                seen[y, x] = True
+                q.append((y, x))
+    for x in range(w):
+        for y in (0, h - 1):
+            if not wall[y, x] and not seen[y, x]:
+                seen[y, x] = True
+                q.append((y, x))
+    while q:
+        y, x = q.popleft()
+        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            yy, xx = y + dy, x + dx
+            if 0 <= yy < h and 0 <= xx < w and not seen[yy, xx] and not wall[yy, xx]:
+                seen[yy, xx] = True
+                q.append((yy, xx))
+    if not red.any():
+        return False, False
+    ys, xs = np.nonzero(red)
+    cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+    return bool(seen[cy, cx]), True
+
+
+@pytest.mark.parametrize("difficulty", [0.0, 0.5])
+def test_labels_agree_with_flood_fill(difficulty):
+    agree, n = 0, 40
+    for i in range(n):
+        img, label = render_insideness(3, "train", i, 64, difficulty)
+        reached, found = _flood_outside(img)
+        assert found, f"sample {i}: no red marker found"
+        agree += int(reached == (label == 0))
+    assert agree >= n - 1, f"only {agree}/{n} labels agree with an independent flood fill"
+
+
+def test_deterministic_and_splits_disjoint():
+    a = InsidenessDataset("train", 8, 32, 0.5, seed=1, cache=False)
+    b = InsidenessDataset("train", 8, 32, 0.5, seed=1)
+    for i in range(8):
+        assert np.array_equal(a.raw(i)[0], b.raw(i)[0]) and a.raw(i)[1] == b.raw(i)[1]
+    v = InsidenessDataset("val", 8, 32, 0.5, seed=1)
+    c = InsidenessDataset("train", 8, 32, 0.5, seed=2)
+    assert not any(np.array_equal(a.raw(i)[0], v.raw(i)[0]) for i in range(8))
+    assert not any(np.array_equal(a.raw(i)[0], c.raw(i)[0]) for i in range(8))
+
+
+def test_sizes_balance_and_tensor_output():
+    for size in (32, 96):
+        img, _ = render_insideness(0, "val", 0, size, 1.0)
+        assert img.shape == (size, size, 3) and img.dtype == np.uint8
+    ds = InsidenessDataset("train", 200, 32, 0.5, seed=0)
+    labels = [ds.raw(i)[1] for i in range(200)]
+    assert 70 <= sum(labels) <= 130
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_marker_position_carries_no_label():
+    # the marker is placed before the contour: its distance from the image centre must not give the label
+    d = {0: [], 1: []}
+    for i in range(150):
+        img, label = render_insideness(5, "train", i, 48, 0.5)
+        f = img.astype(float)
+        red = (f[..., 0] > 150) & (f[..., 1] < 110)
+        ys, xs = np.nonzero(red)
+        d[label].append(np.hypot(xs.mean() - 24, ys.mean() - 24))
+    assert abs(np.mean(d[0]) - np.mean(d[1])) < 3.0
+
+
+def test_dump_pngs(tmp_path):
+    from PIL import Image
+
+    ds = InsidenessDataset("val", 5, 32, 0.5, seed=0)
+    paths = dump_pngs(ds, str(tmp_path), 3)
+    assert len(paths) == 3
+    for i, p in enumerate(paths):
+        img, label = ds.raw(i)
+        assert p.endswith(f"_{ds.classes[label]}.png")
+        assert np.array_equal(np.array(Image.open(p)), img)
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="difficulty"):
+        InsidenessDataset(difficulty=2.0)
+    with pytest.raises(ConfigError, match="image size"):
+        InsidenessDataset(image_size=8)
+    with pytest.raises(ConfigError, match="split"):
+        InsidenessDataset(split="dev")
+
+
+def _write_folder(root, classes=("a", "b"), n=3, corrupt=None):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{i}.png"))
+    if corrupt:
+        with open(os.path.join(root, corrupt), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n not really a png")
+
+
+def test_image_folder_skips_and_counts_corrupt(tmp_path):
+    _write_folder(str(tmp_path), corrupt="a/zz_broken.png")
+    ds = SafeImageFolder(str(tmp_path), transform=None, report_bad=True)
+    assert len(ds) == 7 and ds.classes == ["a", "b"]
+    with pytest.warns(UserWarning, match="zz_broken"):
+        items = [ds[i] for i in range(len(ds))]
+    assert sum(b for _, _, b in items) == 1
+    assert ds.num_bad == 1
+    # the broken sample (a/zz_broken, index 3) was replaced by the next readable one (b/0)
+    assert items[3][1] == 1
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        list_image_files(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty_root")
+    with pytest.raises(ConfigError, match="no class folders"):
+        list_image_files(str(tmp_path / "empty_root"))
+    _write_folder(str(tmp_path / "d"))
+    os.makedirs(tmp_path / "d" / "c")
+    with pytest.raises(ConfigError, match="holds no images"):
+        list_image_files(str(tmp_path / "d"))
