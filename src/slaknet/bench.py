@@ -311,9 +311,10 @@ def run(args: argparse.Namespace) -> int:
     res = run_bench(args.model, args.batch, args.size, args.reps, args.threads, backends,
                     args.channels_last, [w.strip() for w in args.workloads.split(",")], args.peak_gmacs,
                     device=args.device)
-    print(f"{args.model} {args.size}x{args.size} batch {args.batch} fp32, {args.threads} threads, "
-          f"peak {res['peak_gmacs']:.1f} GMAC/s (sgemm); in-bounds GMAC per forward "
-          f"{res['macs_per_pass']['forward'] / 1e9:.2f}")
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"\n{args.model} {args.size}x{args.size} batch {args.batch} fp32 on {dev}, {args.threads} threads, "
+          f"torch {torch.__version__}, peak {res['peak_gmacs']:.1f} GMAC/s (sgemm), in-bounds GMAC per "
+          f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}")
     print(res["table"])
     if args.memory and args.model != "branches":
         mem = {b: _peak_memory_subprocess(args, b) for b in backends}
