@@ -55,7 +55,7 @@ class SparseConfig:
         growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``).
         update_frequency: topology update every this many real optimizer steps (``-u/--update-frequency``).
         total_steps: planned number of optimizer steps (cosine horizon).
-        update_end: no topology updates after this step (default: ``total_steps``).
+        update_end: no topology updates at or after this step (default: ``total_steps``).
         redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``): how the
             regrowth count is shared across layers.
         fix: static masks, never updated (``--fix``).
@@ -426,7 +426,7 @@ class SparseEngine:
             p = params.get(layer.name)
             if p is None or p.shape != layer.mask.shape:
                 raise ConfigError(f"module has no weight {layer.name!r} of shape {tuple(layer.mask.shape)}")
-            p.mul_(layer.mask.to(p.device))
+            p.mul_(layer.mask.to(p.device).view(torch.uint8))
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
