@@ -319,3 +319,25 @@ def test_cli_on_a_model(tmp_path, capsys):
     assert (out / "resnet18.npy").exists() and (out / "resnet18.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="unknown model"):
         _cli(["no_such_model_xyz", "--out", str(out)])
+
+
+def test_cli_on_a_slaknet_checkpoint_with_fitted_kernels(tmp_path, capsys):
+    slaknet = pytest.importorskip("slaknet")
+    if "slak_pico" not in slaknet.list_models():
+        pytest.skip("models not available")
+    torch.manual_seed(0)
+    # kernels fitted to a small input (as `slaknet train` does): the last stage's 5x5 is a single kernel
+    kw = {"kernel_size": [15, 7, 5, 5], "num_classes": 2}
+    model = slaknet.create_model("slak_pico", **kw)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "epoch": 1}, ckpt)
+    out = tmp_path / "out"
+    rc = _cli([f"slak_pico={ckpt}", "--kwargs", json.dumps(kw), "--images", "benchmark", "--size", "32",
+               "--num-images", "1", "--out", str(out), "--no-progress", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["name"] == "slak_pico-ckpt" and data[0]["feature_size"] == [1, 1]
+    # the ERF of the loaded weights equals the ERF computed directly with the same model
+    direct = erf.compute_erf(model, erf.resolve_images("benchmark", size=32, num_images=1), num_images=1,
+                             progress=False)
+    np.testing.assert_allclose(np.load(out / "slak_pico-ckpt.npy"), direct.matrix, rtol=1e-5, atol=1e-9)

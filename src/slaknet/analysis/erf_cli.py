@@ -58,12 +58,27 @@ def _parse_thresholds(text: str) -> List[float]:
 
 def _build_model(name: str, checkpoint, kwargs: dict, features_only: bool):
     import slaknet
-    from slaknet.errors import ConfigError
+    from slaknet.analysis.kernels import load_state_dict
+    from slaknet.errors import CheckpointError, ConfigError
 
     if name in slaknet.list_models():
         if features_only:
             kwargs = dict(kwargs, features_only=True)
-        return slaknet.create_model(name, checkpoint=checkpoint, **kwargs)
+        try:
+            return slaknet.create_model(name, checkpoint=checkpoint, **kwargs)
+        except CheckpointError as exc:
+            if not (checkpoint and kwargs):
+                raise
+            # the architecture could not be inferred from the file, but the user described it:
+            # build it from the overrides and load the tensors strictly
+            model = slaknet.create_model(name, **kwargs)
+            try:
+                model.load_state_dict(load_state_dict(checkpoint), strict=True)
+            except RuntimeError as load_exc:
+                first = " ".join(str(load_exc).split())[:300]
+                raise CheckpointError(f"{exc}; building {name} from --kwargs did not fit either: {first}") \
+                    from None
+            return model
     import timm
 
     if not timm.is_model(name):
