@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -24,10 +25,6 @@ COMMANDS = {
     "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
 }
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, no traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (UserError, SlaknetError, FileNotFoundError, ValueError) as exc:
+    except (SlaknetError, FileNotFoundError, ValueError) as exc:
+        # user mistakes are one line; SLAKNET_DEBUG=1 shows the traceback
+        if os.environ.get("SLAKNET_DEBUG"):
+            raise
         print(f"slaknet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
