@@ -332,12 +332,21 @@ def test_segmentation_head_end_to_end(pico_model):
     assert bb.stages[0][0].large_kernel.LoRA1.conv.weight.grad.abs().sum() > 0
 
 
-def test_segmentation_models_pytorch_universal_encoder():
+def test_segmentation_models_pytorch_universal_encoder(pico_model):
     smp = pytest.importorskip("segmentation_models_pytorch")
+    from slaknet.deploy.backbone import backbone_state_dict
+
     torch.manual_seed(0)
-    net = smp.Unet("tu-slak_pico", encoder_weights=None, classes=3, encoder_depth=4,
-                   decoder_channels=(64, 32, 16, 8)).eval()
+    net = smp.Unet("tu-slak_pico", encoder_weights=None, classes=3, decoder_channels=(64, 32, 16, 8, 4)).eval()
+    assert net.encoder.out_channels[-4:] == [32, 64, 128, 256]
+    # official-style classification weights into the encoder (all 4 stages used at encoder_depth=5)
+    result = net.encoder.model.model.load_state_dict(backbone_state_dict({"model": pico_model.state_dict()}),
+                                                     strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = net(torch.randn(1, 3, 64, 64))
+        out = net(x)
+        feats = net.encoder(x)
+        ref = SLaKBackbone(pico_model)(x)
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    assert net.encoder.out_channels[-3:] == [32, 64, 128]
+    assert torch.allclose(feats[-1], ref[-1], atol=1e-5)
