@@ -37,7 +37,7 @@ def _env():
     env = dict(os.environ)
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -286,9 +286,11 @@ def test_resume_with_other_model_is_refused(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-           "-m", "slaknet", "train", *TINY, "--epochs", "1", "--sync-bn", "-o", out]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "slaknet", "train", *TINY, "--epochs", "1", "--sparse-init", "snip", "-o", out]
+    env = _env()
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = open(os.path.join(out, "log.jsonl")).read().splitlines()
     assert len(lines) == 1  # rank 0 only

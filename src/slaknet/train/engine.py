@@ -416,7 +416,10 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if cfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
     if cfg["sync_bn"] and dist_info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif main:
+            log.warning("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); BatchNorm stays per-process")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps, warmup)
     scaler = torch.amp.GradScaler(device.type) if (autocast_dtype == torch.float16) else None
