@@ -156,6 +156,9 @@ def weight_grad(method: str, x: torch.Tensor, gy: torch.Tensor, weight: torch.Te
                 padding: Tuple[int, int]) -> torch.Tensor:
     """Dispatch to one weight-gradient method (see module docstring)."""
     kh, kw = weight.shape[-2:]
+    if method in ("fft", "gemm"):
+        # both read whole rows/planes: NCHW-contiguous copies are cheaper than strided (channels_last) access
+        x, gy = x.contiguous(), gy.contiguous()
     if method == "fft":
         return weight_grad_fft(x, gy, kh, kw)
     if method == "gemm":
