@@ -752,3 +752,11 @@ def test_update_end_and_dense_threshold():
     for s in range(6):
         train_step(m, opt, s)
     assert [h["step"] for h in e.history] == [1, 2]
+
+
+def test_config_from_partial_namespace_uses_defaults():
+    cfg = config_from_args(argparse.Namespace(sparse=True, sparsity=0.5, update_frequency=None, seed=3),
+                           total_steps=100)
+    assert (cfg.sparsity, cfg.update_frequency, cfg.growth, cfg.seed) == (0.5, 100, "random", 3)
+    with pytest.raises(ConfigError):
+        config_from_args(argparse.Namespace(sparse=True, growth="nope"), total_steps=10)

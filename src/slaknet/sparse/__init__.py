@@ -58,18 +58,31 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, total_steps: Optional[int] = None) -> Optional[SparseConfig]:
-    """A :class:`SparseConfig` from flags added by :func:`add_sparse_arguments` (None without --sparse)."""
+    """A :class:`SparseConfig` from flags added by :func:`add_sparse_arguments` (None without --sparse).
+
+    Missing attributes (or ``None`` values) take the :class:`SparseConfig` defaults, so a namespace built
+    from a recipe dict works too.
+    """
     if not getattr(args, "sparse", False):
         return None
+    d = SparseConfig()
+
+    def get(name: str, default):
+        v = getattr(args, name, None)
+        return default if v is None else v
+
     seed = getattr(args, "sparse_seed", None)
     if seed is None:
         seed = getattr(args, "seed", 0) or 0
-    cfg = SparseConfig(sparsity=args.sparsity, sparse_init=args.sparse_init,
-                       erk_power_scale=args.erk_power_scale, prune_rate=args.prune_rate,
-                       prune_rate_final=args.prune_rate_final, growth=args.growth,
-                       update_frequency=args.update_frequency, total_steps=total_steps,
-                       redistribution=args.redistribution, fix=args.fix, layers=args.sparse_layers,
-                       include=parse_filter(args.sparse_include), exclude=parse_filter(args.sparse_exclude),
-                       optimizer_state=args.sparse_optimizer_state, seed=int(seed))
+    cfg = SparseConfig(sparsity=float(get("sparsity", d.sparsity)), sparse_init=get("sparse_init", d.sparse_init),
+                       erk_power_scale=float(get("erk_power_scale", d.erk_power_scale)),
+                       prune_rate=float(get("prune_rate", d.prune_rate)),
+                       prune_rate_final=float(get("prune_rate_final", d.prune_rate_final)),
+                       growth=get("growth", d.growth), update_frequency=int(get("update_frequency", d.update_frequency)),
+                       total_steps=total_steps, redistribution=get("redistribution", d.redistribution),
+                       fix=bool(get("fix", d.fix)), layers=get("sparse_layers", d.layers),
+                       include=parse_filter(get("sparse_include", None)),
+                       exclude=parse_filter(get("sparse_exclude", None)),
+                       optimizer_state=get("sparse_optimizer_state", d.optimizer_state), seed=int(seed))
     cfg.validate()
     return cfg
