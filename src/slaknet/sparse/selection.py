@@ -90,8 +90,9 @@ def select_parameters(model: nn.Module, layers: str = "all", include: ParamFilte
     return out
 
 
-def parse_filter(text: Optional[str]) -> ParamFilter:
-    """Comma-separated glob patterns from a command line (``None`` / empty means no filter)."""
+def parse_filter(text: Union[None, str, Sequence[str]]) -> ParamFilter:
+    """Comma-separated glob patterns from a command line, or a list of them (``None`` / empty: no filter)."""
     if not text:
         return None
-    return [t.strip() for t in text.split(",") if t.strip()]
+    items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
+    return [t.strip() for t in items if t.strip()] or None
