@@ -134,8 +134,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _bool_flag(g, "--channels-last", "--channels_last", dest="channels_last", help="channels_last memory format")
     g.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine)")
+    g.add_argument("--threads", default=None,
+                   help="CPU threads for torch: N, or 'auto' = the cores not busy with other processes "
+                        "(default for the demo; oversubscribed OpenMP threads are many times slower)")
 
     g = parser.add_argument_group("run management")
     g.add_argument("--output-dir", "--output_dir", "-o", dest="output_dir", default=None,
@@ -179,7 +180,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "demo": dict(_COMMON, data="builtin:insideness", input_size=64, epochs=6, batch_size=64, lr=2e-3,
                  warmup_epochs=0.5, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
                  model_ema=False, drop_path=0.0, num_workers=0, sparse=True, update_frequency=25,
-                 fit_kernels=True),
+                 fit_kernels=True, threads="auto"),
     "imagenet": dict(_COMMON, input_size=224, epochs=300, batch_size=128, lr=None, warmup_epochs=20,
                      smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
                      model_ema=True, drop_path=None, num_workers=8, sparse=False, fit_kernels=False),

@@ -74,6 +74,28 @@ def fit_kernel_sizes(kernel_sizes: Sequence[int], small_kernel: Optional[int], i
     return tuple(out)
 
 
+def resolve_threads(value: Any) -> Optional[int]:
+    """``None`` (leave torch's default), an int, or ``"auto"``: the CPU cores not already busy according
+    to the 1-minute load average (at least 1), so a shared machine is not oversubscribed."""
+    if value in (None, "", 0, "0"):
+        return None
+    if str(value).lower() == "auto":
+        n = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            busy = 0.0
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun processes on this node
+        return max(1, min(n, int(n - busy + 0.5)) // per_node)
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--threads must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"--threads must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
 class SkipSampler(Sampler[int]):
     """Yields ``base``'s indices from position ``skip`` on (resume in the middle of an epoch)."""
 
@@ -338,15 +360,29 @@ def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
 
 
 def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Run training as configured (see :func:`slaknet.train.config.resolve_config`); returns the summary."""
+    """Run training as configured (see :func:`slaknet.train.config.resolve_config`); returns the summary.
+
+    Writes checkpoints, logs, the final ``model.safetensors``, ``curves.png`` and ``summary.json`` to
+    ``cfg["output_dir"]``. Raises :class:`NonFiniteLossError` on a NaN/inf loss and ``ConfigError`` /
+    ``CheckpointError`` for bad settings. torch's thread count is restored afterwards.
+    """
+    prev_threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
     from slaknet.sparse import SparseEngine, config_from_args
 
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+    threads = resolve_threads(cfg.get("threads"))
+    if threads:
+        torch.set_num_threads(threads)
     dist_info: DistInfo = init_distributed(cfg.get("device"))
     device = dist_info.device
     main = dist_info.is_main
@@ -483,7 +519,8 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                      f"{cfg['resolved_kernel_size']}) on {getattr(train_ds, 'describe', lambda: cfg['data'])()}")
         logger.print(f"  {cfg['epochs']} epochs x {steps_per_epoch} steps, batch {bs} x {uf} x "
                      f"{dist_info.world_size} = {eff_batch}, lr {cfg['lr']:.3g}, warm-up {warmup} steps, "
-                     f"device {device}, precision {precision}"
+                     f"device {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+                     + f", precision {precision}"
                      + (f", sparse {1 - sparse_cfg.sparsity:.2f} density, u={sparse_cfg.update_frequency}"
                         if sparse_cfg is not None else ", dense") + f" -> {out_dir}")
 
