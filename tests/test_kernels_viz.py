@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from slaknet.analysis import kernels
 from slaknet.errors import CheckpointError
