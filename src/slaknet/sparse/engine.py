@@ -198,10 +198,10 @@ def select_k(score: torch.Tensor, k: int, largest: bool, allowed: Optional[torch
     among the entries where the bool ``allowed`` is True (all when None; needs ``k <= allowed.sum()``).
 
     Same set as ``torch.topk`` over the allowed entries up to the choice among ties, but for large
-    tensors much cheaper on CPU: a threshold is estimated from a fixed, deterministic sample of the
-    scores (a quantile with a safety margin), the candidates beyond it are gathered in one pass, and only
-    the few surplus candidates are dropped with a small topk. Falls back to a full topk if the estimate
-    is ever short. Deterministic for identical inputs (no RNG), so ranks agree. ``n_allowed`` (the
+    tensors much cheaper on CPU: two quantiles of a fixed, deterministic sample of the scores bracket the
+    k-th best value (with a safety margin); entries beyond the outer one are gathered in one pass, those
+    beyond the inner one are surely selected, and the exact choice is a small topk among the few in
+    between. Falls back to a full topk if the bracket is ever wrong. Deterministic for identical inputs (no RNG), so ranks agree. ``n_allowed`` (the
     number of allowed entries, if known) saves a pass.
     """
     n = score.numel()
@@ -229,28 +229,36 @@ def select_k(score: torch.Tensor, k: int, largest: bool, allowed: Optional[torch
     m = sample.numel()
     q = k / n_ok
     margin = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+    # order statistics of the sample bracketing the k-th best value: beyond t_sure an entry is surely
+    # selected, beyond t_edge it is a candidate; the exact choice happens among the few in between
     if largest:
-        j = int(math.floor((1.0 - q - margin) * m))
-        if j < 1:
-            return full()
-        hit = score >= sample.kthvalue(j).values
+        j_edge, j_sure = int(math.floor((1.0 - q - margin) * m)), int(math.ceil((1.0 - q + margin) * m))
     else:
-        j = int(math.ceil((q + margin) * m))
-        if j >= m:
-            return full()
-        hit = score <= sample.kthvalue(j).values
+        j_edge, j_sure = int(math.ceil((q + margin) * m)), int(math.floor((q - margin) * m))
+    if not 1 <= j_edge <= m:
+        return full()
+    t_edge = sample.kthvalue(j_edge).values
+    t_sure = sample.kthvalue(j_sure).values if 1 <= j_sure <= m else None
+    hit = score >= t_edge if largest else score <= t_edge
     if allowed is not None:
         hit &= allowed
     cand = hit.nonzero().squeeze(1)
+    del hit
     if cand.numel() < k:
         return full()
-    extra = cand.numel() - k
-    if extra:
-        drop = torch.topk(score[cand], extra, largest=not largest, sorted=False).indices
-        keep = torch.ones(cand.numel(), dtype=torch.bool, device=dev)
-        keep[drop] = False
-        cand = cand[keep]
-    return cand
+    if cand.numel() == k:
+        return cand
+    v = score[cand]
+    if t_sure is None:
+        sure = torch.zeros(v.shape, dtype=torch.bool, device=dev)
+    else:
+        sure = v > t_sure if largest else v < t_sure
+    n_sure = int(torch.count_nonzero(sure).item())
+    if n_sure > k:
+        return full()
+    rest = (~sure).nonzero().squeeze(1)
+    pick = torch.topk(v[rest], k - n_sure, largest=largest, sorted=False).indices
+    return torch.cat([cand[sure], cand[rest[pick]]])
 
 
 def _dist_world() -> int:
