@@ -1,0 +1,84 @@
+"""``slaknet study``: run the miniature SLaK ablation study (resumable) and write table and plots."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import List
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", default="default", choices=["tiny", "short", "default", "large"],
+                        help="study size: tiny (smoke test, seconds), short (~10-15 min on 2 CPU cores), "
+                             "default (~30-45 min on a quiet 2-core CPU), large (GPU)")
+    parser.add_argument("--out", "-o", default=None, help="output folder (default runs/study-<budget>)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated subset of arms (default all; see --list)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the budget's)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
+    parser.add_argument("--train-samples", dest="train_samples", type=int, default=None,
+                        help="override the budget's training images")
+    parser.add_argument("--val-samples", dest="val_samples", type=int, default=None,
+                        help="override the budget's held-out images")
+    parser.add_argument("--difficulty", type=float, default=None, help="contour wiggle / clutter / noise in [0, 1]")
+    parser.add_argument("--d-min", dest="d_min", type=float, default=None,
+                        help="nearest ink at least this fraction of the image side from the centre")
+    parser.add_argument("--d-max", dest="d_max", type=float, default=None,
+                        help="nearest contour point at most this fraction of the side from the centre")
+    parser.add_argument("--decoy", type=float, default=None,
+                        help="probability of a decoy (open ring / extra closed contour) per image, in [0, 1]")
+    parser.add_argument("--no-equal-time", dest="equal_time", action="store_false", default=None,
+                        help="skip the equal-training-time controls")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: small nets gain little from more, and a shared CPU "
+                             "makes multi-threaded runs far slower)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--report-only", dest="report_only", action="store_true",
+                        help="only rewrite results.md and the plots from results.jsonl")
+    parser.add_argument("--list", dest="list_arms", action="store_true", help="print the arms and budgets, then exit")
+    parser.add_argument("--progress", action="store_true", help="progress bars per run")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from slaknet.errors import ConfigError
+    from slaknet.study.arms import BUDGETS, build_arms, get_budget
+    from slaknet.study.model import receptive_radius
+    from slaknet.study.report import write_report
+    from slaknet.study.runner import run_study
+
+    budget = get_budget(args.budget, seeds=args.seeds, epochs=args.epochs, train_samples=args.train_samples,
+                        val_samples=args.val_samples, difficulty=args.difficulty, d_min=args.d_min,
+                        d_max=args.d_max, decoy=args.decoy)
+    if args.list_arms:
+        print(f"budget {budget.name}: {budget.image_size} px, stride-{budget.stem} stem, {budget.depth} block(s), "
+              f"width {budget.width}, {budget.feature_map}x{budget.feature_map} map, nearest ink "
+              f"{budget.d_min * budget.image_size:.0f}-{budget.d_max * budget.image_size:.0f} px from the centre")
+        for a in build_arms(budget):
+            print(f"  {a.name:<20} {a.module:<16} RF {receptive_radius(a.kernel_size, budget.depth, budget.stem):>3} px"
+                  f"  {a.description}")
+        print("budgets: " + ", ".join(BUDGETS))
+        return 0
+    out = args.out or os.path.join("runs", f"study-{budget.name}")
+    if args.report_only:
+        paths = write_report(out)
+        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    arms: List[str] = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else []
+    command = "slaknet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "slaknet study"
+    records = run_study(budget, out, arms or None, equal_time=args.equal_time, command=command, device=device,
+                        progress=args.progress)
+    paths = write_report(out, records)
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0

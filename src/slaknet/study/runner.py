@@ -1,0 +1,354 @@
+"""Training one arm, and the resumable study loop that writes one JSON line per run.
+
+A run is identified by ``(budget, arm, seed, mode)`` with ``mode`` ``epochs`` (the budget's epochs) or
+``time`` (the same wall-clock training time as the reference arm, :data:`REFERENCE_ARM`). Finished runs are
+appended to ``OUT/results.jsonl`` at once (flushed and fsync'ed), and a restarted study skips every run
+already there, so an interrupted study loses at most the run in progress.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slaknet.errors import ConfigError
+from slaknet.study.arms import REFERENCE_ARM, Arm, Budget, select_arms
+from slaknet.study.data import CentreInsideness
+from slaknet.study.model import StudyNet, receptive_radius
+
+__all__ = ["StudyData", "build_model", "train_run", "run_study", "load_results", "run_key", "machine_info",
+           "RESULTS_FILE"]
+
+RESULTS_FILE = "results.jsonl"
+Trainer = Callable[..., Dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------- data ----
+class StudyData:
+    """The train/val splits of a budget, rendered on first use and cached as ``.npz`` in a folder."""
+
+    def __init__(self, budget: Budget, cache_dir: Optional[str] = None, progress: bool = False) -> None:
+        self.budget, self.cache_dir, self.progress = budget, cache_dir, progress
+        self._splits: Optional[Tuple[CentreInsideness, CentreInsideness]] = None
+        self.load_s = 0.0  # seconds spent rendering / loading, not yet charged to a run
+
+    def key(self) -> str:
+        b = self.budget
+        spec = (b.image_size, b.difficulty, b.d_min, b.d_max, b.decoy, b.data_seed, b.train_samples,
+                b.val_samples, 2)
+        return hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
+
+    def get(self) -> Tuple[CentreInsideness, CentreInsideness]:
+        if self._splits is None:
+            t0 = time.perf_counter()
+            self._splits = self._load() or self._render()
+            self.load_s += time.perf_counter() - t0
+        return self._splits
+
+    def take_load_time(self) -> float:
+        t, self.load_s = self.load_s, 0.0
+        return t
+
+    def _path(self) -> Optional[str]:
+        return os.path.join(self.cache_dir, f"data-{self.key()}.npz") if self.cache_dir else None
+
+    def _load(self) -> Optional[Tuple[CentreInsideness, CentreInsideness]]:
+        path = self._path()
+        if not path or not os.path.isfile(path):
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            out = []
+            for split in ("train", "val"):
+                ds = CentreInsideness.__new__(CentreInsideness)
+                ds.split, ds.image_size, ds.difficulty = split, self.budget.image_size, self.budget.difficulty
+                ds.d_min, ds.d_max, ds.seed = self.budget.d_min, self.budget.d_max, self.budget.data_seed
+                ds.decoy = self.budget.decoy
+                ds.x, ds.y = torch.from_numpy(z[f"{split}_x"]), torch.from_numpy(z[f"{split}_y"])
+                ds.distances = z[f"{split}_d"]
+                out.append(ds)
+        return out[0], out[1]
+
+    def _render(self) -> Tuple[CentreInsideness, CentreInsideness]:
+        b = self.budget
+        common = dict(image_size=b.image_size, difficulty=b.difficulty, d_min=b.d_min, d_max=b.d_max,
+                      seed=b.data_seed, progress=self.progress, decoy=b.decoy)
+        tr = CentreInsideness("train", b.train_samples, **common)
+        va = CentreInsideness("val", b.val_samples, **common)
+        path = self._path()
+        if path:
+            os.makedirs(self.cache_dir, exist_ok=True)  # type: ignore[arg-type]
+            tmp = path + f".tmp{os.getpid()}.npz"
+            np.savez(tmp, train_x=tr.x.numpy(), train_y=tr.y.numpy(), train_d=tr.distances,
+                     val_x=va.x.numpy(), val_y=va.y.numpy(), val_d=va.distances)
+            os.replace(tmp, path)
+        return tr, va
+
+
+# ----------------------------------------------------------------------------------------- one run ----
+def build_model(arm: Arm, budget: Budget) -> StudyNet:
+    """The arm's network for the budget (same depth / width / stem / head for every arm)."""
+    return StudyNet(width=budget.width, depth=budget.depth, stem=budget.stem, **arm.model_kwargs())
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return 1e-6 + (base - 1e-6) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, ds: CentreInsideness, device: torch.device, bs: int = 256) -> Tuple[float, float]:
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(ds), bs):
+        x, y = ds.batch(torch.arange(i, min(i + bs, len(ds))))
+        out = model(x.to(device))
+        loss_sum += float(F.cross_entropy(out, y.to(device), reduction="sum"))
+        correct += int((out.argmax(1).cpu() == y).sum())
+    return 100.0 * correct / len(ds), loss_sum / len(ds)
+
+
+def _erf(model: StudyNet, ds: CentreInsideness, n: int, device: torch.device) -> np.ndarray:
+    """Mean ERF map (gradient of the centre readout w.r.t. the input) over the first ``n`` val images."""
+    from slaknet.analysis.erf import compute_erf
+
+    images = (ds.batch(torch.tensor([i]))[0][0] for i in range(min(n, len(ds))))
+    model.eval()
+    res = compute_erf(model.centre_map, images, device=device, name="study", progress=False)
+    return res.matrix
+
+
+def _counts(model: nn.Module, budget: Budget) -> Dict[str, int]:
+    """Total and non-zero parameters (the real zeros after training) and MACs from count_model."""
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    out = {"params": int(params), "params_nonzero": int(nonzero)}
+    try:
+        from slaknet.analysis.counting import count_model
+
+        c = count_model(model, budget.image_size, in_chans=1)
+        out.update(macs_dense=int(c.macs_dense), macs_nonzero=int(c.macs_nonzero))
+    except Exception as exc:  # counting is a report nicety; never lose a finished run over it
+        out["count_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def train_run(arm: Arm, seed: int, budget: Budget, data: Callable[[], Tuple[CentreInsideness, CentreInsideness]],
+              time_limit: Optional[float] = None, device: str = "cpu", progress: bool = False,
+              erf_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Train ``arm`` with ``seed``; returns the run's metrics (accuracy, loss, time, counts, ERF ratios).
+
+    ``time_limit`` (seconds of training, excluding evaluation): train for that long instead of the budget's
+    epochs; the cosine schedule is planned from the step time measured over the first steps.
+    """
+    from slaknet.analysis.erf import area_ratios
+    from slaknet.train.engine import build_optimizer, seed_everything
+
+    train_ds, val_ds = data()
+    dev = torch.device(device)
+    seed_everything(seed, 0x57D1)
+    model = build_model(arm, budget).to(dev)
+    opt = build_optimizer(model, {"opt": "adamw", "lr": budget.lr, "weight_decay": budget.weight_decay,
+                                  "opt_eps": 1e-8, "momentum": 0.9})
+    bs = budget.batch_size
+    steps_per_epoch = len(train_ds) // bs
+    total = steps_per_epoch * budget.epochs
+    warmup = max(1, int(budget.warmup_frac * total))
+    engine = None
+    if arm.sparse:
+        if time_limit is not None:
+            raise ConfigError(f"arm {arm.name}: equal-time runs are for dense arms only")
+        from slaknet.sparse import SparseEngine
+
+        engine = SparseEngine(model, opt, sparsity=budget.sparsity, total_steps=total, growth=arm.growth,
+                              fix=arm.fix, update_frequency=budget.update_frequency, exclude=["stem.*", "head.*"],
+                              seed=seed)
+    aug = torch.Generator().manual_seed(seed * 7919 + 1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None if time_limit else total, desc=f"{arm.name} s{seed}", leave=False, file=sys.stderr)
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    train_time = 0.0
+    loss_hist: List[float] = []
+    planned = time_limit is None
+    done = False
+    while not done:
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        model.train()
+        for b in range(steps_per_epoch):
+            x, y = train_ds.batch(order[b * bs:(b + 1) * bs], augment=aug)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, budget.lr, warmup)
+            loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if engine is not None and arm.growth == "gradient":
+                engine.mask_gradients()
+            opt.step()
+            step += 1
+            loss_hist.append(float(loss.detach()))
+            if not math.isfinite(loss_hist[-1]):
+                raise FloatingPointError(f"{arm.name} seed {seed}: loss became {loss_hist[-1]} at step {step}")
+            train_time = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+            if not planned and step == min(10, steps_per_epoch):
+                # equal-time mode: plan the cosine schedule for the steps that fit in the time limit
+                total = max(step + 1, int(time_limit / (train_time / step)))  # type: ignore[operator]
+                warmup = min(warmup, total // 10 + 1)
+                planned = True
+            if step >= total or (time_limit is not None and train_time >= time_limit):
+                done = True
+                break
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    val_acc, val_loss = _evaluate(model, val_ds, dev)
+    rec: Dict[str, Any] = {
+        "val_acc": val_acc, "val_loss": val_loss,
+        "train_loss_last": float(np.mean(loss_hist[-max(1, steps_per_epoch):])),
+        "steps": step, "epochs": step / steps_per_epoch, "train_s": train_time,
+        "kernel_size": arm.kernel_size, "module": arm.module, "width": model.dim,
+        "rf_radius_px": receptive_radius(arm.kernel_size, budget.depth, budget.stem),
+    }
+    rec.update(_counts(model, budget))
+    if engine is not None:
+        rec.update(density=engine.global_density(), itop_rate=engine.itop_rate(), sparse_updates=engine.update_count)
+        engine.detach()
+    if budget.erf_images > 0:
+        m = _erf(model, val_ds, budget.erf_images, dev)
+        rec["erf"] = {f"{t:g}": r for t, (_, r) in area_ratios(m).items()}
+        if erf_dir:
+            os.makedirs(erf_dir, exist_ok=True)
+            name = os.path.join(erf_dir, f"{arm.name}-{'time' if time_limit else 'epochs'}-s{seed}.npy")
+            np.save(name + f".tmp{os.getpid()}.npy", m)
+            os.replace(name + f".tmp{os.getpid()}.npy", name)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------- study ----
+def machine_info() -> Dict[str, Any]:
+    """Where a run happened: host, CPU, core count, torch threads, load average (the CPU may be shared)."""
+    info: Dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpu": _cpu_name(),
+                            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads()}
+    try:
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_key(rec: Dict[str, Any]) -> Tuple[str, str, int, str]:
+    return (str(rec["budget"]), str(rec["arm"]), int(rec["seed"]), str(rec["mode"]))
+
+
+def load_results(path: str) -> List[Dict[str, Any]]:
+    """Records of a results file; a torn last line (killed mid-write) is ignored."""
+    out: List[Dict[str, Any]] = []
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _append(path: str, rec: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _plan(budget: Budget, arms: Sequence[Arm], seeds: Sequence[int], equal_time: bool) -> List[Tuple[Arm, int, str]]:
+    plan = [(a, s, "epochs") for a in arms for s in seeds]
+    if equal_time:
+        names = {a.name for a in arms}
+        if REFERENCE_ARM not in names:
+            raise ConfigError(f"equal-time runs need the reference arm {REFERENCE_ARM!r} in the study "
+                              "(or pass --no-equal-time)")
+        plan += [(a, s, "time") for a in arms if a.name in budget.equal_time_arms for s in seeds]
+    return plan
+
+
+def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] = None,
+              seeds: Optional[Sequence[int]] = None, equal_time: Optional[bool] = None,
+              trainer: Trainer = train_run, command: str = "", device: str = "cpu", progress: bool = True,
+              log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Run every missing ``(arm, seed, mode)`` of the study and return all of this budget's records.
+
+    ``trainer(arm, seed, budget, data, time_limit=..., device=..., progress=..., erf_dir=...)`` returns a
+    run's metrics; the default trains for real, tests inject a fast fake.
+    """
+    arms = select_arms(budget, arm_names)
+    seeds = list(range(budget.seeds)) if seeds is None else [int(s) for s in seeds]
+    equal_time = budget.equal_time if equal_time is None else bool(equal_time)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, RESULTS_FILE)
+    records = load_results(path)
+    done = {run_key(r) for r in records}
+    plan = _plan(budget, arms, seeds, equal_time)
+    todo = [(a, s, m) for a, s, m in plan if (budget.name, a.name, s, m) not in done]
+    log(f"slaknet study: budget {budget.name}, {len(arms)} arms x {len(seeds)} seeds"
+        f"{' + equal-time controls' if equal_time else ''}: {len(plan)} runs, {len(plan) - len(todo)} already in "
+        f"{path}, {len(todo)} to run")
+    data = StudyData(budget, cache_dir=os.path.join(out_dir, "data"), progress=progress)
+    for i, (arm, seed, mode) in enumerate(todo):
+        limit = None
+        if mode == "time":
+            ref = [r["train_s"] for r in records if r.get("budget") == budget.name
+                   and r.get("arm") == REFERENCE_ARM and r.get("mode") == "epochs"]
+            if not ref:
+                raise ConfigError(f"no finished {REFERENCE_ARM} run to take the equal-time budget from")
+            limit = float(np.mean(ref))
+        machine = machine_info()
+        t0 = time.perf_counter()
+        metrics = trainer(arm, seed, budget, data.get, time_limit=limit, device=device, progress=progress,
+                          erf_dir=os.path.join(out_dir, "erf"))
+        data_s = data.take_load_time()
+        rec = {"budget": budget.name, "arm": arm.name, "seed": seed, "mode": mode, "groups": list(arm.groups),
+               "time_limit_s": limit, "wall_s": time.perf_counter() - t0 - data_s, "data_s": data_s,
+               "command": command,
+               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine, "budget_config": budget.as_dict(), "paper": arm.paper,
+               "description": arm.description, "sparse": arm.sparse}
+        rec.update(metrics)
+        _append(path, rec)
+        records.append(rec)
+        log(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} ({mode}): val acc {rec.get('val_acc', float('nan')):.1f}%"
+            f" in {rec['wall_s']:.0f}s")
+    return [r for r in records if r.get("budget") == budget.name]

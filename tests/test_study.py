@@ -1,0 +1,228 @@
+"""Tests of the study machinery (slaknet study) on tiny budgets; the real study is not a unit test."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from slaknet.errors import ConfigError
+from slaknet.study.arms import BUDGETS, REFERENCE_ARM, build_arms, get_budget, scaled_kernel, select_arms
+from slaknet.study.data import CentreInsideness, render_centre_insideness
+from slaknet.study.model import StudyNet, receptive_radius
+from slaknet.study.report import aggregate, markdown_report, mean_std, write_report
+from slaknet.study.runner import RESULTS_FILE, build_model, load_results, run_study, train_run
+
+
+# ------------------------------------------------------------------------------------------- arms ----
+def test_scaled_kernels_match_hand_computation():
+    # paper kernels on a 56 px map scaled to 16: 31*16/56 = 8.86 -> 9, 51 -> 14.57 -> 15, 61 -> 17.43 -> 17
+    assert [scaled_kernel(k, 16) for k in (31, 51, 61)] == [9, 15, 17]
+    # 32 px map: 17.7 -> 17 (nearest odd of 17.71 is 17), 29.1 -> 29, 34.9 -> 35
+    assert [scaled_kernel(k, 32) for k in (31, 51, 61)] == [17, 29, 35]
+    assert scaled_kernel(31, 4, floor=7) == 7
+
+
+def test_arms_cover_every_ablation_with_equal_depth_and_width():
+    b = BUDGETS["default"]
+    arms = {a.name: a for a in build_arms(b)}
+    assert set(arms) == {"k3_bn", "k7_bn", "lk_small", "lk31", "lk51", "lk61", "lk51_mxm", "lk51_sparse",
+                         "lk51_sparse_w13", "lk51_sparse_static", "lk51_sparse_grad"}
+    assert arms["k3_bn"].module == "3x3" and arms["k7_bn"].module == "7x7"
+    assert arms["lk_small"].module == "7x5+5x7+5x5"
+    assert arms["lk51"].module == "15x5+5x15+5x5" and arms["lk51_mxm"].module == "15x15+5x5"
+    assert arms["lk51_sparse_static"].fix and arms["lk51_sparse_grad"].growth == "gradient"
+    assert arms["lk51_sparse_w13"].width_factor == 1.3
+    models = {n: build_model(a, b) for n, a in arms.items()}
+    depths = {len(m.blocks) for m in models.values()}
+    assert depths == {b.depth}
+    assert {m.dim for n, m in models.items() if n != "lk51_sparse_w13"} == {b.width}
+    assert models["lk51_sparse_w13"].dim == round(1.3 * b.width)
+    lk = models["k3_bn"].blocks[0].large_kernel
+    assert lk.lkb_origin.conv.weight.shape[-2:] == (3, 3) and not hasattr(lk, "LoRA1")
+    assert hasattr(models["lk51_mxm"].blocks[0].large_kernel, "lkb_origin")
+    assert models["lk51"].blocks[0].large_kernel.LoRA1.conv.weight.shape[-2:] == (15, 5)
+    with pytest.raises(ConfigError):
+        select_arms(b, ["nope"])
+    with pytest.raises(ConfigError):
+        get_budget("huge")
+
+
+@pytest.mark.parametrize("kw,depth", [(dict(kernel_size=3), 1), (dict(kernel_size=7, small_kernel=5), 1),
+                                      (dict(kernel_size=5), 2)])
+def test_receptive_radius_matches_gradient_support(kw, depth):
+    """The documented RF (which decides what a net *can* see) equals where the readout's input gradient is non-zero."""
+    torch.manual_seed(0)
+    m = StudyNet(width=4, depth=depth, stem=2, **kw).eval()
+    for p in m.parameters():  # no exact zeros anywhere (layer scale etc.)
+        p.data.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(1, 1, 40, 40, requires_grad=True)
+    m.centre_map(x).sum().backward()
+    ys, xs = np.nonzero(x.grad[0, 0].abs().numpy() > 0)
+    c = 20  # image centre (between pixels 19 and 20)
+    half = max(c - ys.min(), ys.max() + 1 - c, c - xs.min(), xs.max() + 1 - c)
+    assert half == receptive_radius(kw["kernel_size"], depth, 2)
+
+
+# ------------------------------------------------------------------------------------------- data ----
+def _flood_label(img: np.ndarray) -> int:
+    """Independent label: 4-connected flood fill over background from the centre; reaching the border = outside."""
+    bg, fg = np.median(img), img.max()
+    ink = img > bg + 0.3 * (fg - bg)
+    s = img.shape[0]
+    seen = np.zeros_like(ink)
+    q = deque([(s // 2, s // 2)])
+    seen[s // 2, s // 2] = True
+    while q:
+        y, x = q.popleft()
+        if y in (0, s - 1) or x in (0, s - 1):
+            return 0
+        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            ny, nx = y + dy, x + dx
+            if not seen[ny, nx] and not ink[ny, nx]:
+                seen[ny, nx] = True
+                q.append((ny, nx))
+    return 1
+
+
+@pytest.mark.parametrize("decoy", [0.0, 1.0])
+def test_centre_insideness_labels_and_distances_by_independent_check(decoy):
+    size, d_min, d_max = 64, 0.36, 0.44
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    labels = []
+    for i in range(16):
+        img, label, dist = render_centre_insideness(3, "train", i, size, 0.0, d_min, d_max, decoy=decoy)
+        assert img.shape == (size, size) and img.dtype == np.uint8
+        labels.append(label)
+        assert _flood_label(img.astype(float)) == label, i
+        bg, fg = np.median(img), img.max()
+        strong = img > bg + 0.3 * (fg - bg)
+        assert r[strong].min() >= d_min * size - 1.0  # no ink near the centre (1 px of anti-aliasing)
+        assert r[strong].min() <= d_max * size + 2.0
+    assert 0 < sum(labels) < len(labels)
+    a, la, _ = render_centre_insideness(3, "train", 5, size, 0.5)
+    b, lb, _ = render_centre_insideness(3, "train", 5, size, 0.5)
+    c, _, _ = render_centre_insideness(3, "val", 5, size, 0.5)
+    assert (a == b).all() and la == lb and not (a == c).all()
+    ds = CentreInsideness("train", 8, 32, 0.5, 0.3, 0.44, seed=1)
+    x, y = ds.batch(torch.arange(4), augment=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 32, 32) and -1 <= float(x.min()) and float(x.max()) <= 1 and y.shape == (4,)
+    with pytest.raises(ConfigError):
+        CentreInsideness("train", 4, 32, d_min=0.4, d_max=0.3)
+
+
+# ------------------------------------------------------------------------------- machinery (fake) ----
+ACC = {0: 60.0, 1: 70.0, 2: 80.0}  # per seed; arm offsets below
+
+
+def _fake_trainer(calls):
+    def trainer(arm, seed, budget, data, time_limit=None, device="cpu", progress=False, erf_dir=None):
+        calls.append((arm.name, seed, time_limit))
+        offset = 10.0 if arm.kernel_size > 7 else 0.0
+        if erf_dir:
+            os.makedirs(erf_dir, exist_ok=True)
+            m = np.zeros((16, 16))
+            half = min(arm.kernel_size // 2, 7)
+            m[8 - half:9 + half, 8 - half:9 + half] = 1.0
+            np.save(os.path.join(erf_dir, f"{arm.name}-{'time' if time_limit else 'epochs'}-s{seed}.npy"), m)
+        return {"val_acc": ACC[seed] + offset - (5.0 if time_limit else 0.0), "val_loss": 0.5,
+                "train_s": 2.0 + seed + (arm.kernel_size > 7), "epochs": 1.0, "kernel_size": arm.kernel_size,
+                "module": arm.module, "width": 8, "rf_radius_px": 4 * arm.kernel_size, "params": 100,
+                "params_nonzero": 60 if arm.sparse else 100, "erf": {"0.2": 0.1, "0.3": 0.2, "0.5": 0.3, "0.99": 0.9}}
+    return trainer
+
+
+def test_study_runs_every_arm_aggregates_and_resumes(tmp_path):
+    budget = get_budget("tiny", seeds=3)
+    calls = []
+    recs = run_study(budget, str(tmp_path), trainer=_fake_trainer(calls), command="test cmd", log=lambda s: None)
+    arms = [a.name for a in build_arms(budget)]
+    epoch_calls = [(a, s) for a, s, t in calls if t is None]
+    assert sorted(epoch_calls) == sorted((a, s) for a in arms for s in range(3))
+    # equal-time controls get the mean training time of the reference arm's equal-epoch runs
+    ref = np.mean([2.0 + s + (build_arms(budget)[4].kernel_size > 7) for s in range(3)])
+    assert build_arms(budget)[4].name == REFERENCE_ARM
+    time_calls = [(a, s, t) for a, s, t in calls if t is not None]
+    assert sorted((a, s) for a, s, _ in time_calls) == sorted(
+        (a, s) for a in budget.equal_time_arms for s in range(3))
+    assert all(t == pytest.approx(ref) for _, _, t in time_calls)
+    assert len(recs) == len(calls) == len(load_results(os.path.join(tmp_path, RESULTS_FILE)))
+    assert all(r["command"] == "test cmd" and "machine" in r and r["wall_s"] >= 0 for r in recs)
+
+    # aggregation against a hand computation: accuracies 60/70/80 -> mean 70, sample std 10
+    rows = aggregate(recs)
+    k3 = rows[("k3_bn", "epochs")]
+    assert k3["n"] == 3 and k3["acc_mean"] == pytest.approx(70.0) and k3["acc_std"] == pytest.approx(10.0)
+    assert k3["train_s"] == pytest.approx(3.0)
+    assert rows[("k3_bn", "time")]["acc_mean"] == pytest.approx(65.0)
+    assert mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)))
+    assert mean_std([5.0]) == (5.0, None)
+
+    # resume: nothing to do; then a lost (torn) last line is redone, and only that run
+    calls.clear()
+    run_study(budget, str(tmp_path), trainer=_fake_trainer(calls), log=lambda s: None)
+    assert calls == []
+    path = os.path.join(tmp_path, RESULTS_FILE)
+    lines = open(path).read().splitlines()
+    last = json.loads(lines[-1])
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # killed mid-write
+    calls.clear()
+    run_study(budget, str(tmp_path), trainer=_fake_trainer(calls), log=lambda s: None)
+    assert [(a, s) for a, s, _ in calls] == [(last["arm"], last["seed"])]
+
+    # table and plots
+    paths = write_report(str(tmp_path))
+    assert set(paths) == {"table", "acc_vs_kernel", "acc_vs_nonzeros", "erf"}
+    for p in paths.values():
+        assert os.path.getsize(p) > 0
+    md = open(paths["table"]).read()
+    assert "| k3_bn | 3x3 |" in md and "70.0 ± 10.0 (n=3)" in md and "80.0 ± 10.0 (n=3)" in md
+    assert "## Equal training time" in md and "65.0 ± 10.0 (n=3)" in md and "test cmd" in md
+    assert "## ERF" in md
+
+
+def test_equal_time_needs_reference_arm(tmp_path):
+    with pytest.raises(ConfigError, match="reference arm"):
+        run_study(get_budget("tiny"), str(tmp_path), arm_names=["k3_bn"], equal_time=True,
+                  trainer=_fake_trainer([]), log=lambda s: None)
+
+
+def test_markdown_report_single_seed_and_empty():
+    assert "No finished runs" in markdown_report([])
+    rec = {"budget": "tiny", "arm": "k7_bn", "seed": 0, "mode": "epochs", "val_acc": 55.0, "module": "7x7"}
+    assert "55.0 (n=1)" in markdown_report([rec])
+
+
+# ---------------------------------------------------------------------------------- real micro-run ----
+def test_real_micro_runs_dense_sparse_and_equal_time(tmp_path):
+    torch.set_num_threads(1)
+    budget = get_budget("tiny")
+    data = lambda: (CentreInsideness("train", 64, 32, 0.5, 0.30, 0.44, seed=0),
+                    CentreInsideness("val", 32, 32, 0.5, 0.30, 0.44, seed=0))
+    arms = {a.name: a for a in build_arms(budget)}
+    dense = train_run(arms["k3_bn"], 0, budget, data, erf_dir=str(tmp_path))
+    assert 0.0 <= dense["val_acc"] <= 100.0 and dense["steps"] == 2 and dense["params_nonzero"] == dense["params"]
+    assert set(dense["erf"]) == {"0.2", "0.3", "0.5", "0.99"} and dense["rf_radius_px"] == 8
+    erf = np.load(os.path.join(tmp_path, "k3_bn-epochs-s0.npy"))
+    assert erf.shape == (32, 32) and erf[:8].sum() == 0  # nothing beyond the 8 px receptive field
+    sparse = train_run(arms["lk51_sparse_grad"], 0, budget, data)
+    assert sparse["params_nonzero"] < sparse["params"] and 0.5 < sparse["density"] < 0.7
+    timed = train_run(arms["k7_bn"], 1, budget, data, time_limit=0.05)
+    assert timed["steps"] >= 1 and timed["train_s"] < 5.0
+    with pytest.raises(ConfigError):
+        train_run(arms["lk51_sparse"], 0, budget, data, time_limit=1.0)
+
+
+def test_cli_list_and_bad_arm(capsys, tmp_path):
+    from slaknet.cli import main
+
+    assert main(["study", "--list", "--budget", "short"]) == 0
+    assert "lk51_sparse_w13" in capsys.readouterr().out
+    assert main(["study", "--budget", "tiny", "--arms", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown arm" in capsys.readouterr().err
