@@ -43,12 +43,12 @@ def _env():
 
 # ------------------------------------------------------------------------------------------- recipe ----
 def test_official_flags_and_imagenet_recipe():
-    cfg = config_from_argv(["--data_path", "/data/imagenet", "--data_set", "IMNET", "--model", "slak_tiny",
+    cfg = config_from_argv(["--data_path", "/data/imagenet", "--data_set", "IMNET", "--model", "SLaK_tiny", "--bn", "True",
                             "--sparse", "--sparsity", "0.4", "--sparse_init", "snip", "--prune_rate", "0.3",
                             "--growth", "random", "-u", "100", "--width_factor", "1.3",
                             "--kernel_size", "51", "49", "47", "13", "5", "--Decom", "True", "--batch_size", "128",
                             "--update_freq", "4", "--model_ema", "true", "--drop_path", "0.1", "--epochs", "300"])
-    assert cfg["recipe"] == "imagenet" and cfg["data"] == "/data/imagenet"
+    assert cfg["recipe"] == "imagenet" and cfg["data"] == "/data/imagenet" and cfg["model"] == "slak_tiny"
     assert cfg["sparse"] is True and cfg["sparsity"] == 0.4 and cfg["sparse_init"] == "snip"
     assert cfg["prune_rate"] == 0.3 and cfg["growth"] == "random" and cfg["update_frequency"] == 100
     assert cfg["width_factor"] == 1.3 and cfg["kernel_size"] == [51, 49, 47, 13, 5] and cfg["decompose"] is True
@@ -202,6 +202,16 @@ def test_image_folder_imagenet_recipe_with_corrupt_image(tmp_path):
     assert summary["bad_images"] == 1 and summary["epochs_done"] == 1
     assert "final_ema_top1" in summary and os.path.isfile(os.path.join(out, "model_ema.safetensors"))
     assert cfg["lr"] == pytest.approx(4e-3 * 4 / 4096)  # linear scaling rule
+
+
+def test_bf16_channels_last_clip_accumulation_gradient_growth(tmp_path):
+    out = str(tmp_path / "run")
+    s = train(config_from_argv(TINY + ["-o", out, "--amp", "--channels-last", "--clip-grad", "1.0",
+                                       "--update-freq", "2", "--growth", "gradient"]))
+    ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ck["config"]["precision"] == "amp" and s["steps"] == 4  # 2 x 4 batches / update-freq 2
+    # -u 2 over 4 steps: one topology update (at step 2; none at the final step)
+    assert ck["sparse"]["updates"] == 1 and ck["sparse"]["step"] == 4
 
 
 # ------------------------------------------------------------------------------------ resume / faults ----

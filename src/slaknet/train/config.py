@@ -85,6 +85,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-scale-init-value", "--layer_scale_init_value", dest="layer_scale_init_value",
                    type=float, default=None, help="layer scale init (default 1e-6)")
     g.add_argument("--head-init-scale", "--head_init_scale", dest="head_init_scale", type=float, default=None)
+    _bool_flag(g, "--bn", dest="bn", help="official flag: BatchNorm in the large-kernel branches (always on here)")
+    _bool_flag(g, "--eval", dest="eval_only", help="official flag; use `slaknet eval` instead")
     _bool_flag(g, "--fit-kernels", dest="fit_kernels",
                help="cap each stage's kernel at 2*feature_map-1 for --input-size (identical function, less "
                     "compute; default on for the demo recipe)")
@@ -221,6 +223,16 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     if cfg.get("data") is None and cfg.get("data_set") not in (None, "", "builtin"):
         raise ConfigError(f"--data-set {cfg['data_set']} needs --data-path DIR")
+    if cfg.get("bn") is False:
+        raise ConfigError("--bn False is not supported: slaknet's large-kernel branches always use BatchNorm")
+    if cfg.get("eval_only"):
+        raise ConfigError("--eval True: use `slaknet eval --checkpoint C --data DIR` to evaluate a checkpoint")
+    if cfg.get("model"):
+        from slaknet.models.slak import MODEL_SPECS
+
+        low = str(cfg["model"]).lower()
+        if low in MODEL_SPECS:  # official names are SLaK_tiny, SLaK_small, ...
+            cfg["model"] = low
     recipe = cfg.get("recipe") or "auto"
     data = cfg.get("data") or "builtin:insideness"
     if recipe == "auto":
