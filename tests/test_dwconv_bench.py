@@ -1,0 +1,39 @@
+"""Cheap checks of the benchmark helpers (MAC counting against hand-computed values, argument errors)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slaknet.bench import _inbounds_1d, add_arguments, count_inbounds_macs, run
+from slaknet.errors import ConfigError
+from slaknet.layers import LargeKernelConv
+
+
+def test_inbounds_1d_by_hand():
+    assert _inbounds_1d(5, 5, 3, 1, 1, 1) == 13  # 5 outputs x 3 taps, minus one tap at each border
+    assert _inbounds_1d(4, 4, 7, 1, 3, 1) == 16  # kernel wider than the map: every input hit by every output
+    assert _inbounds_1d(8, 2, 4, 4, 0, 1) == 8  # patchify stem: no padding
+
+
+def test_count_conv_linear_and_reparameterized_strips():
+    conv = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+    assert count_inbounds_macs(conv, torch.randn(1, 2, 4, 4)) == 2 * 10 * 10
+    assert count_inbounds_macs(nn.Linear(4, 3), torch.randn(2, 5, 4)) == 10 * 12
+    layer = LargeKernelConv(3, 7, small_kernel=3).eval()
+    x = torch.randn(1, 3, 4, 4)
+    # 7x3 + 3x7 + 3x3 branches: rows 16 (7 taps on 4 rows) x cols 10 (3 taps on 4 cols), etc.
+    assert count_inbounds_macs(layer, x) == 3 * (16 * 10 + 10 * 16 + 10 * 10)
+    layer.reparameterize()
+    assert count_inbounds_macs(layer, x) == 3 * (16 * 10 + 10 * 16)
+
+
+def test_bench_rejects_bad_arguments():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ConfigError):
+        run(parser.parse_args(["--backends", "plain,warp"]))
+    with pytest.raises(ConfigError):
+        run(parser.parse_args(["--batch", "0"]))
