@@ -464,7 +464,7 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     sparse_cfg = config_from_args(_Namespace(cfg), total_steps=total_steps)
     if sparse_cfg is not None:
         snip = None
-        if sparse_cfg.sparse_init == "snip" and resumed is None:
+        if sparse_cfg.sparse_init == "snip":  # (on resume the saved masks replace SNIP's right after)
             idx = list(range(min(bs, len(train_ds))))
             xb, yb = _collate([train_ds[i] for i in idx])[:2]
             snip = (xb.to(device), yb.to(device))
