@@ -1,6 +1,5 @@
 """Compact sparse checkpoints, conversion of official-layout files, and the dense-prediction backbone."""
 import argparse
-import json
 import math
 import os
 

@@ -95,6 +95,14 @@ def test_verification_fails_when_outputs_differ(pico, tmp_path):
     assert worst_rel > 1e-2 and len(checks) == 1
 
 
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    model = _perturbed("slak_pico").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(model, str(tmp_path / "m.safetensors"), "safetensors", input_size=(64, 64))
+    assert model.training and model.stages[0][0].large_kernel.reparameterized is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_bad_arguments(pico, tmp_path):
     with pytest.raises(ConfigError, match="format"):
         export_model(pico, str(tmp_path / "a"), "tflite")

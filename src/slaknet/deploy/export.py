@@ -317,7 +317,17 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
         batch_size = 2
     if dynamic_spatial and fmt in ("onnx", "exported-program") and not _spatial_dynamic_ok(h, w):
         dynamic_spatial = False
-    model = model.eval()
+    was_training = model.training
+    try:
+        return _export_eval(model.eval(), path, fmt, reparameterize, c, h, w, batch_size, dynamic_batch,
+                            dynamic_spatial, opset, verify, tolerance, metadata)
+    finally:
+        model.train(was_training)
+
+
+def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: int, h: int, w: int,
+                 batch_size: int, dynamic_batch: bool, dynamic_spatial: bool, opset: Optional[int], verify: bool,
+                 tolerance: float, metadata: Optional[Dict[str, Any]]) -> ExportResult:
     deploy = _prepare(model, reparameterize)
     from slaknet.deploy.metadata import model_metadata
 
