@@ -204,6 +204,11 @@ def test_convert_official_layout_file(tmp_path):
     assert meta2["class_names"][7] == "class7" and meta2["source"]["weights"] == "model_ema"
     assert meta2["reparameterized"] == "strips" and not is_sparse_checkpoint(dst2)
     assert main(["convert", str(src), str(tmp_path / "x.pth")]) == 2  # must be .safetensors
+    # converting a converted file keeps the class names and the original source
+    dst3 = tmp_path / "again.safetensors"
+    convert_checkpoint(str(dst2), str(dst3), fmt="sparse")
+    meta3 = load_converted_metadata(str(dst3))
+    assert meta3["class_names"] == meta2["class_names"] and meta3["source"]["previous"]["file"] == src.name
 
 
 def test_convert_rejects_non_slak_files(tmp_path):

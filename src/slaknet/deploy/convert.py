@@ -129,8 +129,15 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "auto", model: Optional[st
     sparsity = weight_sparsity(net)
     if fmt == "auto":
         fmt = "sparse" if sparsity >= SPARSE_AUTO_THRESHOLD else "dense"
-    meta = model_metadata(net, class_names=class_names, source=_provenance(src, obj, weights),
-                          architecture=spec.summary())
+    source = _provenance(src, obj, weights)
+    previous: Dict[str, Any] = {}
+    if src.endswith(".safetensors"):  # a slaknet file: keep its record (class names, original source)
+        previous = load_converted_metadata(src)
+        if previous.get("source"):
+            source["previous"] = previous["source"]
+    if class_names is None and previous.get("class_names"):
+        class_names = previous["class_names"]
+    meta = model_metadata(net, class_names=class_names, source=source, architecture=spec.summary())
     if variant is None:
         meta["variant"] = name
     if fmt == "sparse":

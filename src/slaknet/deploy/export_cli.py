@@ -41,13 +41,20 @@ def run(args: argparse.Namespace) -> int:
         if len(size) != 2 or min(size) < 32:
             raise ConfigError(f"--input-size takes H W (or one value), each at least 32; got {args.input_size}")
     model = create_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema).eval()
+    metadata = None
+    if args.checkpoint:
+        metadata = {"source_checkpoint": os.path.abspath(args.checkpoint)}
+        if args.checkpoint.endswith(".safetensors"):  # carry class names / provenance of converted files
+            from slaknet.deploy.convert import load_converted_metadata
+
+            previous = load_converted_metadata(args.checkpoint)
+            metadata.update({k: previous[k] for k in ("class_names", "source") if previous.get(k)})
     output = args.output or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
                              else args.model) + default_suffix(args.fmt)
     result = export_model(model, output, args.fmt, reparameterize=args.reparameterize, input_size=size,
                           batch_size=args.batch_size, dynamic_batch=not args.static_batch,
                           dynamic_spatial=not args.static_spatial, opset=args.opset, verify=not args.no_verify,
-                          tolerance=args.tolerance,
-                          metadata={"source_checkpoint": os.path.abspath(args.checkpoint)} if args.checkpoint else None)
+                          tolerance=args.tolerance, metadata=metadata)
     if args.json:
         out = {k: getattr(result, k) for k in ("path", "format", "reparameterize", "input_shape", "dynamic_batch",
                                                 "dynamic_spatial", "tolerance", "max_abs_diff", "max_rel_diff",
