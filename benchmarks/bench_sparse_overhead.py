@@ -16,8 +16,9 @@ per-step overhead averaged over ``u`` steps including the update step is reporte
 On CPU every figure is given in process CPU time (``time.process_time``, robust to other processes on a
 shared machine; one thread by default so idle OpenMP spinning does not count) and in wall-clock time.
 
-``--full`` instead runs ``u`` consecutive steps per arm (the engine arm performs its real update at step
-``u``) and reports (sum(engine) - sum(base)) / sum(base); slow on CPU.
+``--full`` instead runs ``u`` steps per arm, interleaved in blocks of ``--block`` steps (the engine arm
+performs its real update at its step ``u``), and reports (sum(engine) - sum(base)) / sum(base); slow on
+CPU and, on a shared machine, noisier than the component figure.
 
 Example: ``python benchmarks/bench_sparse_overhead.py --model slak_tiny --image-size 64 --batch-size 4``
 """
@@ -48,6 +49,7 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-reps", type=int, default=20)
     p.add_argument("--updates", type=int, default=3, help="timed topology updates")
     p.add_argument("--full", action="store_true", help="run u real steps per arm (slow on CPU)")
+    p.add_argument("--block", type=int, default=10, help="--full: steps per arm between switches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--wall", action="store_true", help="on CPU, time wall-clock instead of process CPU time")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -114,10 +116,14 @@ def main(argv: List[str] | None = None) -> int:
            "device": args.device, "u": args.update_frequency, "sparsity": args.sparsity,
            "growth": args.growth, "sparse_init": args.sparse_init}
     if args.full:
-        engine.detach()
-        base = [_timed(step, args.device) for _ in range(args.update_frequency)]
-        engine.attach(opt)
-        eng = [_timed(step, args.device) for _ in range(args.update_frequency)]
+        base, eng = [], []
+        block = max(1, args.block)
+        while len(eng) < args.update_frequency:  # interleaved blocks: base x block, engine x block
+            n = min(block, args.update_frequency - len(eng))
+            engine.detach()
+            base += [_timed(step, args.device) for _ in range(n)]
+            engine.attach(opt)
+            eng += [_timed(step, args.device) for _ in range(n)]
         assert engine.update_count == 1, "the engine arm must include exactly one update step"
         res.update(base_total_s=sum(base), engine_total_s=sum(eng),
                    overhead_full=(sum(eng) - sum(base)) / sum(base))
