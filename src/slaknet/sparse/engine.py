@@ -445,7 +445,7 @@ class SparseEngine:
         are stashed (one copy, every ``update_frequency`` steps) and used for growth. With momentum
         growth this is a no-op (see docs/sparse.md).
         """
-        if self.config.growth == "momentum":
+        if self.config.growth == "momentum" and not self.config.fix:
             # inactive weights' accumulated momentum is the growth signal: masking their gradients
             # would erase it, so this is a documented no-op with momentum growth
             if not getattr(self, "_warned_mask_grad", False):
@@ -458,7 +458,7 @@ class SparseEngine:
                                  if layer.param.grad is not None}
         for layer in self.layers:
             if layer.param.grad is not None:
-                layer.param.grad.mul_(layer.mask)
+                layer.param.grad.mul_(layer.mask.view(torch.uint8))
 
     def masks(self) -> Dict[str, torch.Tensor]:
         """Name -> bool mask (True = active) of every sparse layer."""
