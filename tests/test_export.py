@@ -86,6 +86,12 @@ def test_static_shapes_and_small_inputs(pico, tmp_path):
         run(torch.randn(1, 3, 32, 32))  # the batch size is fixed too
 
 
+def test_single_kernel_variant_exports_as_one_dense_kernel(tmp_path):
+    model = _perturbed("slak_pico_k7")  # 7x7 kernels, no strips: "strips" falls back to the dense form
+    result = export_model(model, str(tmp_path / "k7.ts"), "torchscript", input_size=(64, 64))
+    assert result.reparameterize == "dense" and result.passed
+
+
 def test_verification_fails_when_outputs_differ(pico, tmp_path):
     with pytest.raises(ExportVerificationError, match="tolerance"):
         export_model(pico, str(tmp_path / "x.ts"), "torchscript", input_size=(64, 64), tolerance=1e-12)

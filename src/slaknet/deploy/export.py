@@ -81,7 +81,7 @@ class ExportResult:
 
     path: str
     format: str
-    reparameterize: str
+    reparameterize: str  # the form the exported model has: "strips", "dense" or "none"
     input_shape: Tuple[int, ...]
     dynamic_batch: bool
     dynamic_spatial: bool
@@ -98,7 +98,8 @@ class ExportResult:
 
     def summary(self) -> str:
         shapes = ", ".join(f"{tuple(c['shape'])}: {c['max_abs_diff']:.2e}" for c in self.checks)
-        return (f"{self.format} -> {self.path} ({self.file_bytes / 2**20:.1f} MiB, {self.reparameterize} form, "
+        form = "not reparameterized" if self.reparameterize == "none" else f"{self.reparameterize} form"
+        return (f"{self.format} -> {self.path} ({self.file_bytes / 2**20:.1f} MiB, {form}, "
                 f"exported in {self.export_seconds:.1f}s); max |diff| vs eager {self.max_abs_diff:.3e} "
                 f"(scaled {self.max_rel_diff:.2e}, tolerance {self.tolerance:.0e}) [{shapes}]")
 
@@ -337,7 +338,7 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
     if metadata:
         meta.update(metadata)
     sample = torch.randn(batch_size, c, h, w)
-    result = ExportResult(path=path, format=fmt, reparameterize=reparameterize,
+    result = ExportResult(path=path, format=fmt, reparameterize=meta.get("reparameterized") or "none",
                           input_shape=(batch_size, c, h, w), dynamic_batch=dynamic_batch,
                           dynamic_spatial=dynamic_spatial, tolerance=tolerance)
     tmp, commit = _atomic_target(path)
