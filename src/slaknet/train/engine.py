@@ -674,8 +674,6 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         state.elapsed = elapsed0 + time.perf_counter() - t_session
         rec["elapsed"] = state.elapsed
         history.append(rec)
-        logger.record(rec)
-        logger.scalars(state.step, {k: v for k, v in rec.items() if k not in ("epoch", "step")}, "")
         msg = f"epoch {epoch + 1}/{cfg['epochs']}: train loss {train_loss:.4f}"
         if "val_top1" in rec:
             msg += f", val top-1 {rec['val_top1']:.2f}% top-5 {rec['val_top5']:.2f}% loss {rec['val_loss']:.4f}"
@@ -685,7 +683,9 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             msg += f", density {rec['density']:.3f}, ITOP {rec['itop_rate']:.3f}"
         msg += f" ({epoch_time:.0f}s, {rec['train_images_per_s']:.0f} img/s)"
         logger.print(msg)
-        save()
+        save()  # checkpoint first: a kill between the two never logs an epoch twice after resume
+        logger.record(rec)
+        logger.scalars(state.step, {k: v for k, v in rec.items() if k not in ("epoch", "step")}, "")
         if main and cfg.get("save_ckpt_freq") and state.epoch % int(cfg["save_ckpt_freq"]) == 0:
             import shutil
 
