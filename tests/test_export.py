@@ -157,6 +157,40 @@ def test_cli_export_from_checkpoint(pico, tmp_path, capsys):
     assert main(["export", "--model", "slak_pico", "--format", "safetensors", "-o", str(tmp_path / "x.bin")]) == 2
 
 
+def test_backbone_export_returns_every_stage(pico, tmp_path):
+    from slaknet.deploy.backbone import SLaKBackbone
+
+    bb = SLaKBackbone(pico, out_indices=(1, 2, 3), norm_outputs=True).eval()
+    with torch.no_grad():
+        for i in range(4):
+            getattr(bb, f"norm{i}").bias.uniform_(-1, 1)
+    path = str(tmp_path / "bb.onnx")
+    result = export_model(bb, path, "onnx", input_size=(64, 64))
+    assert result.passed
+    x = torch.randn(3, 3, 96, 64)
+    outs = load_exported(path, "onnx")(x)
+    with torch.no_grad(), plain_dwconv():
+        refs = bb(x)
+    assert [tuple(o.shape) for o in outs] == [(3, 64, 12, 8), (3, 128, 6, 4), (3, 256, 3, 2)]
+    assert max(_scaled_diff(o, r) for o, r in zip(outs, refs)) < 1e-4
+
+
+def test_cli_backbone_export_from_segmentation_checkpoint(pico, tmp_path, capsys):
+    from slaknet.cli import main
+
+    sd = {f"backbone.{k}": v for k, v in pico.state_dict().items() if not k.startswith(("head.", "norm."))}
+    for i, c in enumerate([32, 64, 128, 256]):
+        sd[f"backbone.norm{i}.weight"] = torch.rand(c) + 0.5
+        sd[f"backbone.norm{i}.bias"] = torch.randn(c)
+    ckpt = tmp_path / "seg.pth"
+    torch.save({"state_dict": sd, "meta": {}}, ckpt)
+    out = tmp_path / "bb.safetensors"
+    assert main(["export", "--backbone", "--checkpoint", str(ckpt), "--format", "safetensors", "-o", str(out),
+                 "--input-size", "64", "--out-indices", "0", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["passed"] and len(res["checks"]) == 3
+
+
 @pytest.mark.slow
 def test_slak_tiny_onnx_round_trip(tmp_path):
     """SLaK-T (kernels 51/49/47/13) through ONNX and onnxruntime, one small input size."""

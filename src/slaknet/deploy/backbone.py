@@ -77,6 +77,12 @@ class SLaKBackbone(nn.Module):
             for i in range(num_stages):
                 self.add_module(f"norm{i}", LayerNorm2d(widths[i], eps=1e-6))
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        # the architecture record of the full model (for metadata of exported / saved backbones)
+        self.depths = tuple(len(s) for s in model.stages)
+        self.dims = tuple(widths)
+        for attr in ("kernel_sizes", "small_kernel", "decompose", "width_factor"):
+            setattr(self, attr, getattr(model, attr, None))
+        self.num_classes = 0
         self.feature_info = [dict(num_chs=widths[i], reduction=4 * 2 ** i, module=f"stages.{i}")
                              for i in out_indices]
 

@@ -172,7 +172,10 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, path: str, dyn: Optiona
         import onnxscript  # noqa: F401  (the dynamo-based ONNX exporter needs it)
     except ImportError as exc:
         raise ConfigError("ONNX export needs onnx and onnxscript: pip install 'slaknet[export]'") from exc
-    kwargs: Dict[str, Any] = dict(dynamo=True, input_names=["input"], output_names=["output"], verbose=False)
+    with torch.no_grad():
+        n_out = len(_as_list(model(sample)))
+    names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    kwargs: Dict[str, Any] = dict(dynamo=True, input_names=["input"], output_names=names, verbose=False)
     if opset is not None:
         kwargs["opset_version"] = int(opset)
     if dyn is not None:
@@ -208,8 +211,9 @@ def _export_safetensors(model: nn.Module, path: str, meta: Dict[str, Any]) -> No
     save_file(sd, path, metadata={META_KEY: json.dumps(meta, default=str)})
 
 
-def load_exported(path: str, fmt: str, model_name: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Load an exported artefact as a function ``tensor -> tensor`` (onnxruntime for ONNX)."""
+def load_exported(path: str, fmt: str, model_name: Optional[str] = None) -> Callable[[torch.Tensor], Any]:
+    """Load an exported artefact as a function ``tensor -> tensor`` (or list of tensors for a backbone);
+    ONNX runs in onnxruntime."""
     fmt = _check_format(fmt)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported file not found: {path}")
@@ -221,8 +225,9 @@ def load_exported(path: str, fmt: str, model_name: Optional[str] = None) -> Call
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         in_name = session.get_inputs()[0].name
 
-        def run_onnx(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {in_name: x.detach().cpu().numpy()})[0])
+        def run_onnx(x: torch.Tensor) -> Any:
+            outs = [torch.from_numpy(o) for o in session.run(None, {in_name: x.detach().cpu().numpy()})]
+            return outs[0] if len(outs) == 1 else outs
 
         return run_onnx
     if fmt == "torchscript":
@@ -232,13 +237,19 @@ def load_exported(path: str, fmt: str, model_name: Optional[str] = None) -> Call
     elif fmt == "exported-program":
         module = torch.export.load(path).module()
     else:
-        from slaknet.models.factory import create_model
+        meta = _safetensors_meta(path)
+        if meta.get("kind") == "backbone":
+            from slaknet.deploy.backbone import SLaKBackbone
 
-        if model_name is None:
-            model_name = _safetensors_meta(path).get("variant") or "slak_tiny"
-        module = create_model(model_name, checkpoint=path).eval()
+            module = SLaKBackbone.from_checkpoint(path, out_indices=meta["out_indices"],
+                                                  norm_outputs=meta["norm_outputs"],
+                                                  pad_input=meta.get("pad_input", "pad")).eval()
+        else:
+            from slaknet.models.factory import create_model
 
-    def run_module(x: torch.Tensor) -> torch.Tensor:
+            module = create_model(model_name or meta.get("variant") or "slak_tiny", checkpoint=path).eval()
+
+    def run_module(x: torch.Tensor) -> Any:
         with torch.no_grad(), plain_dwconv() if fmt == "safetensors" else contextlib.nullcontext():
             return module(x)
 
@@ -263,12 +274,21 @@ def _verify_shapes(shape: Tuple[int, ...], dynamic_batch: bool, dynamic_spatial:
     return shapes
 
 
-def verify_export(run: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module,
+def _as_list(out: Any) -> List[torch.Tensor]:
+    """A model output (tensor, or list/tuple of tensors such as a backbone's feature maps) as a list."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)) and all(isinstance(o, torch.Tensor) for o in out):
+        return list(out)
+    raise ConfigError(f"export supports models returning a tensor or a list of tensors, got {type(out).__name__}")
+
+
+def verify_export(run: Callable[[torch.Tensor], Any], reference: nn.Module,
                   shapes: Sequence[Tuple[int, ...]], tolerance: float = DEFAULT_TOLERANCE,
                   seed: int = 0) -> Tuple[float, float, List[Dict[str, Any]]]:
     """Run ``run`` and eager ``reference`` on random inputs of each shape; return the largest differences.
 
-    Returns ``(max_abs_diff, max_scaled_diff, per_shape)`` where the scaled difference divides by
+    Outputs may be tensors or lists of tensors (backbones); the worst element counts. Returns ``(max_abs_diff, max_scaled_diff, per_shape)`` where the scaled difference divides by
     ``max(1, max|ref|)``. Does not raise; :func:`export_model` compares with the tolerance.
     """
     g = torch.Generator().manual_seed(seed)
@@ -278,14 +298,16 @@ def verify_export(run: Callable[[torch.Tensor], torch.Tensor], reference: nn.Mod
     for shape in shapes:
         x = torch.randn(*shape, generator=g)
         with torch.no_grad():
-            ref = reference(x)
-        out = run(x)
-        if tuple(out.shape) != tuple(ref.shape):
-            raise ExportVerificationError(f"exported model returned shape {tuple(out.shape)} for input "
-                                          f"{tuple(shape)}, eager PyTorch {tuple(ref.shape)}")
-        diff = float((out.float() - ref.float()).abs().max())
-        scale = max(1.0, float(ref.abs().max()))
-        checks.append({"shape": list(shape), "max_abs_diff": diff, "ref_max_abs": float(ref.abs().max())})
+            refs = _as_list(reference(x))
+        outs = _as_list(run(x))
+        if len(outs) != len(refs) or any(tuple(o.shape) != tuple(r.shape) for o, r in zip(outs, refs)):
+            raise ExportVerificationError(
+                f"exported model returned shapes {[tuple(o.shape) for o in outs]} for input {tuple(shape)}, "
+                f"eager PyTorch {[tuple(r.shape) for r in refs]}")
+        diff = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs))
+        ref_max = max(float(r.abs().max()) for r in refs)
+        scale = max(1.0, ref_max)
+        checks.append({"shape": list(shape), "max_abs_diff": diff, "ref_max_abs": ref_max})
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
         if diff != diff:  # NaN
             worst_abs = worst_rel = float("inf")
@@ -333,6 +355,9 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
     from slaknet.deploy.metadata import model_metadata
 
     meta = model_metadata(deploy)
+    if hasattr(deploy, "out_indices") and hasattr(deploy, "norm_outputs"):  # a SLaKBackbone
+        meta.update(kind="backbone", out_indices=list(deploy.out_indices), norm_outputs=deploy.norm_outputs,
+                    pad_input=deploy.pad_input, out_channels=deploy.out_channels, reductions=deploy.reductions)
     meta.update({"export_format": fmt, "dynamic_batch": dynamic_batch, "dynamic_spatial": dynamic_spatial,
                  "example_input": [batch_size, c, h, w]})
     if metadata:

@@ -26,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"largest accepted max|diff| / max(1, max|ref|) vs eager (default {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--no-verify", action="store_true", help="skip running the exported file")
+    parser.add_argument("--backbone", action="store_true",
+                        help="export the multi-scale backbone (stage outputs) instead of the classifier; "
+                             "--checkpoint may then also be an mmseg/mmdet file with backbone.* weights")
+    parser.add_argument("--out-indices", type=int, nargs="+", default=[0, 1, 2, 3], metavar="I",
+                        help="backbone stages to return (default 0 1 2 3)")
+    parser.add_argument("--norm-outputs", dest="norm_outputs", action="store_const", const=True, default=None,
+                        help="backbone with LayerNorms norm0..norm3 on the outputs (default: when the "
+                             "checkpoint has them)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -40,7 +48,17 @@ def run(args: argparse.Namespace) -> int:
             size = [size[0], size[0]]
         if len(size) != 2 or min(size) < 32:
             raise ConfigError(f"--input-size takes H W (or one value), each at least 32; got {args.input_size}")
-    model = create_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema).eval()
+    if args.backbone:
+        from slaknet.deploy.backbone import SLaKBackbone
+
+        if args.checkpoint:
+            model = SLaKBackbone.from_checkpoint(args.checkpoint, model=args.model, out_indices=args.out_indices,
+                                                 norm_outputs=args.norm_outputs, use_ema=args.use_ema)
+        else:
+            model = SLaKBackbone(args.model, out_indices=args.out_indices, norm_outputs=bool(args.norm_outputs))
+        model.eval()
+    else:
+        model = create_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema).eval()
     metadata = None
     if args.checkpoint:
         metadata = {"source_checkpoint": os.path.abspath(args.checkpoint)}
@@ -50,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             previous = load_converted_metadata(args.checkpoint)
             metadata.update({k: previous[k] for k in ("class_names", "source") if previous.get(k)})
     output = args.output or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
-                             else args.model) + default_suffix(args.fmt)
+                             else args.model) + ("_backbone" if args.backbone else "") + default_suffix(args.fmt)
     result = export_model(model, output, args.fmt, reparameterize=args.reparameterize, input_size=size,
                           batch_size=args.batch_size, dynamic_batch=not args.static_batch,
                           dynamic_spatial=not args.static_spatial, opset=args.opset, verify=not args.no_verify,
