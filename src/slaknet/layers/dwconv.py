@@ -91,14 +91,28 @@ def depthwise_conv2d(
         return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
 
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    dtype = _autocast_dtype(dev)
+    if dtype is not None:
         # autocast would run conv2d in its low-precision dtype; do the same cast, then run unautocast
-        dtype = torch.get_autocast_dtype(dev)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(dev, enabled=False):
             return _apply(x, weight, bias, padding, chosen)
     return _apply(x, weight, bias, padding, chosen)
+
+
+def _autocast_dtype(dev: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for this device type, or None (works on torch < 2.4 too)."""
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return None
+    except TypeError:  # older torch: no device argument
+        if dev == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if dev == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
 
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
