@@ -341,6 +341,10 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
     if dynamic_spatial and fmt in ("onnx", "exported-program") and not _spatial_dynamic_ok(h, w):
         dynamic_spatial = False
     was_training = model.training
+    p = next(iter(model.parameters()), None)
+    if p is not None and (p.device.type != "cpu" or p.dtype != torch.float32):
+        # exports are made and verified on the CPU in float32 (runtimes convert further if asked)
+        model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     try:
         return _export_eval(model.eval(), path, fmt, reparameterize, c, h, w, batch_size, dynamic_batch,
                             dynamic_spatial, opset, verify, tolerance, metadata)
