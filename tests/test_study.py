@@ -203,8 +203,8 @@ def test_markdown_report_single_seed_and_empty():
 def test_real_micro_runs_dense_sparse_and_equal_time(tmp_path):
     torch.set_num_threads(1)
     budget = get_budget("tiny")
-    data = lambda: (CentreInsideness("train", 64, 32, 0.5, 0.30, 0.44, seed=0),
-                    CentreInsideness("val", 32, 32, 0.5, 0.30, 0.44, seed=0))
+    data = lambda: (CentreInsideness("train", 64, 32, 0.5, 0.25, 0.40, seed=0),
+                    CentreInsideness("val", 32, 32, 0.5, 0.25, 0.40, seed=0))
     arms = {a.name: a for a in build_arms(budget)}
     dense = train_run(arms["k3_bn"], 0, budget, data, erf_dir=str(tmp_path))
     assert 0.0 <= dense["val_acc"] <= 100.0 and dense["steps"] == 2 and dense["params_nonzero"] == dense["params"]
@@ -226,3 +226,18 @@ def test_cli_list_and_bad_arm(capsys, tmp_path):
     assert "lk51_sparse_w13" in capsys.readouterr().out
     assert main(["study", "--budget", "tiny", "--arms", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown arm" in capsys.readouterr().err
+
+
+def test_class_balance_from_cached_data(tmp_path):
+    from slaknet.study.report import class_balance
+    from slaknet.study.runner import StudyData
+
+    budget = get_budget("tiny", train_samples=32, val_samples=16)
+    train, val = StudyData(budget, cache_dir=str(tmp_path / "data")).get()
+    frac = float(val.y.float().mean())
+    rec = {"budget": "tiny", "arm": "k3_bn", "seed": 0, "mode": "epochs", "val_acc": 50.0,
+           "budget_config": budget.as_dict()}
+    assert class_balance(str(tmp_path), [rec]) == pytest.approx(100 * max(frac, 1 - frac))
+    # the cache is reused: same tensors without rendering
+    again = StudyData(budget, cache_dir=str(tmp_path / "data")).get()
+    assert torch.equal(again[1].x, val.x) and torch.equal(again[0].y, train.y)

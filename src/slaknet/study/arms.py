@@ -61,7 +61,7 @@ class Budget:
 BUDGETS: Dict[str, Budget] = {
     # tests and smoke runs: seconds, numbers meaningless
     "tiny": Budget("tiny", image_size=32, stem=4, width=8, train_samples=64, val_samples=32, epochs=1,
-                   batch_size=32, seeds=1, d_min=0.30, d_max=0.44, erf_images=2, update_frequency=1),
+                   batch_size=32, seeds=1, d_min=0.25, d_max=0.40, erf_images=2, update_frequency=1),
     # ~10-15 min on a shared 2-core CPU: 2 seeds, few epochs
     "short": Budget("short", width=24, train_samples=3000, val_samples=600, epochs=5, seeds=2, erf_images=8,
                     update_frequency=10),

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["aggregate", "mean_std", "markdown_report", "write_report", "SECTIONS"]
+__all__ = ["aggregate", "mean_std", "markdown_report", "write_report", "class_balance", "SECTIONS"]
 
 # (title, arms, mode, what the comparison asks)
 SECTIONS: Tuple[Tuple[str, Tuple[str, ...], str, str], ...] = (
@@ -94,7 +94,32 @@ def _machines(records: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def markdown_report(records: Sequence[Dict[str, Any]]) -> str:
+def class_balance(out_dir: str, records: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Share (%) of the majority class in the held-out split of the study's cached data, if present.
+
+    A net that cannot see the contour predicts one class, so its accuracy is this share or 100 minus it,
+    not exactly 50%.
+    """
+    if not records or not records[-1].get("budget_config"):
+        return None
+    from slaknet.study.arms import Budget
+    from slaknet.study.runner import StudyData
+
+    cfg = dict(records[-1]["budget_config"])
+    cfg["equal_time_arms"] = tuple(cfg.get("equal_time_arms", ()))
+    try:
+        budget = Budget(**cfg)
+    except TypeError:
+        return None
+    path = os.path.join(out_dir, "data", f"data-{StudyData(budget).key()}.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        frac = float(np.mean(z["val_y"]))
+    return 100.0 * max(frac, 1.0 - frac)
+
+
+def markdown_report(records: Sequence[Dict[str, Any]], majority: Optional[float] = None) -> str:
     """The results as markdown: setup, one table per comparison, ERF ratios, provenance."""
     if not records:
         return "# slaknet study\n\nNo finished runs yet.\n"
@@ -103,9 +128,12 @@ def markdown_report(records: Sequence[Dict[str, Any]]) -> str:
     size = b.get("image_size", "?")
     lines = [f"# slaknet study: budget `{records[-1]['budget']}`", ""]
     if b:
-        lines += [f"Task: is the centre of a {size} px image inside the closed contour? Nearest ink "
-                  f"{b['d_min'] * size:.0f}-{b['d_max'] * size:.0f} px from the centre (difficulty {b['difficulty']}), "
-                  f"{b['train_samples']} training / {b['val_samples']} held-out images, chance = 50%.",
+        lines += [f"Task: is the centre of a {size} px image inside a closed contour? Nearest ink "
+                  f"{b['d_min'] * size:.0f}-{b['d_max'] * size:.0f} px from the centre (difficulty {b['difficulty']}, "
+                  f"decoy probability {b.get('decoy', 0)}), "
+                  f"{b['train_samples']} training / {b['val_samples']} held-out images, chance = 50%"
+                  + (f" (majority class of the held-out split: {majority:.1f}%, so a net that always answers "
+                     f"one class scores {100 - majority:.1f}% or {majority:.1f}%)." if majority else "."),
                   f"Net: stride-{b['stem']} stem, {b['depth']} SLaK block(s) of width {b['width']} at one "
                   f"{size // b['stem']}x{size // b['stem']} resolution, readout at the centre (no global pool); "
                   f"{b['epochs']} epochs, batch {b['batch_size']}, AdamW lr {b['lr']}, sparsity {b['sparsity']:.0%} "
@@ -234,7 +262,7 @@ def write_report(out_dir: str, records: Optional[Sequence[Dict[str, Any]]] = Non
     md = os.path.join(out_dir, "results.md")
     tmp = md + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(markdown_report(records))
+        f.write(markdown_report(records, class_balance(out_dir, records)))
     os.replace(tmp, md)
     paths["table"] = md
     if not records:
