@@ -215,3 +215,17 @@ def test_exact_cuda(backend, c, hw, k):
     x = torch.randn(2, c, hw, hw + 1, device=dev)
     w = torch.randn(c, 1, *k, device=dev)
     _check(x, w, torch.randn(c, device=dev), backend)
+
+
+def test_inference_and_tracing_paths():
+    """No-grad calls skip the autograd node; tracing sees plain conv ops; both give F.conv2d's result."""
+    torch.manual_seed(8)
+    x, w, b = torch.randn(1, 6, 9, 9), torch.randn(6, 1, 5, 13), torch.randn(6)
+    ref = F.conv2d(x.double(), w.double(), b.double(), 1, (2, 6), 1, 6)
+    with torch.no_grad():
+        _close(depthwise_conv2d(x, w, b, (2, 6), backend="fast").double(), ref)
+    layer = LargeKernelConv(6, 13, small_kernel=5).eval()
+    traced = torch.jit.trace(layer, x)
+    assert "DepthwiseConvFunction" not in str(traced.graph)
+    with torch.no_grad():
+        _close(traced(x), layer(x))

@@ -85,6 +85,9 @@ def depthwise_conv2d(
     in outputs and gradients, whichever backend runs. ``backend``: see the module docstring.
     """
     padding = (int(padding[0]), int(padding[1]))
+    if _exporting():
+        # tracers / exporters (TorchScript, ONNX, torch.export, torch.compile) see the plain conv op
+        return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
     chosen = resolve_backend(x, weight, padding, backend)
     _log_once(x.device.type, _requested(backend), chosen)
     if chosen == "plain":
@@ -99,6 +102,21 @@ def depthwise_conv2d(
         with torch.autocast(dev, enabled=False):
             return _apply(x, weight, bias, padding, chosen)
     return _apply(x, weight, bias, padding, chosen)
+
+
+def _exporting() -> bool:
+    """True while TorchScript / ONNX / torch.export / torch.compile trace the model."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    if onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_exporting", "is_compiling"):
+        fn = getattr(compiler, name, None)
+        if fn is not None and fn():
+            return True
+    return False
 
 
 def _autocast_dtype(dev: str) -> Optional[torch.dtype]:
@@ -117,7 +135,12 @@ def _autocast_dtype(dev: str) -> Optional[torch.dtype]:
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
            chosen: str) -> torch.Tensor:
-    from slaknet.layers.dwconv_impl import DepthwiseConvFunction, choose_weight_grad
+    from slaknet.layers.dwconv_impl import DepthwiseConvFunction, choose_weight_grad, conv_forward
+
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad:  # inference: only the layout-aware forward matters, no autograd node
+        return conv_forward(x, weight, bias, padding)
 
     if chosen == "fast":
         n, c, h, w = x.shape
