@@ -162,3 +162,26 @@ def test_safetensors_and_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not look like a SLaK"):
         slaknet.create_model("slak_pico", checkpoint=tmp_path / "notslak.pth")
     assert extract_state_dict({"model": sd}, use_ema=False).keys() == sd.keys()
+
+
+def test_single_kernel_and_mixed_stage_checkpoints(tmp_path):
+    # small_kernel=None must survive the factory (timm.create_model drops None keywords; 0 means the same)
+    twin = slaknet.create_model("slak_pico", kernel_size=(7, 7, 7, 7), small_kernel=None)
+    assert all(lk.form == "single" for lk in twin.modules() if isinstance(lk, slaknet.layers.LargeKernelConv))
+    import timm
+    assert timm.create_model("slak_pico", small_kernel=0).stages[0][0].large_kernel.form == "single"
+    torch.save(twin.state_dict(), tmp_path / "twin.pth")
+    built = slaknet.create_model("slak_pico", checkpoint=tmp_path / "twin.pth")
+    assert built.small_kernel is None and built.kernel_sizes == (7, 7, 7, 7)
+    # stages with M <= N are single-kernel inside a decomposed model (kernels scaled down to small inputs)
+    for decompose in (True, False):
+        mixed = slaknet.create_model("slak_pico", kernel_size=(15, 7, 5, 3), decompose=decompose).eval()
+        torch.save(mixed.state_dict(), tmp_path / "mixed.pth")
+        again = slaknet.create_model("slak_pico", checkpoint=tmp_path / "mixed.pth")
+        assert again.kernel_sizes == (15, 7, 5, 3) and again.decompose == decompose and again.small_kernel == 5
+        fused = slaknet.reparameterize_model(mixed)
+        torch.save(fused.state_dict(), tmp_path / "mixed_fused.pth")
+        x = torch.randn(1, 3, 64, 64)
+        loaded = slaknet.create_model("slak_pico", checkpoint=tmp_path / "mixed_fused.pth").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), fused(x))

@@ -156,23 +156,27 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> ArchSpec:
     if not blocks or sorted(blocks) != list(range(len(blocks))):
         raise CheckpointError("state dict has no contiguous stages.{i}.{j} blocks")
     depths = tuple(max(blocks[i]) + 1 for i in range(len(blocks)))
-    widths, kernels, smalls, decomposed, reparam = [], [], set(), set(), set()
+    # per stage: large kernel M, small kernel N (None for a single M x M kernel), decomposed or not
+    widths, kernels, smalls, decomposed, reparam, single = [], [], set(), set(), set(), []
     for i in range(len(depths)):
         p = f"stages.{i}.0.large_kernel."
         if f"{p}LoRA1.conv.weight" in sd:
             m, n = sd[f"{p}LoRA1.conv.weight"].shape[-2:]
             decomposed.add(True)
             smalls.add(int(n))
-        elif f"{p}lkb_origin.conv.weight" in sd:
-            m = sd[f"{p}lkb_origin.conv.weight"].shape[-1]
-            decomposed.add(False)
-            small = sd.get(f"{p}small_conv.conv.weight")
-            smalls.add(int(small.shape[-1]) if small is not None else None)
         elif f"{p}lkb_strip1.weight" in sd:
             m, n = sd[f"{p}lkb_strip1.weight"].shape[-2:]
             decomposed.add(True)
             smalls.add(int(n))
             reparam.add("strips")
+        elif f"{p}lkb_origin.conv.weight" in sd:
+            m = sd[f"{p}lkb_origin.conv.weight"].shape[-1]
+            small = sd.get(f"{p}small_conv.conv.weight")
+            if small is not None:
+                decomposed.add(False)
+                smalls.add(int(small.shape[-1]))
+            else:
+                single.append((i, int(m)))
         elif f"{p}lkb_reparam.weight" in sd:
             m = sd[f"{p}lkb_reparam.weight"].shape[-1]
             reparam.add("dense")
@@ -183,15 +187,19 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> ArchSpec:
     notes = []
     if len(smalls) > 1 or len(decomposed) > 1:
         raise CheckpointError(f"stages disagree on small kernel / decomposition: N={smalls}, decomposed={decomposed}")
+    small_kernel = smalls.pop() if smalls else None
+    # a stage whose M <= N has a single M x M kernel in any form; with M > N it would not
+    bad = [f"stage {i} (M={m})" for i, m in single if small_kernel is not None and m > small_kernel]
+    if bad:
+        raise CheckpointError(f"{', '.join(bad)} has a single kernel although other stages use N={small_kernel}")
     if reparam == {"dense"}:
         notes.append("merged dense kernels: the original small kernel and decomposition cannot be recovered")
     head = sd.get("head.weight")
     return ArchSpec(
         depths=depths, widths=tuple(widths), kernel_sizes=tuple(kernels),
-        small_kernel=smalls.pop() if smalls else None,
-        decompose=decomposed.pop() if decomposed else False,
+        small_kernel=small_kernel, decompose=decomposed.pop() if decomposed else False,
         num_classes=int(head.shape[0]) if head is not None else 0, in_chans=int(stem.shape[1]),
-        layer_scale="stages.0.0.gamma" in sd, reparameterized=reparam.pop() if reparam else None, notes=notes)
+        layer_scale="stages.0.0.gamma" in sd, reparameterized=("strips" if "strips" in reparam else "dense") if reparam else None, notes=notes)
 
 
 def describe_model(model: nn.Module) -> ArchSpec:

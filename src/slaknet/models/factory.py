@@ -52,7 +52,7 @@ def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model '{name}'{hint} (available: {', '.join(MODEL_SPECS)})")
     if checkpoint is None:
-        return timm.create_model(name, **overrides)
+        return _build(name, **overrides)
 
     sd = extract_state_dict(read_checkpoint(checkpoint), use_ema=use_ema)
     spec = describe_state_dict(sd)
@@ -69,12 +69,18 @@ def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None
     if spec.reparameterized != "dense":  # merged kernels no longer tell N or the decomposition
         arch.update(small_kernel=spec.small_kernel, decompose=spec.decompose)
     arch.update(overrides)
-    model = timm.create_model(name, **arch)
+    model = _build(name, **arch)
     if spec.reparameterized:
         reparameterize_model(model, merge_dense=spec.reparameterized == "dense", inplace=True)
     load_checkpoint(model, sd, strict=True)
     log.info("loaded %s: %s", checkpoint, spec.summary())
     return model
+
+
+def _build(name: str, **kwargs: Any) -> nn.Module:
+    # the registered entry point directly: timm.create_model drops None-valued keywords, which would
+    # turn small_kernel=None (a single M x M kernel) back into the default N
+    return timm.models.model_entrypoint(name)(pretrained=False, **kwargs)
 
 
 def reparameterize_model(model: nn.Module, merge_dense: bool = False, inplace: bool = False) -> nn.Module:

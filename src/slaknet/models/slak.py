@@ -58,6 +58,8 @@ def resolve_kernel_sizes(kernel_size: Sequence[int], small_kernel: Optional[int]
                          num_stages: int) -> Tuple[Tuple[int, ...], Optional[int]]:
     """Accept ``kernel_size`` as one large kernel per stage, or the official ``[*per_stage, N]`` form."""
     ks = [int(k) for k in kernel_size]
+    if small_kernel == 0:  # 0 = no small kernel (timm.create_model drops None-valued keywords)
+        small_kernel = None
     if len(ks) == num_stages + 1:
         ks, small_kernel = ks[:-1], ks[-1]
     if len(ks) != num_stages:
@@ -80,7 +82,7 @@ class SLaK(nn.Module):
         dims: base stage widths; actual widths are ``int(d * width_factor)``.
         width_factor: width multiplier (1.3 in the paper: sparsity pays for the extra width).
         kernel_size: large kernel M per stage (or the official ``[*M, N]`` list).
-        small_kernel: small kernel N (strip width); ``None`` or ``>= M`` gives a single M x M kernel.
+        small_kernel: small kernel N (strip width); ``None`` (or 0) or ``>= M`` gives a single M x M kernel.
         decompose: decomposed strips (M x N + N x M + N x N) instead of an M x M kernel.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         layer_scale_init_value: initial layer scale (``gamma``); 0 disables it.
