@@ -69,7 +69,7 @@ BUDGETS: Dict[str, Budget] = {
     "default": Budget("default", seeds=3),
     # GPU: larger images and two blocks at a 32 x 32 map, more data, epochs and seeds
     "large": Budget("large", image_size=128, stem=4, depth=2, width=48, train_samples=20000, val_samples=2000,
-                    epochs=20, batch_size=128, seeds=3, d_min=0.30, d_max=0.42, erf_images=32,
+                    epochs=20, batch_size=128, seeds=3, d_min=0.32, d_max=0.42, erf_images=32,
                     update_frequency=50, small_kernel=5),
 }
 

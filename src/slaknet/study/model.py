@@ -57,7 +57,8 @@ class StudyNet(nn.Module):
         self.dim, self.depth, self.stem_size = dim, depth, stem
         self.kernel_size, self.small_kernel, self.decompose = int(kernel_size), small_kernel, decompose
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, stem, stride=stem), LayerNorm2d(dim, eps=1e-6))
-        self.blocks = nn.Sequential(*[Block(dim, kernel_size, small_kernel, decompose, 0.0, layer_scale_init_value)
+        self.blocks = nn.Sequential(*[Block(dim, kernel_size, small_kernel, decompose, drop_path=0.0,
+                                            layer_scale_init_value=layer_scale_init_value)
                                       for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
