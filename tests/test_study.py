@@ -179,7 +179,18 @@ def test_study_runs_every_arm_aggregates_and_resumes(tmp_path):
     run_study(budget, str(tmp_path), trainer=_fake_trainer(calls), log=lambda s: None)
     assert [(a, s) for a, s, _ in calls] == [(last["arm"], last["seed"])]
 
-    # table and plots
+    # a changed setting under the same budget name is a different run, never a reused one
+    calls.clear()
+    other = run_study(get_budget("tiny", seeds=1, epochs=2), str(tmp_path), trainer=_fake_trainer(calls),
+                      equal_time=False, log=lambda s: None)
+    assert len(calls) == len(arms) and len(other) == len(arms)
+    calls.clear()
+    run_study(budget, str(tmp_path), trainer=_fake_trainer(calls), log=lambda s: None)
+    assert calls == []
+
+    # table and plots (of the latest budget setting in the folder: re-run the 3-seed one last)
+    with open(path, "a") as f:
+        f.write(json.dumps(last) + "\n")
     paths = write_report(str(tmp_path))
     assert set(paths) == {"table", "acc_vs_kernel", "acc_vs_nonzeros", "erf"}
     for p in paths.values():

@@ -52,6 +52,17 @@ class Budget:
     def feature_map(self) -> int:
         return self.image_size // self.stem
 
+    def run_id(self) -> str:
+        """Hash of every field that changes what a single run computes (not the seed count or whether
+        equal-time controls are planned): runs are only reused under the same id."""
+        import hashlib
+        import json
+
+        d = self.as_dict()
+        for k in ("seeds", "equal_time", "equal_time_arms"):
+            d.pop(k)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
     def as_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["equal_time_arms"] = list(self.equal_time_arms)

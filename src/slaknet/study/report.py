@@ -255,8 +255,9 @@ def write_report(out_dir: str, records: Optional[Sequence[Dict[str, Any]]] = Non
 
     if records is None:
         records = load_results(os.path.join(out_dir, RESULTS_FILE))
-        if records:  # one table per budget: the budget of the latest record
-            records = [r for r in records if r.get("budget") == records[-1].get("budget")]
+        if records:  # one table per budget setting: that of the latest record
+            key = "budget_id" if "budget_id" in records[-1] else "budget"
+            records = [r for r in records if r.get(key) == records[-1].get(key)]
     os.makedirs(out_dir, exist_ok=True)
     paths: Dict[str, str] = {}
     md = os.path.join(out_dir, "results.md")

@@ -1,6 +1,7 @@
 """Training one arm, and the resumable study loop that writes one JSON line per run.
 
-A run is identified by ``(budget, arm, seed, mode)`` with ``mode`` ``epochs`` (the budget's epochs) or
+A run is identified by ``(budget run id, arm, seed, mode)`` (the id hashes every budget setting that changes
+a run, so ``--epochs 2`` in a folder of 8-epoch runs starts new runs instead of reusing old ones) with ``mode`` ``epochs`` (the budget's epochs) or
 ``time`` (the same wall-clock training time as the reference arm, :data:`REFERENCE_ARM`). Finished runs are
 appended to ``OUT/results.jsonl`` at once (flushed and fsync'ed), and a restarted study skips every run
 already there, so an interrupted study loses at most the run in progress.
@@ -267,7 +268,8 @@ def _cpu_name() -> str:
 
 
 def run_key(rec: Dict[str, Any]) -> Tuple[str, str, int, str]:
-    return (str(rec["budget"]), str(rec["arm"]), int(rec["seed"]), str(rec["mode"]))
+    """``(budget run id, arm, seed, mode)``: a run is redone when any budget setting differs."""
+    return (str(rec.get("budget_id", rec["budget"])), str(rec["arm"]), int(rec["seed"]), str(rec["mode"]))
 
 
 def load_results(path: str) -> List[Dict[str, Any]]:
@@ -288,8 +290,13 @@ def load_results(path: str) -> List[Dict[str, Any]]:
 
 
 def _append(path: str, rec: Dict[str, Any]) -> None:
+    torn = False
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:  # a line torn by a kill has no newline: never glue a record to it
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with open(path, "a") as f:
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(rec, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -322,7 +329,8 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
     records = load_results(path)
     done = {run_key(r) for r in records}
     plan = _plan(budget, arms, seeds, equal_time)
-    todo = [(a, s, m) for a, s, m in plan if (budget.name, a.name, s, m) not in done]
+    bid = budget.run_id()
+    todo = [(a, s, m) for a, s, m in plan if (bid, a.name, s, m) not in done]
     log(f"slaknet study: budget {budget.name}, {len(arms)} arms x {len(seeds)} seeds"
         f"{' + equal-time controls' if equal_time else ''}: {len(plan)} runs, {len(plan) - len(todo)} already in "
         f"{path}, {len(todo)} to run")
@@ -330,7 +338,7 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
     for i, (arm, seed, mode) in enumerate(todo):
         limit = None
         if mode == "time":
-            ref = [r["train_s"] for r in records if r.get("budget") == budget.name
+            ref = [r["train_s"] for r in records if r.get("budget_id") == bid and r.get("seed") in seeds
                    and r.get("arm") == REFERENCE_ARM and r.get("mode") == "epochs"]
             if not ref:
                 raise ConfigError(f"no finished {REFERENCE_ARM} run to take the equal-time budget from")
@@ -340,7 +348,7 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
         metrics = trainer(arm, seed, budget, data.get, time_limit=limit, device=device, progress=progress,
                           erf_dir=os.path.join(out_dir, "erf"))
         data_s = data.take_load_time()
-        rec = {"budget": budget.name, "arm": arm.name, "seed": seed, "mode": mode, "groups": list(arm.groups),
+        rec = {"budget": budget.name, "budget_id": bid, "arm": arm.name, "seed": seed, "mode": mode, "groups": list(arm.groups),
                "time_limit_s": limit, "wall_s": time.perf_counter() - t0 - data_s, "data_s": data_s,
                "command": command,
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -351,4 +359,4 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
         records.append(rec)
         log(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} ({mode}): val acc {rec.get('val_acc', float('nan')):.1f}%"
             f" in {rec['wall_s']:.0f}s")
-    return [r for r in records if r.get("budget") == budget.name]
+    return [r for r in records if r.get("budget_id") == bid]
