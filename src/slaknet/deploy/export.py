@@ -322,9 +322,10 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
     """Reparameterize a copy of ``model``, export it to ``path`` in ``fmt``, and verify it (module docstring).
 
     ``input_size``: ``(C, H, W)`` or ``(H, W)`` of the example input (default: the model's
-    ``pretrained_cfg``). ``batch_size`` of the example must be >= 2 for a dynamic batch (torch.export
-    specialises size-1 dimensions). Dynamic height/width need an example of at least 64 px in multiples of
-    32; otherwise the spatial size is fixed (a warning in the result's ``dynamic_spatial``).
+    ``pretrained_cfg``). For ONNX and exported-program, a dynamic batch needs an example batch of at least
+    2 (torch.export specialises size-1 dimensions; smaller values are raised to 2), and dynamic
+    height/width need an example of at least 64 px in multiples of 32; otherwise the spatial size is fixed
+    (the result's ``dynamic_spatial`` is then False).
     Raises :class:`ExportVerificationError` when the scaled difference exceeds ``tolerance``.
     """
     fmt = _check_format(fmt)
@@ -387,7 +388,8 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
     except SlaknetError:
         raise
     except Exception as exc:
-        raise SlaknetError(f"{fmt} export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SlaknetError(f"{fmt} export failed: {type(exc).__name__}: {first}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
