@@ -179,18 +179,22 @@ def _plot_acc_vs_kernel(rows: Dict[Tuple[str, str], Dict[str, Any]], path: str, 
 
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    styles = {"epochs": ("o", "equal epochs"), "time": ("s", "equal training time")}
-    for mode, (marker, label) in styles.items():
+    styles = {"epochs": ("o", "equal epochs", 0.0), "time": ("s", "equal training time", 0.25)}
+    for mode, (marker, label, shift) in styles.items():
         pts = [r for (a, m), r in rows.items() if m == mode and a in SECTIONS[0][1]]
         if not pts:
             continue
         pts.sort(key=lambda r: (r["kernel_size"] or 0, r["arm"]))
-        xs = [r["kernel_size"] for r in pts]
+        xs, seen = [], {}
+        for r in pts:  # same kernel size (7x7 and the 7x5 SLaK module): spread sideways, label each
+            k = r["kernel_size"] or 0
+            xs.append(k + shift + 0.12 * seen.get(k, 0))
+            seen[k] = seen.get(k, 0) + 1
         ax.errorbar(xs, [r["acc_mean"] for r in pts], yerr=[r["acc_std"] or 0.0 for r in pts], fmt=marker,
                     capsize=3, label=label, alpha=0.85)
-        for r in pts:
-            ax.annotate(r["arm"], (r["kernel_size"], r["acc_mean"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+        for x, r in zip(xs, pts):
+            ax.annotate(r["arm"] + (" (time)" if mode == "time" else ""), (x, r["acc_mean"]),
+                        textcoords="offset points", xytext=(4, 4 if mode == "epochs" else -10), fontsize=7)
     ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
     ax.set_xlabel("large kernel size M (per block)")
     ax.set_ylabel("held-out accuracy (%)")
