@@ -107,6 +107,23 @@ def test_fit_kernels_same_function():
         torch.testing.assert_close(small(x), big(x), rtol=1e-4, atol=1e-5)
 
 
+def test_bn_recalibration_is_the_average_of_batch_statistics():
+    from slaknet.train.engine import recalibrate_bn
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    model = nn.Sequential(conv, bn).eval()
+    data = [(torch.randn(3, 8, 8) * (1 + i % 3), 0) for i in range(12)]
+    used = recalibrate_bn(model, data, batches=3, batch_size=4, device=torch.device("cpu"))
+    assert used == 12 and not model.training and bn.momentum == 0.1
+    with torch.no_grad():  # independent: per-batch mean / unbiased variance of the conv output, averaged
+        outs = [conv(torch.stack([d[0] for d in data[i:i + 4]])) for i in (0, 4, 8)]
+    means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    vars_ = torch.stack([o.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, vars_, rtol=1e-5, atol=1e-6)
+
+
 def test_yaml_config(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("epochs: 3\nbatch-size: 8\nkernel_size: [15, 7, 5, 5]\nsparse_init: snip\nmodel_ema: true\n")

@@ -152,6 +152,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep a numbered checkpoint every N epochs (checkpoint-last.pth is always written)")
     g.add_argument("--ckpt-every-steps", dest="ckpt_every_steps", type=int, default=None,
                    help="also write checkpoint-last.pth every N optimizer steps (mid-epoch, exact resume)")
+    g.add_argument("--bn-recalibrate", dest="bn_recalibrate", type=int, default=None, metavar="BATCHES",
+                   help="before each evaluation, recompute BatchNorm statistics over this many training "
+                        "batches (precise BN; demo 16, imagenet 0 = off)")
     g.add_argument("--eval-every", dest="eval_every", type=int, default=None, help="evaluate every N epochs (1)")
     _bool_flag(g, "--sync-bn", "--sync_bn", dest="sync_bn", help="SyncBatchNorm under DDP")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=None,
@@ -182,10 +185,11 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "demo": dict(_COMMON, data="builtin:insideness", input_size=64, epochs=6, batch_size=64, lr=2e-3,
                  warmup_epochs=0.5, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
                  model_ema=False, drop_path=0.0, num_workers=0, sparse=True, update_frequency=25,
-                 fit_kernels=True, threads="auto"),
+                 fit_kernels=True, threads="auto", bn_recalibrate=16),
     "imagenet": dict(_COMMON, input_size=224, epochs=300, batch_size=128, lr=None, warmup_epochs=20,
                      smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
-                     model_ema=True, drop_path=None, num_workers=8, sparse=False, fit_kernels=False),
+                     model_ema=True, drop_path=None, num_workers=8, sparse=False, fit_kernels=False,
+                     bn_recalibrate=0),
 }
 
 

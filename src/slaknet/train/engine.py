@@ -36,7 +36,7 @@ from slaknet.train.distributed import DistInfo, ShardSampler, all_reduce_sum, ba
 from slaknet.train.evaluate import evaluate
 
 __all__ = ["train", "NonFiniteLossError", "build_datasets", "fit_kernel_sizes", "build_model_from_config",
-           "build_optimizer", "build_scheduler", "seed_everything"]
+           "build_optimizer", "build_scheduler", "seed_everything", "recalibrate_bn"]
 
 log = logging.getLogger("slaknet.train")
 
@@ -351,6 +351,41 @@ class _State:
     bad_images: int = 0
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, dataset: Any, batches: int, batch_size: int, device: torch.device,
+                   autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> int:
+    """Recompute BatchNorm running statistics as the plain average over ``batches`` training batches.
+
+    BatchNorm's running averages (momentum 0.1) lag behind weights that still change quickly, which on
+    short runs can put evaluation near chance while the same weights with batch statistics are right
+    ("precise BN"). Uses the first ``batches * batch_size`` training images in a fixed order (identical on
+    every rank); training itself never reads running statistics, so the training trajectory is unchanged.
+    Returns the number of images used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    n = min(len(dataset), int(batches) * int(batch_size)) if batches > 0 else 0
+    if not bns or n < 1:
+        return 0
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    try:
+        for start in range(0, n, batch_size):
+            xb = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, n))]).to(device)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model(xb)
+    finally:
+        for b, mom in zip(bns, momenta):
+            b.momentum = mom
+        model.train(was_training)
+    return n
+
+
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     if precision in (None, "fp32"):
         return None
@@ -658,6 +693,12 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             rec.update(density=engine.global_density(), itop_rate=engine.itop_rate(), sparse_updates=engine.update_count)
         last_epoch = state.epoch >= int(cfg["epochs"])
         if (state.epoch % int(cfg["eval_every"]) == 0) or last_epoch:
+            if cfg.get("bn_recalibrate"):
+                recalibrate_bn(model, train_ds, int(cfg["bn_recalibrate"]), bs, device, autocast_dtype,
+                               cfg["channels_last"])
+                if ema is not None:
+                    recalibrate_bn(ema.module, train_ds, int(cfg["bn_recalibrate"]), bs, device, autocast_dtype,
+                                   cfg["channels_last"])
             ev = evaluate(model, val_loader, device, autocast_dtype, cfg["channels_last"], progress, "val")
             rec.update(val_loss=ev["loss"], val_top1=ev["top1"], val_top5=ev["top5"])
             if ema is not None and cfg["model_ema_eval"]:
