@@ -210,12 +210,16 @@ def _plot_acc_vs_nonzeros(rows: Dict[Tuple[str, str], Dict[str, Any]], path: str
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
     pts = [r for (a, m), r in rows.items() if m == "epochs" and r.get("params_nonzero")]
+    same: Dict[int, int] = {}
     for r in pts:
         sparse = r.get("density") is not None
         ax.errorbar([r["params_nonzero"]], [r["acc_mean"]], yerr=[r["acc_std"] or 0.0], fmt="^" if sparse else "o",
                     color="tab:red" if sparse else "tab:blue", capsize=3, alpha=0.85)
-        ax.annotate(r["arm"], (r["params_nonzero"], r["acc_mean"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+        k = int(round(r["params_nonzero"]))
+        n = same.get(k, 0)  # equal non-zeros (sparse variants): stack the labels
+        same[k] = n + 1
+        ax.annotate(r["arm"], (r["params_nonzero"], r["acc_mean"]),
+                    textcoords="offset points", xytext=(6, 4 - 11 * n), fontsize=7)
     ax.axhline(chance, color="grey", ls="--", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("non-zero parameters after training (log)")
