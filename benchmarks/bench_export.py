@@ -85,8 +85,9 @@ def bench_speed(args: argparse.Namespace) -> Dict[str, object]:
                 times[name].append(_time(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["eager (training form)"]
+    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     print(f"\n## speed: {args.model}, batch {args.batch}, {size}x{size}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds{load} ({os.cpu_count()} CPUs)")
     print("| runner | median s | img/s | speed vs eager |")
     print("|---|---|---|---|")
     for k, t in med.items():
