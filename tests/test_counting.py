@@ -74,3 +74,15 @@ def test_sparsity_figures_use_exact_counts():
     assert c.params_nonzero == c.params - weights + (54 + 10 + 14)
     with pytest.raises(ValueError):
         count_model(m, 5, sparsity=1.0)
+
+
+def test_masks_override_zeros():
+    m = Tiny()
+    mask = torch.zeros_like(m.fc.weight, dtype=torch.bool)
+    mask[0, :2] = True
+    c = count_model(m, 5, masks={"fc.weight": mask})
+    dense = count_model(m, 5)
+    assert c.params_nonzero == dense.params_nonzero - int((m.fc.weight != 0).sum()) + 2
+    assert c.macs_nonzero == dense.macs_nonzero - 28 + 2
+    with pytest.raises(ValueError):
+        count_model(m, 5, sparsity=0.5, masks={"fc.weight": mask})

@@ -21,7 +21,7 @@ paper's reporting convention; ERK/SNIP distribute them differently but keep the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -75,8 +75,11 @@ def conv_tap_coverage(conv: nn.Conv2d, in_hw: Tuple[int, int], out_hw: Tuple[int
     return rows.unsqueeze(1) * cols.unsqueeze(0)
 
 
-def _kept_mask(weight: torch.Tensor, density: Optional[float]) -> torch.Tensor:
-    """Non-zero pattern of a weight, or a hypothetical one keeping ``round(density * numel)`` entries."""
+def _kept_mask(weight: torch.Tensor, density: Optional[float], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kept entries of a weight: its sparse ``mask`` if given, else a hypothetical pattern keeping
+    ``round(density * numel)`` entries if ``density`` is given, else its non-zero entries."""
+    if mask is not None:
+        return mask.detach().to("cpu", torch.bool).view_as(weight)
     if density is None:
         return weight != 0
     keep = int(round(density * weight.numel()))
@@ -90,10 +93,12 @@ def _kept_mask(weight: torch.Tensor, density: Optional[float]) -> torch.Tensor:
 
 @torch.no_grad()
 def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, in_chans: int = 3,
-                sparsity: Optional[float] = None) -> Counts:
+                sparsity: Optional[float] = None, masks: Optional[Mapping[str, torch.Tensor]] = None) -> Counts:
     """Count parameters and MACs of ``model`` for one ``in_chans x H x W`` image (one forward, batch 1).
 
     ``sparsity``: report non-zero figures as if every conv/linear weight had that sparsity (see module doc).
+    ``masks``: parameter name -> bool mask (e.g. ``SparseEngine.masks()``); masked weights count their
+    mask's active entries instead of their non-zeros.
     """
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
@@ -102,11 +107,18 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     density = None if sparsity is None else 1.0 - sparsity
 
+    masks = dict(masks or {})
+    if masks and density is not None:
+        raise ValueError("give either sparsity (hypothetical) or masks (actual), not both")
     params = params_nz = 0
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for p in model.parameters():
+    mask_of = {}  # id(weight) -> mask
+    for name, p in model.named_parameters():
         params += p.numel()
-        if density is not None and id(p) in weights:
+        if name in masks:
+            mask_of[id(p)] = masks[name]
+            params_nz += int(masks[name].sum())
+        elif density is not None and id(p) in weights:
             params_nz += int(round(density * p.numel()))
         else:
             params_nz += int((p != 0).sum())
@@ -120,7 +132,8 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         n = x.shape[0]
         numel = mod.weight.numel()
         per_tap_all = torch.full_like(cov, mod.weight.shape[0] * mod.weight.shape[1])
-        kept = _kept_mask(mod.weight.detach().cpu(), density).sum(dim=(0, 1)).to(torch.int64)
+        kept = _kept_mask(mod.weight.detach().cpu(), density, mask_of.get(id(mod.weight)))
+        kept = kept.sum(dim=(0, 1)).to(torch.int64)
         macs["dense"] += n * out_pos * numel
         macs["inbounds"] += n * int((per_tap_all * cov).sum())
         macs["nonzero"] += n * int((kept * cov).sum())
@@ -130,7 +143,7 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         tokens = inp[0].numel() // mod.in_features
         macs["dense"] += tokens * mod.weight.numel()
         macs["inbounds"] += tokens * mod.weight.numel()
-        kept = tokens * int(_kept_mask(mod.weight.detach().cpu(), density).sum())
+        kept = tokens * int(_kept_mask(mod.weight.detach().cpu(), density, mask_of.get(id(mod.weight))).sum())
         macs["nonzero"] += kept
         macs["nonzero_padded"] += kept
 
