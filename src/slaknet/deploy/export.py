@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from slaknet.errors import ConfigError, SlaknetError
+from slaknet.io import atomic_path
 
 __all__ = ["FORMATS", "REPARAM_FORMS", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError",
            "export_model", "load_exported", "verify_export", "plain_dwconv", "default_suffix"]
@@ -149,21 +149,6 @@ def _forward_arg_name(model: nn.Module) -> str:
 
     params = list(inspect.signature(model.forward).parameters)
     return params[0] if params else "x"
-
-
-def _atomic_target(path: str) -> Tuple[str, Callable[[], None]]:
-    """A temp path beside ``path`` and a function that moves it into place."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=directory)
-    os.close(fd)
-    os.unlink(tmp)
-
-    def commit() -> None:
-        os.replace(tmp, path)
-
-    return tmp, commit
 
 
 def _export_onnx(model: nn.Module, sample: torch.Tensor, path: str, dyn: Optional[Dict], meta: Dict[str, Any],
@@ -371,10 +356,9 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
     result = ExportResult(path=path, format=fmt, reparameterize=meta.get("reparameterized") or "none",
                           input_shape=(batch_size, c, h, w), dynamic_batch=dynamic_batch,
                           dynamic_spatial=dynamic_spatial, tolerance=tolerance)
-    tmp, commit = _atomic_target(path)
     start = time.perf_counter()
     try:
-        with torch.no_grad(), plain_dwconv():
+        with atomic_path(path) as tmp, torch.no_grad(), plain_dwconv():
             dyn = _dynamic_shapes(dynamic_batch, dynamic_spatial, h, w)
             if fmt == "onnx":
                 _export_onnx(deploy, sample, tmp, dyn, meta, opset)
@@ -384,15 +368,11 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
                 _export_program(deploy, sample, tmp, dyn, meta)
             else:
                 _export_safetensors(deploy, tmp, meta)
-        commit()
     except SlaknetError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SlaknetError(f"{fmt} export failed: {type(exc).__name__}: {first}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     result.export_seconds = time.perf_counter() - start
     result.file_bytes = os.path.getsize(path)
     if verify:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from slaknet.errors import CheckpointError, ConfigError
+from slaknet.io import atomic_path
 
 __all__ = ["save_sparse_checkpoint", "load_sparse_checkpoint", "SparseCheckpoint", "SparseSaveReport",
            "is_sparse_checkpoint", "decode_sparse_tensors", "encode_tensor", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -252,17 +252,8 @@ def save_sparse_checkpoint(path: PathLike, model_or_state: Union[nn.Module, Mapp
 def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_metadata(path: str) -> Dict[str, str]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 
 from slaknet.errors import CheckpointError
+from slaknet.io import atomic_path
 
 __all__ = ["atomic_save", "load_training_checkpoint", "capture_rng", "restore_rng", "export_safetensors"]
 
@@ -26,19 +26,8 @@ def atomic_save(obj: Any, path: str) -> None:
     The previous file at ``path`` stays intact until the new one is completely written, so a crash (or
     SIGKILL) mid-write never leaves a truncated checkpoint behind.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
@@ -91,14 +80,5 @@ def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
