@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from slaknet.errors import ConfigError
+from slaknet.train.data import dihedral
 
 __all__ = ["render_centre_insideness", "CentreInsideness"]
 
@@ -222,11 +223,5 @@ class CentreInsideness:
         per batch (the centre maps to itself, so the label is unchanged)."""
         x = self.x[idx].float().div_(127.5).sub_(1.0)
         if augment is not None:
-            r = int(torch.randint(0, 8, (1,), generator=augment))
-            if r & 1:
-                x = x.flip(-1)
-            if r & 2:
-                x = x.flip(-2)
-            if r & 4:
-                x = x.transpose(-1, -2)
+            x = dihedral(x, int(torch.randint(0, 8, (1,), generator=augment)))
         return x, self.y[idx]

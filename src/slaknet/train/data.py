@@ -212,18 +212,22 @@ def dump_pngs(dataset: InsidenessDataset, out_dir: str, count: int = 16) -> List
     return paths
 
 
+def dihedral(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``r``-th (0-7) of the 8 flips/transposes of the last two axes (the square's symmetries)."""
+    if r & 1:
+        x = x.flip(-1)
+    if r & 2:
+        x = x.flip(-2)
+    if r & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
 class FlipRot:
     """Random horizontal/vertical flip and 90-degree rotation of a CHW tensor (insideness is invariant)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        r = torch.randint(0, 8, (1,)).item()
-        if r & 1:
-            x = x.flip(-1)
-        if r & 2:
-            x = x.flip(-2)
-        if r & 4:
-            x = x.transpose(-1, -2)
-        return x
+        return dihedral(x, int(torch.randint(0, 8, (1,)).item()))
 
 
 class Normalize:
