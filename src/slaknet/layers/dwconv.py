@@ -56,7 +56,10 @@ def _fast_applies(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int
 def resolve_backend(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int] = (0, 0),
                     backend: Optional[str] = None) -> str:
     """The backend that :func:`depthwise_conv2d` runs for these inputs: 'plain', 'fast', 'fft' or 'gemm'."""
-    name = _requested(backend)
+    return _choose(_requested(backend), x, weight, padding)
+
+
+def _choose(name: str, x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int]) -> str:
     if name == "plain" or not _fast_applies(x, weight, padding):
         return "plain"
     if name == "auto":
@@ -88,8 +91,9 @@ def depthwise_conv2d(
     if _exporting():
         # tracers / exporters (TorchScript, ONNX, torch.export, torch.compile) see the plain conv op
         return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
-    chosen = resolve_backend(x, weight, padding, backend)
-    _log_once(x.device.type, _requested(backend), chosen)
+    requested = _requested(backend)
+    chosen = _choose(requested, x, weight, padding)
+    _log_once(x.device.type, requested, chosen)
     if chosen == "plain":
         return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
 
