@@ -692,29 +692,47 @@ def test_mask_gradients_stashes_dense_grads_for_gradient_growth_and_spares_momen
 
 
 @pytest.mark.parametrize("largest", [False, True])
-def test_select_k_matches_sort_on_large_tensors(largest):
-    from slaknet.sparse.engine import select_k
+def test_select_k_mask_matches_sort_on_large_tensors(largest):
+    """The chunked, bracketed selection picks exactly the set a full argsort picks."""
+    from slaknet.sparse import kselect
+    from slaknet.sparse.kselect import MagnitudeScores, RandomScores, select_k_mask
 
     g = torch.Generator().manual_seed(0)
-    n = 400_000
-    score = torch.randn(n, generator=g).abs()
-    score[torch.randperm(n, generator=g)[:150_000]] = float("-inf") if largest else float("inf")
-    allowed = torch.isfinite(score)
-    for k in (1, 1234, 60_000, 249_000):
-        ref = score.argsort(descending=largest)[:k]
-        idx = select_k(score, k, largest)
-        assert idx.numel() == k and idx.unique().numel() == k
-        assert torch.equal(idx.sort().values, ref.sort().values)
-        # the same through an 'allowed' mask instead of infinities
-        finite = score.masked_fill(~allowed, 0.0)
-        idx = select_k(finite, k, largest, allowed=allowed)
-        assert torch.equal(idx.sort().values, ref.sort().values)
+    n = 3 * kselect.CHUNK + 12_345  # several chunks and a ragged, non-multiple-of-8 tail
+    values = torch.randn(n, generator=g)
+    allowed = torch.rand(n, generator=g) < 0.6
+    n_ok = int(allowed.sum())
+    for k in (1, 1234, 600_000, n_ok - 3):
+        sel = select_k_mask(MagnitudeScores(values), k, largest)
+        ref = values.abs().argsort(descending=largest)[:k]
+        assert int(sel.sum()) == k and bool(sel[ref].all())
+        sel = select_k_mask(MagnitudeScores(values), k, largest, allowed=allowed, n_allowed=n_ok)
+        masked = values.abs().masked_fill(~allowed, float("-inf") if largest else float("inf"))
+        ref = masked.argsort(descending=largest)[:k]
+        assert int(sel.sum()) == k and not bool((sel & ~allowed).any()) and bool(sel[ref].all())
+    # random scores: exactly k among the allowed, the same set as a topk over the same numbers
+    rs = RandomScores(n, seed=7, device=torch.device("cpu"))
+    numbers = torch.cat([c.clone() for _, c in rs.chunks(kselect.CHUNK)])
+    for k in (5, 400_000, n_ok // 2):
+        sel = select_k_mask(rs, k, largest, allowed=allowed, n_allowed=n_ok)
+        ref = numbers.masked_fill(~allowed, float("-inf") if largest else float("inf"))
+        ref = ref.argsort(descending=largest)[:k]
+        assert int(sel.sum()) == k and bool(sel[ref].all())
     # heavy ties (e.g. many just-regrown zero weights): exact count, and a valid k-smallest/largest set
     tied = torch.zeros(n)
     tied[: n // 2] = torch.rand(n // 2, generator=g) + 1.0
-    idx = select_k(tied if not largest else -tied, 100_000, largest)
-    assert idx.numel() == 100_000 and idx.unique().numel() == 100_000
-    assert bool((tied[idx] == 0).all())
+    sel = select_k_mask(MagnitudeScores(tied if not largest else -tied), 100_000, largest)
+    assert int(sel.sum()) == 100_000
+    assert bool((tied[sel] == 0).all()) if not largest else bool((tied[sel] > 0).all())
+
+
+def test_sparse_nonzero_matches_nonzero():
+    from slaknet.sparse.kselect import sparse_nonzero
+
+    g = torch.Generator().manual_seed(1)
+    for n, p in ((8 * 1000, 0.01), (8 * 1000, 0.9), (8 * 1000 + 5, 0.1), (0, 0.5)):
+        b = torch.rand(n, generator=g) < p
+        assert torch.equal(sparse_nonzero(b), b.nonzero().squeeze(1))
 
 
 def test_channels_last_weights_and_state():

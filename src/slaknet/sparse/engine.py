@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.sparse.density import counts_from_scores, erk_counts, uniform_counts
+from slaknet.sparse.kselect import MagnitudeScores, RandomScores, select_k_mask
 from slaknet.sparse.selection import ParamFilter, select_parameters, unwrap_model
 
 __all__ = ["SparseConfig", "SparseEngine", "SparseLayer"]
@@ -169,96 +170,6 @@ def _key(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x = z ^ (z >> 31)
     return x & 0x7FFFFFFFFFFFFFFF
-
-
-def _generator(device: torch.device, *key: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(_key(*key))
-    return g
-
-
-def _fill_at(t: torch.Tensor, flat_idx: torch.Tensor, value: float) -> None:
-    """Set ``t`` to ``value`` at flat (row-major) positions ``flat_idx``, for any memory layout."""
-    if flat_idx.numel() == 0:
-        return
-    if t.is_contiguous():
-        t.view(-1).index_fill_(0, flat_idx, value)
-    else:  # e.g. channels_last: go through a logical bool mask
-        sel = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-        sel.view(-1)[flat_idx] = True
-        t.masked_fill_(sel, value)
-
-
-_FAST_SELECT_MIN = 1 << 18  # below this many entries a plain topk is fast enough
-
-
-def select_k(score: torch.Tensor, k: int, largest: bool, allowed: Optional[torch.Tensor] = None,
-             n_allowed: Optional[int] = None) -> torch.Tensor:
-    """Flat indices of exactly ``k`` entries of 1-D ``score`` with the largest (or smallest) values,
-    among the entries where the bool ``allowed`` is True (all when None; needs ``k <= allowed.sum()``).
-
-    Same set as ``torch.topk`` over the allowed entries up to the choice among ties, but for large
-    tensors much cheaper on CPU: two quantiles of a fixed, deterministic sample of the scores bracket the
-    k-th best value (with a safety margin); entries beyond the outer one are gathered in one pass, those
-    beyond the inner one are surely selected, and the exact choice is a small topk among the few in
-    between. Falls back to a full topk if the bracket is ever wrong. Deterministic for identical inputs (no RNG), so ranks agree. ``n_allowed`` (the
-    number of allowed entries, if known) saves a pass.
-    """
-    n = score.numel()
-    dev = score.device
-    fill = float("-inf") if largest else float("inf")
-
-    def full() -> torch.Tensor:
-        sc = score if allowed is None else score.masked_fill(~allowed, fill)
-        return torch.topk(sc, k, largest=largest, sorted=False).indices
-
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=dev)
-    if n < _FAST_SELECT_MIN:
-        return full()
-    s = 1 << 16
-    pos = (torch.arange(s, device=dev, dtype=torch.long) * 2654435761) % n
-    sample = score[pos]
-    n_ok = n
-    if allowed is not None:
-        ok = allowed[pos]
-        sample = sample[ok]
-        n_ok = int(torch.count_nonzero(allowed).item()) if n_allowed is None else int(n_allowed)
-        if sample.numel() < 1024 or k > n_ok:
-            return full()
-    m = sample.numel()
-    q = k / n_ok
-    margin = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
-    # order statistics of the sample bracketing the k-th best value: beyond t_sure an entry is surely
-    # selected, beyond t_edge it is a candidate; the exact choice happens among the few in between
-    if largest:
-        j_edge, j_sure = int(math.floor((1.0 - q - margin) * m)), int(math.ceil((1.0 - q + margin) * m))
-    else:
-        j_edge, j_sure = int(math.ceil((q + margin) * m)), int(math.floor((q - margin) * m))
-    if not 1 <= j_edge <= m:
-        return full()
-    t_edge = sample.kthvalue(j_edge).values
-    t_sure = sample.kthvalue(j_sure).values if 1 <= j_sure <= m else None
-    hit = score >= t_edge if largest else score <= t_edge
-    if allowed is not None:
-        hit &= allowed
-    cand = hit.nonzero().squeeze(1)
-    del hit
-    if cand.numel() < k:
-        return full()
-    if cand.numel() == k:
-        return cand
-    v = score[cand]
-    if t_sure is None:
-        sure = torch.zeros(v.shape, dtype=torch.bool, device=dev)
-    else:
-        sure = v > t_sure if largest else v < t_sure
-    n_sure = int(torch.count_nonzero(sure).item())
-    if n_sure > k:
-        return full()
-    rest = (~sure).nonzero().squeeze(1)
-    pick = torch.topk(v[rest], k - n_sure, largest=largest, sorted=False).indices
-    return torch.cat([cand[sure], cand[rest[pick]]])
 
 
 def _dist_world() -> int:
@@ -598,49 +509,40 @@ class SparseEngine:
         step = self.step_count
         rate = self.prune_rate_at(step)
         self.apply_masks()
-        # 1) prune by magnitude: indices of the k smallest |w| among active weights
+        # 1) prune by magnitude: the k smallest |w| among active weights, as a bool mask per layer
         pruned: Dict[str, torch.Tensor] = {}
         n_prune: Dict[str, int] = {}
         for layer in self.layers:
             active = layer.count
             k = min(int(math.ceil(rate * active)), max(active - 1, 0))
             n_prune[layer.name] = k
-            flat_mask = layer.mask.reshape(-1)
-            if k == 0:
-                pruned[layer.name] = torch.zeros(0, dtype=torch.long, device=flat_mask.device)
-                continue
-            score = layer.param.detach().reshape(-1).abs().float()
-            pruned[layer.name] = select_k(score, k, largest=False, allowed=flat_mask, n_allowed=active)
-            del score
+            pruned[layer.name] = select_k_mask(MagnitudeScores(layer.param), k, largest=False,
+                                               allowed=layer.mask.view(-1), n_allowed=active)
         # 2) how many to regrow per layer
         n_grow = self._regrowth_counts(n_prune, pruned)
         # 3) regrow among positions inactive after pruning
         records = []
         for layer in self.layers:
-            new_mask = layer.mask.view(-1)  # updated in place (masks are contiguous)
-            p_idx = pruned[layer.name]
-            new_mask[p_idx] = False
+            shape = layer.param.shape
+            mask = layer.mask.view(-1)  # updated in place (masks are contiguous)
+            p_sel = pruned[layer.name]
+            mask &= ~p_sel
             k = n_grow[layer.name]
-            if k > 0:
-                score = self._growth_score(layer, step)
-                g_idx = select_k(score, k, largest=True, allowed=~new_mask,
-                                 n_allowed=layer.numel - layer.count + n_prune[layer.name])
-                del score
-                new_mask[g_idx] = True
-            else:
-                g_idx = p_idx[:0]
-            new_mask = new_mask.view(layer.param.shape)
+            g_sel = select_k_mask(self._growth_scores(layer, step), k, largest=True, allowed=~mask,
+                                  n_allowed=layer.numel - layer.count + n_prune[layer.name])
+            mask |= g_sel
             # pruned weights -> 0; grown positions were inactive, so their weight already is exactly 0
-            _fill_at(layer.param.data, p_idx, 0.0)
+            layer.param.data.mul_(mask.view(shape).view(torch.uint8))
             if cfg.optimizer_state == "zero" and self.optimizer is not None:
-                self._zero_optimizer_state(layer, torch.cat([p_idx, g_idx]))
-            layer.mask = new_mask
+                self._zero_optimizer_state(layer, ~(p_sel | g_sel))
             layer.count = layer.count - n_prune[layer.name] + k
             ever = layer.ever_active.view(-1)
-            layer.ever_count += int(g_idx.numel() - torch.count_nonzero(ever[g_idx]).item())
-            ever[g_idx] = True
+            layer.ever_count += int(torch.count_nonzero(g_sel & ~ever))
+            ever |= g_sel
             records.append({"name": layer.name, "pruned": n_prune[layer.name], "regrown": k,
                             "active": layer.count, "numel": layer.numel})
+            del p_sel, g_sel
+        pruned.clear()
         self._dense_grads = None
         self.update_count += 1
         record = {"step": step, "update": self.update_count, "prune_rate": rate,
@@ -657,18 +559,17 @@ class SparseEngine:
             cb(record)
         return record
 
-    def _growth_score(self, layer: SparseLayer, step: int) -> torch.Tensor:
+    def _growth_scores(self, layer: SparseLayer, step: int) -> Union[MagnitudeScores, RandomScores]:
         g = self.config.growth
         if g == "random":
-            gen = _generator(layer.param.device, self.config.seed, step, layer.index, 2)
-            return torch.rand(layer.numel, generator=gen, device=layer.param.device)
+            return RandomScores(layer.numel, _key(self.config.seed, step, layer.index, 2), layer.param.device)
         if g == "gradient":
             if self._dense_grads is not None and layer.name in self._dense_grads:
-                return self._dense_grads[layer.name].reshape(-1).abs().float()
+                return MagnitudeScores(self._dense_grads[layer.name])
             if layer.param.grad is None:
                 raise RuntimeError(f"gradient growth: {layer.name!r} has no gradient at update step {step}")
-            return layer.param.grad.detach().reshape(-1).abs().float()
-        return self._momentum(layer).detach().reshape(-1).abs().float()
+            return MagnitudeScores(layer.param.grad)
+        return MagnitudeScores(self._momentum(layer))
 
     def _regrowth_counts(self, n_prune: Dict[str, int], pruned: Dict[str, torch.Tensor]) -> Dict[str, int]:
         mode = self.config.redistribution
@@ -678,8 +579,7 @@ class SparseEngine:
         scores: Dict[str, float] = {}
         cap: Dict[str, int] = {}
         for layer in self.layers:
-            keep = layer.mask.reshape(-1).clone()
-            keep[pruned[layer.name]] = False
+            keep = layer.mask.reshape(-1) & ~pruned[layer.name]
             cap[layer.name] = layer.numel - (layer.count - n_prune[layer.name])
             src = layer.param if mode == "magnitude" else self._momentum(layer)
             vals = src.detach().reshape(-1)[keep].abs().float()
@@ -705,14 +605,15 @@ class SparseEngine:
             open_ = [n for n in open_ if out[n] < cap[n]]
         return out
 
-    def _zero_optimizer_state(self, layer: SparseLayer, positions: torch.Tensor) -> None:
-        """Zero every optimizer-state tensor shaped like the weight at flat ``positions``."""
+    def _zero_optimizer_state(self, layer: SparseLayer, keep: torch.Tensor) -> None:
+        """Zero every optimizer-state tensor shaped like the weight where the flat bool ``keep`` is False."""
         state = self.optimizer.state.get(layer.param)
         if not state:
             return
+        keep = keep.view(layer.param.shape).view(torch.uint8)
         for v in state.values():
             if torch.is_tensor(v) and v.shape == layer.param.shape:
-                _fill_at(v, positions, 0)
+                v.mul_(keep) if v.is_floating_point() else v.masked_fill_(keep == 0, 0)
 
     # ---------------------------------------------------------------------------------- monitoring -------
     def global_density(self) -> float:
