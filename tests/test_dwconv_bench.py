@@ -37,3 +37,39 @@ def test_bench_rejects_bad_arguments():
         run(parser.parse_args(["--backends", "plain,warp"]))
     with pytest.raises(ConfigError):
         run(parser.parse_args(["--batch", "0"]))
+
+
+def test_official_arm_same_values_in_the_official_nchw_layout(monkeypatch):
+    """The 'official' baseline computes the same function, with every depthwise conv fed NCHW-contiguous
+    tensors (as the official code's channels-first LayerNorm does) and plain F.conv2d / F.linear."""
+    import slaknet
+    import slaknet.layers.dwconv_impl  # noqa: F401
+    from slaknet.bench import OFFICIAL, arm_environment, official_layout
+
+    assert arm_environment(OFFICIAL) == {"SLAKNET_DWCONV": "plain", "SLAKNET_LINEAR": "plain"}
+    torch.manual_seed(0)
+    model = slaknet.create_model("slak_pico", num_classes=10, layer_scale_init_value=1.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    layouts = []
+
+    def record(mod, args):
+        layouts.append(args[0].is_contiguous())
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, LargeKernelConv)]
+    with torch.no_grad():
+        ref = model(x)
+        assert not all(layouts)  # slaknet's own layout hands channels_last tensors on
+        layouts.clear()
+        for k, v in arm_environment(OFFICIAL).items():
+            monkeypatch.setenv(k, v)
+        with official_layout():
+            out = model(x)
+        assert layouts and all(layouts)
+        after = model(x)  # the patch is undone on exit
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-5)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).backends.split(",")[0] == OFFICIAL

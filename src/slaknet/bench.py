@@ -1,13 +1,22 @@
 """``slaknet bench``: time SLaK models / large-kernel branches with the fast depthwise operator vs plain PyTorch.
 
-Every figure is a ratio against the plain ``nn.Conv2d`` path measured in the same process, alternating the
-two backends run by run (``SLAKNET_DWCONV`` is switched between runs) and taking medians, because the
-machine may be shared. It prints times, images/s, speedups and the fraction of the machine's peak on
+Every figure is a ratio against a baseline measured in the same process, alternating the arms run by run
+(``SLAKNET_DWCONV`` is switched between runs) and taking medians, because the machine may be shared. Arms:
+
+* ``official``: what the official SLaK code falls back to without its CUDA extension: every depthwise conv a
+  plain ``nn.Conv2d`` and the official activation layout (its channels-first LayerNorm keeps every tensor
+  NCHW-contiguous, the layout in which PyTorch's CPU kernels for the ``5 x M`` strips are slowest);
+* ``plain``: plain ``nn.Conv2d`` convs and ``F.linear`` in slaknet's layout (its LayerNorm2d hands
+  channels_last tensors on);
+* ``auto`` (and ``fast``, ``fft``, ``gemm``): slaknet's depthwise operator, and its Linear on the faster
+  CPU GEMM (``SLAKNET_LINEAR``, see :mod:`slaknet.layers.pointwise`).
+ It prints times, images/s, speedups and the fraction of the machine's peak on
 *in-bounds* multiply-adds (taps that fall on zero padding are not counted), and optionally peak memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -22,6 +31,8 @@ import torch.nn as nn
 from slaknet.errors import ConfigError
 
 ENV = "SLAKNET_DWCONV"
+LINEAR_ENV = "SLAKNET_LINEAR"
+OFFICIAL = "official"  # bench-only arm: plain convs in the official code's NCHW activation layout
 
 # SLaK-T stage shapes at 224 (width factor 1.3): channels, map size, kernel, blocks
 SLAK_T_STAGES = ((124, 56, 51, 3), (249, 28, 49, 3), (499, 14, 47, 9), (998, 7, 13, 3))
@@ -83,15 +94,22 @@ def count_inbounds_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def measure_peak_gmacs(threads: int, size: int = 1536, reps: int = 5) -> float:
-    """The machine's practical fp32 peak in G multiply-adds/s: the median rate of a large sgemm."""
+    """The machine's practical fp32 peak in G multiply-adds/s: the best rate of a large fp32 GEMM, taking
+    the faster of MKL's sgemm (``torch.mm``) and oneDNN's (on AMD CPUs MKL reaches about half of oneDNN)."""
+    from slaknet.layers.pointwise import _gemm, _op
+
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+    gemms = [lambda: torch.mm(a, b)]
+    if _op() is not None:
+        gemms.append(lambda: _gemm(a, b))
     rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(size ** 3 / (time.perf_counter() - t0) / 1e9)
+    for gemm in gemms:
+        gemm()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gemm()
+            rates.append(size ** 3 / (time.perf_counter() - t0) / 1e9)
     return max(rates)  # peak: the best of the repeats (others are slowed by neighbours)
 
 
@@ -128,20 +146,54 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _with_backend(backend: str, fn: Callable[[], None]) -> float:
-    old = os.environ.get(ENV)
-    os.environ[ENV] = backend
+def _layernorm_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of an NCHW tensor computed in place, as the official SLaK code does."""
+    mean = x.mean(1, keepdim=True)
+    centred = x - mean
+    var = centred.pow(2).mean(1, keepdim=True)
+    x = centred / torch.sqrt(var + self.eps)
+    return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+@contextlib.contextmanager
+def official_layout():
+    """Inside: LayerNorm2d runs the official way, so every activation stays NCHW-contiguous (the same
+    values as slaknet's LayerNorm2d up to rounding; only the memory layout and the speed differ)."""
+    from slaknet.layers.norm import LayerNorm2d
+
+    saved = LayerNorm2d.forward
+    LayerNorm2d.forward = _layernorm_channels_first
     try:
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        return time.perf_counter() - t0
+        yield
     finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+        LayerNorm2d.forward = saved
+
+
+def arm_environment(arm: str) -> Dict[str, str]:
+    """Environment of one arm: the depthwise conv backend and the 1x1 (Linear) GEMM backend."""
+    if arm in (OFFICIAL, "plain"):
+        return {ENV: "plain", LINEAR_ENV: "plain"}
+    return {ENV: arm, LINEAR_ENV: os.environ.get(LINEAR_ENV, "auto")}
+
+
+def _with_backend(backend: str, fn: Callable[[], None]) -> float:
+    env = arm_environment(backend)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    layout = official_layout() if backend == OFFICIAL else contextlib.nullcontext()
+    try:
+        with layout:
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            return time.perf_counter() - t0
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def compare(fns: Dict[str, Callable[[], None]], backends: Sequence[str], reps: int, warmup: int = 1,
@@ -210,12 +262,14 @@ def format_table(times: Dict[str, Dict[str, List[float]]], backends: Sequence[st
 
 def _peak_memory_subprocess(args: argparse.Namespace, backend: str) -> float:
     """Peak RSS increase (MiB) over two training steps (sampled every ~1 ms), in a fresh process."""
+    layout = "b.official_layout()" if backend == OFFICIAL else "contextlib.nullcontext()"
     code = (
-        "import torch, slaknet.bench as b;"
+        "import contextlib, torch, slaknet.bench as b;"
         f"torch.set_num_threads({args.threads});"
+        f"ctx = {layout}; ctx.__enter__();"
         f"print(b._train_memory({args.model!r}, {args.batch}, {args.size}, {bool(args.channels_last)}))"
     )
-    env = dict(os.environ, **{ENV: backend})
+    env = dict(os.environ, **arm_environment(backend))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -309,8 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=224, help="input resolution")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per backend (median reported)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--backends", default="plain,auto",
-                        help="comma-separated SLAKNET_DWCONV values; the first is the baseline")
+    parser.add_argument("--backends", default="official,plain,auto",
+                        help="comma-separated arms: 'official' (plain convs, official NCHW layout) or "
+                             "SLAKNET_DWCONV values; the first is the baseline")
     parser.add_argument("--workloads", default="forward,train step,reparam inference")
     parser.add_argument("--channels-last", action="store_true", help="run the models in channels_last")
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (subprocesses)")
@@ -326,15 +381,15 @@ def run(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     from slaknet.layers.dwconv import BACKENDS
 
-    bad = [b for b in backends if b not in BACKENDS]
+    bad = [b for b in backends if b not in BACKENDS and b != OFFICIAL]
     if bad or len(backends) < 1:
-        raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join((OFFICIAL, *BACKENDS))}")
     res = run_bench(args.model, args.batch, args.size, args.reps, args.threads, backends,
                     args.channels_last, [w.strip() for w in args.workloads.split(",")], args.peak_gmacs,
                     device=args.device)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\n{args.model} {args.size}x{args.size} batch {args.batch} fp32 on {dev}, {args.threads} threads, "
-          f"torch {torch.__version__}, peak {res['peak_gmacs']:.1f} GMAC/s (sgemm), in-bounds GMAC per "
+          f"torch {torch.__version__}, peak {res["peak_gmacs"]:.1f} GMAC/s (best fp32 GEMM), in-bounds GMAC per "
           f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}")
     print(res["table"])
     if args.memory and args.model != "branches":

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from slaknet.errors import ConfigError
-from slaknet.layers import LargeKernelConv, LayerNorm2d
+from slaknet.layers import LargeKernelConv, LayerNorm2d, Linear
 
 __all__ = ["SLaK", "Block", "MODEL_SPECS", "resolve_kernel_sizes"]
 
@@ -35,9 +35,9 @@ class Block(nn.Module):
         super().__init__()
         self.large_kernel = LargeKernelConv(dim, kernel_size, small_kernel, decompose)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
+        self.pwconv1 = Linear(dim, mlp_ratio * dim)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
+        self.pwconv2 = Linear(mlp_ratio * dim, dim)
         self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
                       if layer_scale_init_value > 0 else None)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -46,7 +46,7 @@ class Block(nn.Module):
         shortcut = x
         x = self.large_kernel(x)
         x = x.permute(0, 2, 3, 1)  # NCHW -> NHWC for the per-pixel LayerNorm and MLP
-        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = self.pwconv2(self.pwconv1.forward_act(self.norm(x), self.act))
         if self.gamma is not None:
             x = x * self.gamma
         x = x.permute(0, 3, 1, 2)

@@ -1,0 +1,162 @@
+"""Pointwise (1x1) layers on the fastest CPU GEMM PyTorch ships: SLaK's MLP at the speed of the hardware.
+
+86% of SLaK-T's multiply-adds are in the two ``Linear`` layers of every block. On CPU, ``nn.Linear`` runs
+MKL's sgemm, which on AMD processors takes a code path that reaches about half of what the hardware does
+(on this project's 2-core AMD Zen 5 machine: ~105 vs ~220 G multiply-adds/s). oneDNN, which PyTorch also
+ships (``torch.ops.mkldnn._linear_pointwise``, the op ``torch.compile`` uses for CPU linears), runs the same
+fp32 GEMM at full speed. :class:`Linear` is an ``nn.Linear`` (same parameters and checkpoint keys, seen as
+``nn.Linear`` by the sparse engine, counters and timm) whose forward *and* backward use oneDNN's GEMM when
+that is faster on this machine, and which can fuse the bias and GELU into the GEMM for inference.
+
+Choice (``SLAKNET_LINEAR=auto|plain|onednn``, default ``auto``): ``auto`` times both GEMMs once per process
+on a SLaK-sized problem and keeps oneDNN only if it is clearly faster (>= 1.15x); the choice is logged once
+on the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32,
+under autocast, while tracing / exporting / compiling, or if the op is missing, ``F.linear`` runs.
+Results equal ``F.linear`` up to fp32 summation order (tested against float64).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slaknet.errors import ConfigError
+from slaknet.layers.dwconv import _exporting
+
+__all__ = ["Linear", "linear", "linear_backend", "ENV_VAR", "BACKENDS"]
+
+ENV_VAR = "SLAKNET_LINEAR"
+BACKENDS = ("auto", "plain", "onednn")
+logger = logging.getLogger("slaknet.linear")
+_auto_choice: Optional[str] = None  # measured once per process
+
+
+def _op() -> Optional[Callable]:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "none") -> torch.Tensor:
+    """``a @ b.T (+ bias)``, then ``act`` ('none' or exact 'gelu'), in one oneDNN call (a, b: 2-D)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, act, [], "none" if act == "gelu" else "")
+
+
+def _requested() -> str:
+    name = (os.environ.get(ENV_VAR, "auto") or "auto").strip().lower()
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown linear backend {name!r} ({ENV_VAR}); choose from {', '.join(BACKENDS)}")
+    return name
+
+
+def _measure_auto() -> str:
+    """Time F.linear (MKL) against oneDNN on one SLaK-T-sized MLP GEMM; keep oneDNN if >= 1.15x faster."""
+    if _op() is None:
+        return "plain"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1568, 499, generator=g)
+    w = torch.randn(1996, 499, generator=g)
+    b = torch.zeros(1996)
+
+    def best(fn: Callable[[], torch.Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    try:
+        with torch.no_grad():
+            t_plain = best(lambda: F.linear(x, w, b))
+            t_onednn = best(lambda: _gemm(x, w, b))
+    except RuntimeError:
+        return "plain"
+    choice = "onednn" if t_plain >= 1.15 * t_onednn else "plain"
+    logger.info("linear on cpu: %s (MKL %.2f ms vs oneDNN %.2f ms per SLaK-T MLP GEMM; set %s to override)",
+                choice, 1e3 * t_plain, 1e3 * t_onednn, ENV_VAR)
+    return choice
+
+
+def linear_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """'onednn' or 'plain': what :func:`linear` runs for these tensors."""
+    global _auto_choice
+    name = _requested()
+    if name == "plain" or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return "plain"
+    if _exporting() or torch.is_autocast_enabled("cpu") or _op() is None:
+        return "plain"
+    if name == "auto":
+        if _auto_choice is None:
+            _auto_choice = _measure_auto()
+        return _auto_choice
+    return "onednn"
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with all three GEMMs (forward, input and weight gradient) on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x2d, weight)
+        ctx.has_bias = bias is not None
+        return _gemm(x2d, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x2d, weight = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _gemm(gy, weight.t().contiguous())  # gy @ W
+        if ctx.needs_input_grad[1]:
+            out_f, in_f = weight.shape
+            # gy^T @ x; oneDNN is fastest with the wider matrix as the first operand
+            gw = _gemm(x2d.t(), gy.t()).t().contiguous() if out_f >= in_f else _gemm(gy.t(), x2d.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           gelu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (then exact GELU if ``gelu``) on the fastest GEMM; any leading dims."""
+    if linear_backend(x, weight) == "onednn" and x.is_contiguous():
+        x2d = x.reshape(-1, x.shape[-1])
+        if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad)):
+            y = _gemm(x2d, weight, bias, "gelu" if gelu else "none")
+            return y.view(*x.shape[:-1], weight.shape[0])
+        y = _OneDNNLinear.apply(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return F.gelu(y) if gelu else y
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose GEMMs run on oneDNN where that is faster (see module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def forward_act(self, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """``act(self(x))``; with exact GELU the activation is fused into the GEMM when possible."""
+        if type(act) is nn.GELU and act.approximate == "none" and not _has_hooks(self) and not _has_hooks(act):
+            return linear(x, self.weight, self.bias, gelu=True)
+        return act(self(x))
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Fusing skips ``__call__``: only do it when no (module or global) forward hook would be bypassed."""
+    g = nn.modules.module
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(g, "_global_forward_hooks", None)
+                or getattr(g, "_global_forward_pre_hooks", None))
