@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
                     device=args.device)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\n{args.model} {args.size}x{args.size} batch {args.batch} fp32 on {dev}, {args.threads} threads, "
-          f"torch {torch.__version__}, peak {res["peak_gmacs"]:.1f} GMAC/s (best fp32 GEMM), in-bounds GMAC per "
+          f"torch {torch.__version__}, peak {res['peak_gmacs']:.1f} GMAC/s (best fp32 GEMM), in-bounds GMAC per "
           f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}")
     print(res["table"])
     if args.memory and args.model != "branches":
