@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from slaknet.errors import ConfigError
+from slaknet.io import atomic_path
 
 ENV = "SLAKNET_DWCONV"
 LINEAR_ENV = "SLAKNET_LINEAR"
@@ -397,8 +398,6 @@ def run(args: argparse.Namespace) -> int:
         print("peak training RSS increase (MiB): " + ", ".join(f"{b} {v:.0f}" for b, v in mem.items()))
         res["train_peak_rss_mib"] = mem
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump({k: v for k, v in res.items()}, f, indent=1)
-        os.replace(tmp, args.json)
     return 0

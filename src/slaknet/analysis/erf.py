@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
+from slaknet.io import atomic_path
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -214,10 +215,8 @@ def _safe_stem(name: str) -> str:
 
 
 def _atomic_write(path: str, writer: Callable, binary: bool = False) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w") as f:
         writer(f)
-    os.replace(tmp, path)
 
 
 def compute_erf(
@@ -627,9 +626,5 @@ def plot_erf_comparison(items: Sequence[Union[ERFResult, Tuple[str, np.ndarray]]
 
 
 def _save_figure(fig, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext or '.png'}"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")

@@ -13,6 +13,8 @@ import json
 import os
 from typing import List
 
+from slaknet.io import atomic_path
+
 # heavy imports (torch, matplotlib) happen in run(), so `slaknet --help` stays fast
 
 
@@ -176,10 +178,8 @@ def run(args: argparse.Namespace) -> int:
     summary = [r.summary(thresholds) for r in results]
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "erf_ratios.json")
-    tmp = out_json + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(out_json) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(tmp, out_json)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from slaknet.errors import CheckpointError, ConfigError
+from slaknet.io import atomic_path
 
 __all__ = [
     "KernelLayer",
@@ -279,11 +280,8 @@ def _mean_abs(stage_layers: Sequence[KernelLayer]) -> np.ndarray:
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext or '.png'}"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")
     return path
 
 
@@ -476,9 +474,7 @@ def kernel_report(source, out_dir: str, channels: int = 6, prefer_ema: bool = Fa
         "files": files,
     }
     path = os.path.join(out_dir, "kernels.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(tmp, path)
     files["json"] = path
     return summary

@@ -76,7 +76,7 @@ BUDGETS: Dict[str, Budget] = {
     # ~10-15 min on a shared 2-core CPU: 2 seeds, few epochs
     "short": Budget("short", width=24, train_samples=3000, val_samples=600, epochs=5, seeds=2, erf_images=8,
                     update_frequency=10),
-    # ~30-45 min on a 2-core CPU
+    # ~15 min on an idle 2-core CPU (13.5 min measured; 30-45 min under load)
     "default": Budget("default", seeds=3),
     # GPU: larger images and two blocks at a 32 x 32 map, more data, epochs and seeds
     "large": Budget("large", image_size=128, stem=4, depth=2, width=48, train_samples=20000, val_samples=2000,

@@ -13,7 +13,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="default", choices=["tiny", "short", "default", "large"],
                         help="study size: tiny (smoke test, seconds), short (~10-15 min on 2 CPU cores), "
-                             "default (~30-45 min on a quiet 2-core CPU), large (GPU)")
+                             "default (~15 min on a quiet 2-core CPU), large (GPU)")
     parser.add_argument("--out", "-o", default=None, help="output folder (default runs/study-<budget>)")
     parser.add_argument("--arms", default=None,
                         help="comma-separated subset of arms (default all; see --list)")

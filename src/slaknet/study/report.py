@@ -8,6 +8,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from slaknet.io import atomic_path
+
 __all__ = ["aggregate", "mean_std", "markdown_report", "write_report", "class_balance", "SECTIONS"]
 
 # (title, arms, mode, what the comparison asks)
@@ -230,10 +232,8 @@ def _plot_acc_vs_nonzeros(rows: Dict[Tuple[str, str], Dict[str, Any]], path: str
 
 
 def _save(fig: Any, path: str) -> None:
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or "png")
 
 
 def _erf_pair(rows: Dict[Tuple[str, str], Dict[str, Any]], erf_dir: str) -> List[Tuple[str, np.ndarray]]:
@@ -269,10 +269,8 @@ def write_report(out_dir: str, records: Optional[Sequence[Dict[str, Any]]] = Non
     os.makedirs(out_dir, exist_ok=True)
     paths: Dict[str, str] = {}
     md = os.path.join(out_dir, "results.md")
-    tmp = md + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(md) as tmp, open(tmp, "w") as f:
         f.write(markdown_report(records, class_balance(out_dir, records)))
-    os.replace(tmp, md)
     paths["table"] = md
     if not records:
         return paths

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
+from slaknet.io import atomic_path
 from slaknet.study.arms import REFERENCE_ARM, Arm, Budget, select_arms
 from slaknet.study.data import CentreInsideness
 from slaknet.study.model import StudyNet, receptive_radius
@@ -89,10 +90,9 @@ class StudyData:
         path = self._path()
         if path:
             os.makedirs(self.cache_dir, exist_ok=True)  # type: ignore[arg-type]
-            tmp = path + f".tmp{os.getpid()}.npz"
-            np.savez(tmp, train_x=tr.x.numpy(), train_y=tr.y.numpy(), train_d=tr.distances,
-                     val_x=va.x.numpy(), val_y=va.y.numpy(), val_d=va.distances)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: no ".npz" appended
+                np.savez(f, train_x=tr.x.numpy(), train_y=tr.y.numpy(), train_d=tr.distances,
+                         val_x=va.x.numpy(), val_y=va.y.numpy(), val_d=va.distances)
         return tr, va
 
 
@@ -236,8 +236,8 @@ def train_run(arm: Arm, seed: int, budget: Budget, data: Callable[[], Tuple[Cent
         if erf_dir:
             os.makedirs(erf_dir, exist_ok=True)
             name = os.path.join(erf_dir, f"{arm.name}-{'time' if time_limit else 'epochs'}-s{seed}.npy")
-            np.save(name + f".tmp{os.getpid()}.npy", m)
-            os.replace(name + f".tmp{os.getpid()}.npy", name)
+            with atomic_path(name) as tmp, open(tmp, "wb") as f:
+                np.save(f, m)
     return rec
 
 
