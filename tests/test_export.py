@@ -126,18 +126,31 @@ def test_bad_arguments(pico, tmp_path):
         load_exported(str(tmp_path / "missing.onnx"), "onnx")
 
 
-def test_plain_dwconv_restores_environment(monkeypatch):
-    from slaknet.layers.dwconv import ENV_VAR
+def test_plain_dwconv_is_thread_local_and_restored(monkeypatch):
+    import threading
 
+    from slaknet.layers.dwconv import ENV_VAR, resolve_backend
+
+    x, w = torch.randn(1, 4, 9, 9), torch.randn(4, 1, 5, 5)
     monkeypatch.setenv(ENV_VAR, "fast")
+    seen = {}
+
+    def other_thread() -> None:
+        seen["other"] = resolve_backend(x, w, (2, 2))
+
     with plain_dwconv():
-        assert os.environ[ENV_VAR] == "plain"
-    assert os.environ[ENV_VAR] == "fast"
-    monkeypatch.delenv(ENV_VAR)
+        assert resolve_backend(x, w, (2, 2)) == "plain"
+        assert os.environ[ENV_VAR] == "fast"  # the process environment is not touched
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert resolve_backend(x, w, (2, 2), backend="gemm") == "gemm"  # an explicit argument still wins
+    assert seen["other"] == "fast"  # other threads keep their backend
+    assert resolve_backend(x, w, (2, 2)) == "fast"
     with pytest.raises(RuntimeError):
         with plain_dwconv():
             raise RuntimeError("boom")
-    assert ENV_VAR not in os.environ
+    assert resolve_backend(x, w, (2, 2)) == "fast"
 
 
 def test_cli_export_from_checkpoint(pico, tmp_path, capsys):

@@ -61,18 +61,12 @@ def _check_format(fmt: str) -> str:
 
 @contextlib.contextmanager
 def plain_dwconv() -> Iterator[None]:
-    """Run every depthwise conv through plain ``F.conv2d`` inside the block (for tracing and export)."""
-    from slaknet.layers.dwconv import ENV_VAR
+    """Run every depthwise conv through plain ``F.conv2d`` inside the block, in this thread only (for
+    tracing, export and their verification; the process environment is left alone)."""
+    from slaknet.layers.dwconv import use_backend
 
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "plain"
-    try:
+    with use_backend("plain"):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 @dataclass

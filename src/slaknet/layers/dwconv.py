@@ -12,29 +12,48 @@ convolution with 'same' padding. It picks a backend automatically per device, sh
 Default (``auto``): ``fast`` on CPU and CUDA for floating dtypes (on CUDA it keeps cuDNN for the forward,
 the input gradient and small square kernels, and replaces only cuDNN's slow strip weight gradient, see
 docs/speed.md), ``plain`` on other devices. Override with the ``backend`` argument, or for the whole process
-with the environment variable ``SLAKNET_DWCONV=plain|fast|fft|gemm|auto``. The choice is logged once per
-(device, backend) on the ``slaknet.dwconv`` logger.
+with the environment variable ``SLAKNET_DWCONV=plain|fast|fft|gemm|auto``, or for a block of code in the
+current thread with ``with use_backend("plain"):``. The choice is logged once per (device, backend) on the
+``slaknet.dwconv`` logger.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
-from typing import Optional, Set, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
 
-__all__ = ["depthwise_conv2d", "resolve_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["depthwise_conv2d", "resolve_backend", "use_backend", "BACKENDS", "ENV_VAR"]
 
 ENV_VAR = "SLAKNET_DWCONV"
 BACKENDS = ("auto", "plain", "fast", "fft", "gemm")
 logger = logging.getLogger("slaknet.dwconv")
 _logged: Set[Tuple[str, str, str]] = set()
+# a backend forced for the current thread / task (use_backend); beats the environment variable
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("slaknet_dwconv_backend", default=None)
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run depthwise convs with backend ``name`` inside the block, in this thread only (unlike
+    ``SLAKNET_DWCONV``, which is process-wide). An explicit ``backend=`` argument still wins."""
+    _requested(name)  # validate now, with a clear error
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
 
 
 def _requested(backend: Optional[str]) -> str:
+    if backend is None:
+        backend = _forced.get()
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     name = (name or "auto").strip().lower()
     if name not in BACKENDS:
