@@ -73,3 +73,18 @@ def test_official_arm_same_values_in_the_official_nchw_layout(monkeypatch):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args([]).backends.split(",")[0] == OFFICIAL
+
+
+def test_bench_workloads_run_under_bf16_autocast():
+    """--amp bf16: every workload runs under CPU autocast (one tiny model, one rep, no timing asserted)."""
+    from slaknet.bench import model_workloads
+
+    torch.manual_seed(0)
+    layer = LargeKernelConv(4, 7, small_kernel=3)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    x = torch.randn(2, 4, 8, 8)
+    dtypes = []
+    model[2].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    fns, _ = model_workloads(model, x, lambda: x, lambda out: out.float().sum(), amp=torch.bfloat16)
+    fns["train step"]()
+    assert torch.bfloat16 in dtypes

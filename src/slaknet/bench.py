@@ -216,9 +216,16 @@ def compare(fns: Dict[str, Callable[[], None]], backends: Sequence[str], reps: i
 
 
 def model_workloads(model: nn.Module, x, train_inputs: Callable[[], object], loss_fn: Callable,
-                    channels_last: bool = False) -> Tuple[Dict[str, Callable[[], None]], nn.Module]:
-    """forward (eval, no grad), training step (forward+backward+AdamW) and reparameterized inference."""
+                    channels_last: bool = False, amp: Optional[torch.dtype] = None
+                    ) -> Tuple[Dict[str, Callable[[], None]], nn.Module]:
+    """forward (eval, no grad), training step (forward+backward+AdamW) and reparameterized inference,
+    optionally under autocast to ``amp`` (e.g. bfloat16)."""
     import copy
+
+    device_type = x.device.type if torch.is_tensor(x) else x[0].device.type
+
+    def autocast():
+        return torch.autocast(device_type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     train_model = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
@@ -230,16 +237,18 @@ def model_workloads(model: nn.Module, x, train_inputs: Callable[[], object], los
             m.to(memory_format=torch.channels_last)
 
     def forward() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             infer_model(x)
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(train_model(train_inputs())).backward()
+        with autocast():
+            loss = loss_fn(train_model(train_inputs()))
+        loss.backward()
         opt.step()
 
     def reparam() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             rep_model(x)
 
     return {"forward": forward, "train step": train_step, "reparam inference": reparam}, rep_model
@@ -332,12 +341,12 @@ def _build(name: str, batch: int, size: int, device: str = "cpu"):
 def run_bench(model_name: str, batch: int, size: int, reps: int, threads: int,
               backends: Sequence[str] = ("plain", "auto"), channels_last: bool = False,
               workloads: Optional[Sequence[str]] = None, peak_gmacs: Optional[float] = None,
-              progress: bool = True, device: str = "cpu") -> Dict[str, object]:
+              progress: bool = True, device: str = "cpu", amp: Optional[torch.dtype] = None) -> Dict[str, object]:
     """Benchmark one model (or ``branches``) and return times, MACs and the formatted table."""
     torch.set_num_threads(threads)
     peak = peak_gmacs or (measure_peak_gmacs(threads) if device == "cpu" else 0.0)
     model, x, inputs, loss_fn = _build(model_name, batch, size, device)
-    fns, rep_model = model_workloads(model, x, inputs, loss_fn, channels_last)
+    fns, rep_model = model_workloads(model, x, inputs, loss_fn, channels_last, amp)
     if workloads:
         fns = {k: v for k, v in fns.items() if k in workloads}
     fwd_macs = count_inbounds_macs(model.eval(), x) if model_name != "branches" else _branch_macs(model, x)
@@ -373,6 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-gmacs", type=float, default=None,
                         help="machine peak in G multiply-adds/s (default: measured with a large sgemm)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="run every arm under autocast to this dtype (%% of peak stays relative to fp32)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -385,11 +396,13 @@ def run(args: argparse.Namespace) -> int:
     bad = [b for b in backends if b not in BACKENDS and b != OFFICIAL]
     if bad or len(backends) < 1:
         raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join((OFFICIAL, *BACKENDS))}")
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[getattr(args, "amp", "none")]
     res = run_bench(args.model, args.batch, args.size, args.reps, args.threads, backends,
                     args.channels_last, [w.strip() for w in args.workloads.split(",")], args.peak_gmacs,
-                    device=args.device)
+                    device=args.device, amp=amp)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"\n{args.model} {args.size}x{args.size} batch {args.batch} fp32 on {dev}, {args.threads} threads, "
+    precision = "fp32" if args.amp == "none" else f"{args.amp} autocast"
+    print(f"\n{args.model} {args.size}x{args.size} batch {args.batch} {precision} on {dev}, {args.threads} threads, "
           f"torch {torch.__version__}, peak {res['peak_gmacs']:.1f} GMAC/s (best fp32 GEMM), in-bounds GMAC per "
           f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}")
     print(res["table"])
