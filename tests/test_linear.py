@@ -86,6 +86,19 @@ def test_bad_backend_name_is_a_config_error(monkeypatch):
     monkeypatch.setenv(lin.ENV_VAR, "blas")
     with pytest.raises(ConfigError, match="SLAKNET_LINEAR"):
         linear(torch.randn(2, 3), torch.randn(4, 3))
+    monkeypatch.delenv(lin.ENV_VAR)
+    with pytest.raises(ConfigError, match="backend argument"):
+        linear(torch.randn(2, 3), torch.randn(4, 3), backend="blas")
+
+
+@needs_onednn
+def test_backend_argument_beats_the_environment(monkeypatch):
+    monkeypatch.setenv(lin.ENV_VAR, "onednn")
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    assert lin.linear_backend(x, w) == "onednn"
+    assert lin.linear_backend(x, w, backend="plain") == "plain"
+    monkeypatch.setenv(lin.ENV_VAR, "plain")
+    assert lin.linear_backend(x, w, backend="onednn") == "onednn"
 
 
 @needs_onednn

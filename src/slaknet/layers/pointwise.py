@@ -8,7 +8,7 @@ fp32 GEMM at full speed. :class:`Linear` is an ``nn.Linear`` (same parameters an
 ``nn.Linear`` by the sparse engine, counters and timm) whose forward *and* backward use oneDNN's GEMM when
 that is faster on this machine, and which can fuse the bias and GELU into the GEMM for inference.
 
-Choice (``SLAKNET_LINEAR=auto|plain|onednn``, default ``auto``): ``auto`` times both GEMMs once per process
+Choice (``SLAKNET_LINEAR=auto|plain|onednn``, default ``auto``, or ``backend=`` per call of :func:`linear`): ``auto`` times both GEMMs once per process
 on a SLaK-sized problem and keeps oneDNN only if it is clearly faster (>= 1.15x); the choice is logged once
 on the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32,
 under autocast, while tracing / exporting / compiling, or if the op is missing, ``F.linear`` runs.
@@ -50,10 +50,12 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, act, [], "none" if act == "gelu" else "")
 
 
-def _requested() -> str:
-    name = (os.environ.get(ENV_VAR, "auto") or "auto").strip().lower()
+def _requested(backend: Optional[str] = None) -> str:
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = (name or "auto").strip().lower()
     if name not in BACKENDS:
-        raise ConfigError(f"unknown linear backend {name!r} ({ENV_VAR}); choose from {', '.join(BACKENDS)}")
+        source = "backend argument" if backend is not None else ENV_VAR
+        raise ConfigError(f"unknown linear backend {name!r} ({source}); choose from {', '.join(BACKENDS)}")
     return name
 
 
@@ -87,10 +89,10 @@ def _measure_auto() -> str:
     return choice
 
 
-def linear_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """'onednn' or 'plain': what :func:`linear` runs for these tensors."""
+def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
+    """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment)."""
     global _auto_choice
-    name = _requested()
+    name = _requested(backend)
     if name == "plain" or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return "plain"
     if _exporting() or torch.is_autocast_enabled("cpu") or _op() is None:
@@ -128,9 +130,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           gelu: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (then exact GELU if ``gelu``) on the fastest GEMM; any leading dims."""
-    if linear_backend(x, weight) == "onednn" and x.is_contiguous():
+           gelu: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (then exact GELU if ``gelu``) on the fastest GEMM; any leading dims.
+
+    ``backend``: 'auto', 'plain' or 'onednn' for this call (default: ``SLAKNET_LINEAR``, else 'auto').
+    """
+    if linear_backend(x, weight, backend) == "onednn" and x.is_contiguous():
         x2d = x.reshape(-1, x.shape[-1])
         if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad)):
