@@ -151,3 +151,19 @@ def test_model_same_outputs_and_gradients_with_either_gemm(monkeypatch):
     assert _rel(out_a, out_p.double()) < 1e-5
     for n in g_p:
         assert _rel(g_a[n], g_p[n].double()) < 1e-4, n
+
+
+def test_fx_symbolic_trace_of_a_slak_model():
+    """torch.fx tracing sees plain ops (F.conv2d / F.linear) and gives the same outputs."""
+    import slaknet
+
+    torch.manual_seed(0)
+    model = slaknet.create_model("slak_pico", num_classes=10, layer_scale_init_value=1.0).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = traced(x)
+    assert _rel(out, ref.double()) < 1e-5
+    targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
+    assert any("linear" in t for t in targets) and any("conv2d" in t for t in targets)

@@ -128,8 +128,12 @@ def depthwise_conv2d(
 
 
 def _exporting() -> bool:
-    """True while TorchScript / ONNX / torch.export / torch.compile trace the model."""
+    """True while TorchScript / ONNX / torch.export / torch.compile / torch.fx trace the model."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    fx = getattr(torch.fx, "_symbolic_trace", None)
+    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", None) or getattr(fx, "is_fx_tracing", None)
+    if fx_tracing is not None and fx_tracing():
         return True
     onnx = getattr(torch, "onnx", None)
     if onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)():

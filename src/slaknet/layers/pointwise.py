@@ -93,9 +93,11 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
     """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment)."""
     global _auto_choice
     name = _requested(backend)
-    if name == "plain" or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if name == "plain" or _exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
         return "plain"
-    if _exporting() or torch.is_autocast_enabled("cpu") or _op() is None:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return "plain"
+    if torch.is_autocast_enabled("cpu") or _op() is None:
         return "plain"
     if name == "auto":
         if _auto_choice is None:
