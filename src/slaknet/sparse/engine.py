@@ -303,7 +303,7 @@ class SparseEngine:
             return
         self.step_count += 1
         if self.update_due(self.step_count):
-            self.update_topology()
+            self._update()  # the masks were just re-applied
 
     # ------------------------------------------------------------------------------------ masks ---------
     def _install_pending(self) -> None:
@@ -505,10 +505,14 @@ class SparseEngine:
         weights start at exactly 0, and with ``optimizer_state='zero'`` the optimizer state of pruned and
         grown positions is zeroed. Returns (and logs) the update record.
         """
+        self.apply_masks()
+        return self._update()
+
+    @torch.no_grad()
+    def _update(self) -> Dict[str, Any]:
         cfg = self.config
         step = self.step_count
         rate = self.prune_rate_at(step)
-        self.apply_masks()
         # 1) prune by magnitude: the k smallest |w| among active weights, as a bool mask per layer
         pruned: Dict[str, torch.Tensor] = {}
         n_prune: Dict[str, int] = {}

@@ -53,7 +53,9 @@ class MagnitudeScores:
                 ) -> Optional[Tuple[float, float]]:
         """(t_edge, t_sure) from the order statistics of a fixed, deterministic sample (or None)."""
         n = self.numel
-        pos = (torch.arange(_SAMPLE, device=self.device, dtype=torch.long) * 2654435761) % n
+        # scattered positions (a multiplicative hash: no aliasing with rows / channels), visited in
+        # increasing order so the gather streams through memory
+        pos = ((torch.arange(_SAMPLE, device=self.device, dtype=torch.long) * 2654435761) % n).sort().values
         sample = self.gather(pos)
         if allowed is not None:
             sample = sample[allowed[pos]]
