@@ -121,7 +121,7 @@ class _OneDNNLinear(torch.autograd.Function):
         gy = gy.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _gemm(gy, weight.t().contiguous())  # gy @ W
+            gx = _gemm(gy, weight.t())  # gy @ W (oneDNN reads the transposed view in place)
         if ctx.needs_input_grad[1]:
             out_f, in_f = weight.shape
             # gy^T @ x; oneDNN is fastest with the wider matrix as the first operand
