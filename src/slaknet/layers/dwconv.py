@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 from contextlib import contextmanager
 from typing import Iterator, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from slaknet.errors import ConfigError
+from slaknet.layers.dispatch import backend_name, exporting
 
 __all__ = ["depthwise_conv2d", "resolve_backend", "use_backend", "BACKENDS", "ENV_VAR"]
 
@@ -52,14 +51,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _requested(backend: Optional[str]) -> str:
-    if backend is None:
-        backend = _forced.get()
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    name = (name or "auto").strip().lower()
-    if name not in BACKENDS:
-        source = "backend argument" if backend is not None else f"{ENV_VAR}"
-        raise ConfigError(f"unknown depthwise conv backend {name!r} ({source}); choose from {', '.join(BACKENDS)}")
-    return name
+    return backend_name(backend if backend is not None else _forced.get(), ENV_VAR, BACKENDS, "depthwise conv")
 
 
 def _fast_applies(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int]) -> bool:
@@ -107,7 +99,7 @@ def depthwise_conv2d(
     in outputs and gradients, whichever backend runs. ``backend``: see the module docstring.
     """
     padding = (int(padding[0]), int(padding[1]))
-    if _exporting():
+    if exporting():
         # tracers / exporters (TorchScript, ONNX, torch.export, torch.compile) see the plain conv op
         return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
     requested = _requested(backend)
@@ -125,25 +117,6 @@ def depthwise_conv2d(
         with torch.autocast(dev, enabled=False):
             return _apply(x, weight, bias, padding, chosen)
     return _apply(x, weight, bias, padding, chosen)
-
-
-def _exporting() -> bool:
-    """True while TorchScript / ONNX / torch.export / torch.compile / torch.fx trace the model."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    fx = getattr(torch.fx, "_symbolic_trace", None)
-    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", None) or getattr(fx, "is_fx_tracing", None)
-    if fx_tracing is not None and fx_tracing():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    if onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_exporting", "is_compiling"):
-        fn = getattr(compiler, name, None)
-        if fn is not None and fn():
-            return True
-    return False
 
 
 def _autocast_dtype(dev: str) -> Optional[torch.dtype]:

@@ -17,7 +17,6 @@ Results equal ``F.linear`` up to fp32 summation order (tested against float64).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable, Optional
 
@@ -25,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slaknet.errors import ConfigError
-from slaknet.layers.dwconv import _exporting
+from slaknet.layers.dispatch import backend_name, exporting
 
 __all__ = ["Linear", "linear", "linear_backend", "ENV_VAR", "BACKENDS"]
 
@@ -48,15 +46,6 @@ def _op() -> Optional[Callable]:
 def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "none") -> torch.Tensor:
     """``a @ b.T (+ bias)``, then ``act`` ('none' or exact 'gelu'), in one oneDNN call (a, b: 2-D)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, act, [], "none" if act == "gelu" else "")
-
-
-def _requested(backend: Optional[str] = None) -> str:
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    name = (name or "auto").strip().lower()
-    if name not in BACKENDS:
-        source = "backend argument" if backend is not None else ENV_VAR
-        raise ConfigError(f"unknown linear backend {name!r} ({source}); choose from {', '.join(BACKENDS)}")
-    return name
 
 
 def _measure_auto() -> str:
@@ -92,8 +81,8 @@ def _measure_auto() -> str:
 def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
     """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment)."""
     global _auto_choice
-    name = _requested(backend)
-    if name == "plain" or _exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
+    name = backend_name(backend, ENV_VAR, BACKENDS, "linear")
+    if name == "plain" or exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
         return "plain"
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return "plain"
