@@ -129,8 +129,7 @@ def sparse_nonzero(b: torch.Tensor) -> torch.Tensor:
 
 
 def select_k_mask(scores: Scores, k: int, largest: bool, allowed: Optional[torch.Tensor] = None,
-                  n_allowed: Optional[int] = None,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  n_allowed: Optional[int] = None) -> torch.Tensor:
     """A flat bool mask with exactly ``k`` True entries: the ``k`` largest (or smallest) ``scores``
     among the positions where the flat bool ``allowed`` is True (all when None).
 
@@ -143,18 +142,15 @@ def select_k_mask(scores: Scores, k: int, largest: bool, allowed: Optional[torch
         n_allowed = n if allowed is None else int(torch.count_nonzero(allowed))
     if not 0 <= k <= n_allowed:
         raise ValueError(f"cannot select {k} of {n_allowed} allowed entries")
-    if out is None:
-        out = torch.empty(n, dtype=torch.bool, device=dev)
     if k == 0:
-        return out.zero_()
+        return torch.zeros(n, dtype=torch.bool, device=dev)
     if k == n_allowed:
-        return out.copy_(allowed) if allowed is not None else out.fill_(True)
-    if n < SMALL or dev.type != "cpu":
-        return out.copy_(_full(scores, k, largest, allowed))
-    br = scores.bracket(k, largest, allowed, n_allowed)
+        return allowed.clone() if allowed is not None else torch.ones(n, dtype=torch.bool, device=dev)
+    br = scores.bracket(k, largest, allowed, n_allowed) if n >= SMALL and dev.type == "cpu" else None
     if br is None:
-        return out.copy_(_full(scores, k, largest, allowed))
+        return _full(scores, k, largest, allowed)
     t_edge, t_sure = br
+    out = torch.empty(n, dtype=torch.bool, device=dev)
     beyond_sure, beyond_edge = (torch.gt, torch.ge) if largest else (torch.lt, torch.le)
     band = torch.empty(min(CHUNK, n), dtype=torch.bool, device=dev)
     band_idx, band_val = [], []
@@ -176,7 +172,7 @@ def select_k_mask(scores: Scores, k: int, largest: bool, allowed: Optional[torch
     need = k - n_sure
     idx = torch.cat(band_idx)
     if need < 0 or need > idx.numel():  # the bracket missed (practically never): exact fallback
-        return out.copy_(_full(scores, k, largest, allowed))
+        return _full(scores, k, largest, allowed)
     if need:
         pick = torch.topk(torch.cat(band_val), need, largest=largest, sorted=False).indices
         out[idx[pick]] = True
