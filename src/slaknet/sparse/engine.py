@@ -610,14 +610,23 @@ class SparseEngine:
         return out
 
     def _zero_optimizer_state(self, layer: SparseLayer, keep: torch.Tensor) -> None:
-        """Zero every optimizer-state tensor shaped like the weight where the flat bool ``keep`` is False."""
+        """Zero every optimizer-state tensor shaped like the weight where the flat bool ``keep`` is False.
+
+        Floating state is multiplied by the 0/1 mask (one streaming pass; ``masked_fill_`` is ~10x slower
+        on CPU), which gives exact zeros for finite state; an inf / NaN entry would stay NaN (such state
+        only arises from steps that a GradScaler skips).
+        """
         state = self.optimizer.state.get(layer.param)
         if not state:
             return
         keep = keep.view(layer.param.shape).view(torch.uint8)
         for v in state.values():
-            if torch.is_tensor(v) and v.shape == layer.param.shape:
-                v.mul_(keep) if v.is_floating_point() else v.masked_fill_(keep == 0, 0)
+            if not (torch.is_tensor(v) and v.shape == layer.param.shape):
+                continue
+            if v.is_floating_point():
+                v.mul_(keep)
+            else:
+                v.masked_fill_(keep == 0, 0)
 
     # ---------------------------------------------------------------------------------- monitoring -------
     def global_density(self) -> float:
