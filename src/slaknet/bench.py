@@ -10,7 +10,8 @@ Every figure is a ratio against a baseline measured in the same process, alterna
   channels_last tensors on);
 * ``auto`` (and ``fast``, ``fft``, ``gemm``): slaknet's depthwise operator, and its Linear on the faster
   CPU GEMM (``SLAKNET_LINEAR``, see :mod:`slaknet.layers.pointwise`).
- It prints times, images/s, speedups and the fraction of the machine's peak on
+
+It prints times, images/s, speedups and the fraction of the machine's peak on
 *in-bounds* multiply-adds (taps that fall on zero padding are not counted), and optionally peak memory.
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _sync() -> None:
 
 
 def _layernorm_channels_first(self, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of an NCHW tensor computed in place, as the official SLaK code does."""
+    """LayerNorm over the channels of an NCHW tensor, computed on that layout as the official SLaK code does."""
     mean = x.mean(1, keepdim=True)
     centred = x - mean
     var = centred.pow(2).mean(1, keepdim=True)
@@ -380,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="run the models in channels_last")
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (subprocesses)")
     parser.add_argument("--peak-gmacs", type=float, default=None,
-                        help="machine peak in G multiply-adds/s (default: measured with a large sgemm)")
+                        help="machine peak in G multiply-adds/s (default: best of a large MKL / oneDNN fp32 GEMM)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                         help="run every arm under autocast to this dtype (%% of peak stays relative to fp32)")
@@ -396,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [b for b in backends if b not in BACKENDS and b != OFFICIAL]
     if bad or len(backends) < 1:
         raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join((OFFICIAL, *BACKENDS))}")
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[getattr(args, "amp", "none")]
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     res = run_bench(args.model, args.batch, args.size, args.reps, args.threads, backends,
                     args.channels_last, [w.strip() for w in args.workloads.split(",")], args.peak_gmacs,
                     device=args.device, amp=amp)
