@@ -459,10 +459,10 @@ def test_invalid_options_raise_config_error():
 
 # ------------------------------------------------------------------------------------ resume -------------
 
-def _run(steps, resume_at=None, tmp_path=None):
+def _run(steps, resume_at=None, tmp_path=None, fused=False):
     torch.manual_seed(0)
     m = Net(p_drop=0.2)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05, fused=fused)
     e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=steps, growth="random", seed=7)
     torch.manual_seed(123)
     for step in range(steps):
@@ -475,7 +475,7 @@ def _run(steps, resume_at=None, tmp_path=None):
             # a fresh process: different init, fresh engine (with different initial masks)
             torch.manual_seed(999)
             m = Net(p_drop=0.2)
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05, fused=fused)
             e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=steps, growth="random", seed=7)
             m.load_state_dict(ck["model"])
             opt.load_state_dict(ck["opt"])
@@ -486,9 +486,11 @@ def _run(steps, resume_at=None, tmp_path=None):
     return m, e
 
 
-def test_resume_equals_uninterrupted_bitwise():
-    m1, e1 = _run(12)
-    m2, e2 = _run(12, resume_at=5)  # between updates 3 and 6, just after regrown (zero) weights appeared
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "adamw_fused_parked"])
+def test_resume_equals_uninterrupted_bitwise(fused):
+    m1, e1 = _run(12, fused=fused)
+    m2, e2 = _run(12, resume_at=5, fused=fused)  # between updates 3 and 6, just after regrown (zero) weights appeared
+    assert e2.stats()["parked_layers"] == (len(e2.layers) if fused else 0)
     for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), n
     for l1, l2 in zip(e1.layers, e2.layers):
@@ -778,3 +780,141 @@ def test_config_from_partial_namespace_uses_defaults():
     assert (cfg.sparsity, cfg.update_frequency, cfg.growth, cfg.seed) == (0.5, 100, "random", 3)
     with pytest.raises(ConfigError):
         config_from_args(argparse.Namespace(sparse=True, growth="nope"), total_steps=10)
+
+
+# ------------------------------------------------------------ parking (fused Adam: no per-step pass) -----
+
+def test_edit_bits_is_exact_over_inf_and_nan():
+    from slaknet.sparse.engine import _edit_bits_
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        v = torch.tensor([1.5, float("inf"), float("nan"), -0.0, 2.0, -3.0], dtype=dtype)
+        keep = torch.tensor([True, False, False, True, False, True])
+        to_inf = torch.tensor([False, False, True, False, False, False])
+        _edit_bits_(v, keep, to_inf)
+        expect = torch.tensor([1.5, 0.0, float("inf"), -0.0, 0.0, -3.0], dtype=dtype)
+        assert torch.equal(v, expect) and torch.equal(torch.signbit(v), torch.signbit(expect)), dtype
+
+
+@pytest.mark.parametrize("cls,amsgrad", [(torch.optim.AdamW, False), (torch.optim.AdamW, True),
+                                         (torch.optim.Adam, False)])
+def test_fused_adam_holds_inactive_weights_at_zero_without_any_pass(cls, amsgrad):
+    torch.manual_seed(0)
+    m = Net()
+    opt = cls(m.parameters(), lr=1e-2, weight_decay=0.5, amsgrad=amsgrad, fused=True)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=30)
+    train_step(m, opt, 0)  # the optimizer state appears: the hook masks once and parks
+    assert e.stats()["parked_layers"] == len(e.layers) > 0
+    assert_masked(e)
+    e.detach()  # from here on nothing of the engine runs: the optimizer alone must keep the zeros
+    for step in range(1, 4):
+        train_step(m, opt, step, clip=0.5)
+        assert_masked(e)
+    e.attach(opt)
+    for step in range(4, 12):  # updates at engine steps 3, 6, 9: newly pruned weights are held too
+        masks = {l.name: l.mask.clone() for l in e.layers}
+        train_step(m, opt, step, clip=0.5)
+        assert_masked(e)
+        for l in e.layers:
+            for key in ("exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg_sq",):
+                v = opt.state[l.param][key]
+                assert torch.isinf(v[~l.mask]).all() and torch.isfinite(v[l.mask]).all()
+            grown = l.mask & ~masks[l.name]
+            if grown.any():  # regrown: weight and moments restart from exactly zero ('zero' policy)
+                assert torch.count_nonzero(l.param[grown]) == 0
+                assert torch.count_nonzero(opt.state[l.param]["exp_avg"][grown]) == 0
+    assert e.update_count == 3 and e.stats()["parked_layers"] == len(e.layers)
+
+
+@pytest.mark.parametrize("growth", ["random", "momentum", "gradient"])
+def test_parked_training_equals_re_masking_bitwise(growth):
+    def run(masking):
+        torch.manual_seed(0)
+        m = Net()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        # a high prune rate: positions pruned and regrown in the same update occur (they must not stay parked)
+        e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=20, growth=growth,
+                         masking=masking, prune_rate=0.6, prune_rate_decay="constant")
+        for step in range(9):
+            train_step(m, opt, step, clip=1.0)
+        return m, opt, e
+
+    m1, o1, e1 = run("auto")
+    m2, o2, e2 = run("pass")
+    assert e1.stats()["parked_layers"] == len(e1.layers) and e2.stats()["parked_layers"] == 0
+    assert e1.update_count == e2.update_count == 4
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p1, p2), n
+    for l1, l2 in zip(e1.layers, e2.layers):
+        assert torch.equal(l1.mask, l2.mask)
+        s1, s2 = o1.state[l1.param], o2.state[l2.param]
+        assert torch.equal(s1["exp_avg"], s2["exp_avg"])  # the first moment follows the dense gradient in both
+        assert torch.equal(s1["exp_avg_sq"][l1.mask], s2["exp_avg_sq"][l2.mask])
+
+
+def test_parking_only_where_exact_and_fast():
+    def parked(make_opt, **kw):
+        torch.manual_seed(0)
+        m = Net()
+        opt = make_opt(m.parameters())
+        e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=10, **kw)
+        for step in range(3):
+            train_step(m, opt, step)
+            assert_masked(e)
+        return e.stats()["parked_layers"]
+
+    fused = lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)  # noqa: E731
+    assert parked(fused) == 3
+    assert parked(fused, masking="pass") == 0
+    assert parked(fused, optimizer_state="keep") == 0  # a regrown weight would keep its +inf forever
+    assert parked(lambda ps: torch.optim.AdamW(ps, lr=1e-2)) == 0  # for-loop sqrt is slow on inf
+    assert parked(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True)) == 0
+    assert parked(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)) == 0
+
+
+def test_parked_state_rewritten_in_place_is_caught_at_the_next_update(caplog):
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=30)
+    train_step(m, opt, 0)
+    assert e.stats()["parked_layers"] == 3
+    layer = e.layers[0]
+    opt.state[layer.param]["exp_avg_sq"].fill_(1.0)  # user code overwrites the state in place
+    train_step(m, opt, 1)
+    assert torch.count_nonzero(layer.param[~layer.mask]) > 0  # undetectable without a pass...
+    with caplog.at_level("WARNING", logger="slaknet.sparse"):
+        train_step(m, opt, 2)  # ...until the update, which checks parked layers
+    assert "modified in place" in caplog.text
+    assert e.update_count == 1 and e.stats()["parked_layers"] == 0
+    for step in range(3, 8):
+        train_step(m, opt, step)
+        assert_masked(e)
+    assert e.stats()["parked_layers"] == 0  # stays off for the rest of the run
+
+
+def test_parking_follows_replaced_optimizer_state_and_new_masks():
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=50, total_steps=100)
+    for step in range(2):
+        train_step(m, opt, step)
+    # the optimizer's state is replaced by a dense run's (no +inf anywhere): the next step must re-mask
+    dense = Net()
+    dense.load_state_dict(m.state_dict())
+    dopt = torch.optim.AdamW(dense.parameters(), lr=1e-2, fused=True)
+    train_step(dense, dopt, 0)
+    opt.load_state_dict(dopt.state_dict())
+    train_step(m, opt, 2)
+    assert_masked(e)
+    assert e.stats()["parked_layers"] == 3
+    # masks of another run loaded under the parked state: weights active now but parked before must not
+    # stay frozen at +inf second moments
+    other = SparseEngine(Net(), None, sparsity=0.5, total_steps=100, seed=5)
+    e.load_state_dict(other.state_dict())
+    train_step(m, opt, 3)
+    assert_masked(e)
+    for l in e.layers:
+        v = opt.state[l.param]["exp_avg_sq"]
+        assert torch.isfinite(v[l.mask]).all() and torch.isinf(v[~l.mask]).all()

@@ -37,7 +37,13 @@ _GROWTHS = ("random", "gradient", "momentum")
 _REDISTS = ("none", "magnitude", "momentum")
 _DECAYS = ("cosine", "constant")
 _OPT_POLICIES = ("zero", "keep")
+_MASKINGS = ("auto", "pass")
 _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # Adam family first moment / SGD momentum
+# Adam's denominators: +inf here makes the update of a weight exactly 0 (see SparseEngine._park)
+_SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+# bit pattern of +inf and the same-width integer dtype, per floating dtype (for exact bit-level edits)
+_INF_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+             torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00)}
 
 _STATE_VERSION = 1
 
@@ -69,6 +75,11 @@ class SparseConfig:
             a regrown weight starts from 0 with fresh moments) or ``keep``.
         seed: seed of all mask randomness (keyed by seed, step and layer: identical on every rank).
         sync_check: under torch.distributed, compare a mask checksum across ranks at each update.
+        masking: how inactive weights are kept at zero between updates. ``auto`` (default): with a fused
+            ``torch.optim.Adam``/``AdamW`` on CPU and ``optimizer_state='zero'``, their second moment is
+            held at +inf, so the optimizer's own update there is exactly 0 and no pass over the weights
+            is needed; with any other optimizer, and with ``pass``, the masks are multiplied into the
+            weights after every step.
     """
 
     sparsity: float = 0.4
@@ -90,6 +101,7 @@ class SparseConfig:
     optimizer_state: str = "zero"
     seed: int = 0
     sync_check: bool = True
+    masking: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for an invalid or ill-defined combination."""
@@ -105,6 +117,8 @@ class SparseConfig:
             raise ConfigError(f"prune_rate_decay must be one of {_DECAYS}, got {self.prune_rate_decay!r}")
         if self.optimizer_state not in _OPT_POLICIES:
             raise ConfigError(f"optimizer_state must be one of {_OPT_POLICIES}, got {self.optimizer_state!r}")
+        if self.masking not in _MASKINGS:
+            raise ConfigError(f"masking must be one of {_MASKINGS}, got {self.masking!r}")
         if not 0.0 <= self.prune_rate < 1.0:
             raise ConfigError(f"prune_rate must be in [0, 1), got {self.prune_rate}")
         if not 0.0 <= self.prune_rate_final <= 1.0:
@@ -176,6 +190,20 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _edit_bits_(t: torch.Tensor, keep: torch.Tensor, to_inf: Optional[torch.Tensor] = None) -> None:
+    """In place: entries of the float tensor ``t`` where the bool ``keep`` is False become +0.0, then
+    entries where ``to_inf`` is True become +inf.
+
+    Done on the bit patterns (AND with 0 / all-ones, OR with the bits of +inf), so it is exact whatever
+    the old value is (an inf or NaN times 0 would be NaN) and needs no slow masked fill.
+    """
+    itype, inf_bits = _INF_BITS[t.dtype]
+    bits = t.view(itype)
+    bits.bitwise_and_(keep.to(itype).neg_())
+    if to_inf is not None:
+        bits.bitwise_or_(to_inf.to(itype).mul_(inf_bits))
+
+
 class SparseEngine:
     """Dynamic sparse training for any ``nn.Module`` (see module docstring and docs/sparse.md).
 
@@ -218,6 +246,9 @@ class SparseEngine:
         self.on_update = list(on_update or [])
         self._hook = None
         self._dense_grads: Optional[Dict[str, torch.Tensor]] = None
+        # layer name -> the optimizer-state tensors holding its inactive weights at zero (see _park)
+        self._parked: Dict[str, Tuple[torch.Tensor, ...]] = {}
+        self._park_disabled = False
 
         chosen = select_parameters(self.model, cfg.layers, cfg.include, cfg.exclude)
         if not chosen:
@@ -254,6 +285,8 @@ class SparseEngine:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Register the post-step hook on ``optimizer`` (done by the constructor unless attach=False)."""
         self.detach()
+        if optimizer is not self.optimizer:
+            self._parked.clear()
         self.optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._post_step_hook)
 
@@ -297,7 +330,7 @@ class SparseEngine:
     def after_step(self, skipped: bool = False) -> None:
         """Call after each optimizer step (the hook does): re-mask, count the step, update if due."""
         self._check_ready()
-        self.apply_masks()
+        self._remask()
         if skipped:
             self.skipped_steps += 1
             return
@@ -346,6 +379,89 @@ class SparseEngine:
             if p is None or p.shape != layer.mask.shape:
                 raise ConfigError(f"module has no weight {layer.name!r} of shape {tuple(layer.mask.shape)}")
             p.mul_(layer.mask.to(p.device).view(torch.uint8))
+
+    # Keeping inactive weights at zero without a pass ("parking"). With Adam / AdamW the change of a weight
+    # in one step is  -lr * wd * w - step_size * m / (sqrt(v) / c + eps): with w == 0 and v == +inf it is
+    # exactly 0 for any finite first moment m (IEEE: x / inf == 0), so an inactive weight stays exactly zero
+    # without being touched, while m keeps following the dense gradient (what momentum growth ranks by).
+    # torch's fused CPU kernel computes sqrt(inf) at full speed (its for-loop / foreach paths take a slow
+    # path on inf, ~3x for the whole step), so only fused Adam / AdamW on CPU are parked. The per-step
+    # cost is then an identity check of the state tensors instead of a pass over every sparse weight
+    # (bandwidth-bound: ~20-30 ms per step for SLaK-T on one CPU thread).
+    def _park_slots(self, layer: SparseLayer) -> Optional[Tuple[torch.Tensor, ...]]:
+        """The second-moment state tensors through which ``layer`` can be parked, or None."""
+        opt = self.optimizer
+        if (self._park_disabled or opt is None or self.config.masking != "auto"
+                or self.config.optimizer_state != "zero" or type(opt) not in (torch.optim.Adam, torch.optim.AdamW)
+                or layer.param.device.type != "cpu" or layer.param.dtype not in _INF_BITS):
+            return None
+        group = next((g for g in opt.param_groups if any(q is layer.param for q in g["params"])), None)
+        if group is None or not group.get("fused") or group.get("differentiable"):
+            return None
+        slots = self._state_slots(layer)
+        return slots if slots and all(v.dtype == layer.param.dtype for v in slots) else None
+
+    def _state_slots(self, layer: SparseLayer) -> Tuple[torch.Tensor, ...]:
+        st = self.optimizer.state.get(layer.param) or {}
+        return tuple(st[k] for k in _SECOND_MOMENT_KEYS
+                     if torch.is_tensor(st.get(k)) and st[k].shape == layer.param.shape)
+
+    def _still_parked(self, layer: SparseLayer) -> bool:
+        held = self._parked.get(layer.name)
+        if held is None or self._park_disabled:
+            return False
+        now = self._state_slots(layer)  # the optimizer may have replaced its state (load_state_dict)
+        return len(now) == len(held) and all(a is b for a, b in zip(now, held))
+
+    @torch.no_grad()
+    def _park(self, layer: SparseLayer) -> None:
+        """Hold ``layer``'s inactive weights at zero through its optimizer state, if the optimizer allows.
+
+        Second moments become +inf at inactive positions. An active position found at +inf (masks that
+        changed under a parked state, e.g. a sparse state loaded over another run's optimizer state)
+        restarts like a regrown weight: its moments are zeroed.
+        """
+        slots = self._park_slots(layer)
+        if slots is None:
+            self._parked.pop(layer.name, None)
+            return
+        stale = torch.zeros_like(layer.mask)
+        for v in slots:
+            stale |= torch.isinf(v) & layer.mask
+        if bool(stale.any()):
+            for v in self.optimizer.state[layer.param].values():
+                if torch.is_tensor(v) and v.shape == layer.param.shape and v.is_floating_point():
+                    v.masked_fill_(stale, 0)
+        for v in slots:
+            _edit_bits_(v, keep=layer.mask, to_inf=~layer.mask)
+        self._parked[layer.name] = slots
+
+    @torch.no_grad()
+    def _remask(self) -> None:
+        """After a step: zero the inactive weights of every layer that is not parked, then try to park it."""
+        for layer in self.layers:
+            if self._still_parked(layer):
+                continue
+            layer.param.data.mul_(layer.mask.view(torch.uint8))
+            if self.optimizer is not None and not self._park_disabled and self.config.masking == "auto":
+                self._park(layer)
+
+    @torch.no_grad()
+    def _check_parked(self, layer: SparseLayer) -> None:
+        """At an update: verify that a parked layer's inactive weights really stayed exactly zero.
+
+        They cannot move unless something rewrote the optimizer state in place; if they did, they are
+        zeroed, parking is switched off for the rest of the run (every step re-masks) and a warning says so.
+        """
+        stray = torch.mul(layer.param.detach(), (~layer.mask).view(torch.uint8)).abs_().amax()
+        if bool(stray == 0):
+            return
+        layer.param.data.mul_(layer.mask.view(torch.uint8))
+        logger.warning("sparse engine: inactive weights of %r had become non-zero although their optimizer state "
+                       "held them at zero (was the optimizer state modified in place?); re-masking after every "
+                       "step from now on", layer.name)
+        self._park_disabled = True
+        self._parked.clear()
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
@@ -513,6 +629,8 @@ class SparseEngine:
         cfg = self.config
         step = self.step_count
         rate = self.prune_rate_at(step)
+        for layer in [l for l in self.layers if self._still_parked(l)]:
+            self._check_parked(layer)  # parked layers skipped the per-step pass: mask and verify them now
         # 1) prune by magnitude: the k smallest |w| among active weights, as a bool mask per layer
         pruned: Dict[str, torch.Tensor] = {}
         n_prune: Dict[str, int] = {}
@@ -538,7 +656,8 @@ class SparseEngine:
             # pruned weights -> 0; grown positions were inactive, so their weight already is exactly 0
             layer.param.data.mul_(mask.view(shape).view(torch.uint8))
             if cfg.optimizer_state == "zero" and self.optimizer is not None:
-                self._zero_optimizer_state(layer, ~(p_sel | g_sel))
+                # (a pruned position can be regrown in the same update: it is active again)
+                self._zero_optimizer_state(layer, ~(p_sel | g_sel), newly_inactive=p_sel & ~mask)
             layer.count = layer.count - n_prune[layer.name] + k
             ever = layer.ever_active.view(-1)
             layer.ever_count += int(torch.count_nonzero(g_sel & ~ever))
@@ -609,24 +728,31 @@ class SparseEngine:
             open_ = [n for n in open_ if out[n] < cap[n]]
         return out
 
-    def _zero_optimizer_state(self, layer: SparseLayer, keep: torch.Tensor) -> None:
+    def _zero_optimizer_state(self, layer: SparseLayer, keep: torch.Tensor, newly_inactive: torch.Tensor) -> None:
         """Zero every optimizer-state tensor shaped like the weight where the flat bool ``keep`` is False.
 
-        Floating state is multiplied by the 0/1 mask (one streaming pass; ``masked_fill_`` is ~10x slower
-        on CPU), which gives exact zeros for finite state; an inf / NaN entry would stay NaN (such state
-        only arises from steps that a GradScaler skips).
+        Floating state is multiplied by the 0/1 mask (one streaming pass; exact for finite state), second
+        moments are edited on their bit patterns (exact also over +inf). A parked layer's second moments
+        instead become +inf at the ``newly_inactive`` positions (and 0 at the regrown ones), so those
+        weights are held at zero too.
         """
         state = self.optimizer.state.get(layer.param)
         if not state:
             return
-        keep = keep.view(layer.param.shape).view(torch.uint8)
-        for v in state.values():
-            if not (torch.is_tensor(v) and v.shape == layer.param.shape):
+        shape = layer.param.shape
+        keep = keep.view(shape)
+        parked = self._parked.get(layer.name, ())
+        for k, v in state.items():
+            if not (torch.is_tensor(v) and v.shape == shape):
                 continue
-            if v.is_floating_point():
-                v.mul_(keep)
+            if not v.is_floating_point():
+                v.masked_fill_(~keep, 0)
+            elif any(v is t for t in parked):
+                _edit_bits_(v, keep, to_inf=newly_inactive.view(shape))
+            elif k in _SECOND_MOMENT_KEYS and v.dtype in _INF_BITS:
+                _edit_bits_(v, keep)  # may hold +inf from parking that was switched off: inf * 0 is NaN
             else:
-                v.masked_fill_(keep == 0, 0)
+                v.mul_(keep.view(torch.uint8))
 
     # ---------------------------------------------------------------------------------- monitoring -------
     def global_density(self) -> float:
@@ -662,7 +788,7 @@ class SparseEngine:
                 "prune_rate": self.prune_rate_at(self.step_count), "sparsity_target": self.config.sparsity,
                 "density": active / total if total else 1.0, "sparse_params": total, "active_params": active,
                 "itop_rate": self.itop_rate(), "num_sparse_layers": len(self.layers),
-                "num_dense_layers": len(self.dense_layers),
+                "num_dense_layers": len(self.dense_layers), "parked_layers": len(self._parked),
                 "last_update": ({k: v for k, v in self.last_update.items() if k != "layers"}
                                 if self.last_update else None),
                 "layers": layers}
@@ -677,7 +803,9 @@ class SparseEngine:
                  f"  step {s['step']} updates {s['updates']} skipped {s['skipped_steps']} "
                  f"prune rate {s['prune_rate']:.4f}",
                  f"  density {s['density']:.4f} ({s['active_params']:,}/{s['sparse_params']:,}) "
-                 f"ITOP {s['itop_rate']:.4f}; {s['num_sparse_layers']} sparse, {s['num_dense_layers']} dense layers"]
+                 f"ITOP {s['itop_rate']:.4f}; {s['num_sparse_layers']} sparse, {s['num_dense_layers']} dense layers",
+                 f"  masking: {s['parked_layers']} layers held at zero by the optimizer state, "
+                 f"{s['num_sparse_layers'] - s['parked_layers']} re-masked after every step"]
         for r in s["layers"][:max_layers]:
             lines.append(f"    {r['name']:<48} {r['active']:>10,}/{r['numel']:<10,} "
                          f"{r['density']:.4f}{' dense' if r['dense'] else ''}")
@@ -763,4 +891,5 @@ class SparseEngine:
         self.history = [dict(h) for h in state.get("history", [])]
         self.last_update = None
         self._awaiting_state = False
+        self._parked.clear()  # new masks: the next step re-masks and parks again
         self.apply_masks()

@@ -19,6 +19,7 @@ rank of a distributed run selects the same positions.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Optional, Tuple, Union
 
@@ -29,6 +30,13 @@ __all__ = ["MagnitudeScores", "RandomScores", "select_k_mask"]
 CHUNK = 1 << 20            # entries per pass chunk (4 MiB of fp32 scores: stays in cache)
 SMALL = 1 << 18            # below this many entries a plain topk is cheapest
 _SAMPLE = 1 << 16          # sample size used to bracket magnitude-like scores
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
+    """Fixed sample positions in [0, n): scattered by a multiplicative hash (no aliasing with rows or
+    channels), sorted so the gather streams through memory; cached per size (a layer keeps its size)."""
+    return ((torch.arange(_SAMPLE, device=device, dtype=torch.long) * 2654435761) % n).sort().values
 
 
 class MagnitudeScores:
@@ -53,9 +61,7 @@ class MagnitudeScores:
                 ) -> Optional[Tuple[float, float]]:
         """(t_edge, t_sure) from the order statistics of a fixed, deterministic sample (or None)."""
         n = self.numel
-        # scattered positions (a multiplicative hash: no aliasing with rows / channels), visited in
-        # increasing order so the gather streams through memory
-        pos = ((torch.arange(_SAMPLE, device=self.device, dtype=torch.long) * 2654435761) % n).sort().values
+        pos = _sample_positions(n, self.device)
         sample = self.gather(pos)
         if allowed is not None:
             sample = sample[allowed[pos]]
