@@ -238,7 +238,10 @@ def _final_state(out):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path):
+def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
+    # the reference runs in this process, the killed run in another: pin the 1x1 GEMM so both use the same
+    # (where MKL and oneDNN are about as fast, two processes can time them differently)
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")
     args = TINY + ["--epochs", "3", "--ckpt-every-steps", "2", "--seed", "3"]
     ref = str(tmp_path / "ref")
     train(config_from_argv(args + ["-o", ref]))
@@ -258,6 +261,21 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path):
     for k in a["sparse"]["masks"]:
         assert torch.equal(a["sparse"]["masks"][k], b["sparse"]["masks"][k]), k
     assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
+
+
+def test_resume_keeps_the_gemm_the_run_started_on(tmp_path, monkeypatch):
+    from slaknet.layers import pointwise
+
+    monkeypatch.delenv("SLAKNET_LINEAR", raising=False)
+    monkeypatch.setattr(pointwise, "_auto_choice", None)
+    out = str(tmp_path / "run")
+    train(config_from_argv(TINY + ["--epochs", "1", "-o", out]))
+    started = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]["linear_auto"]
+    assert started == pointwise.auto_choice()
+    other = "plain" if started == "onednn" else "onednn"
+    pointwise.pin_auto_choice(other)  # a new process that timed the GEMMs the other way
+    train(config_from_argv(TINY + ["--epochs", "2", "-o", out, "--auto-resume"]))
+    assert pointwise.auto_choice() == started
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):

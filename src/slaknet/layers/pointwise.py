@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from slaknet.layers.dispatch import backend_name, exporting
 
-__all__ = ["Linear", "linear", "linear_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "SLAKNET_LINEAR"
 BACKENDS = ("auto", "plain", "onednn")
@@ -78,9 +78,29 @@ def _measure_auto() -> str:
     return choice
 
 
+def auto_choice() -> str:
+    """What ``auto`` means on CPU in this process: 'onednn' or 'plain' (timed once, on first use).
+
+    The two GEMMs sum in different orders, so a run that must continue bitwise (a resumed training run)
+    records this and pins it with :func:`pin_auto_choice` instead of timing again: on machines where both
+    are about as fast, two processes can time differently.
+    """
+    global _auto_choice
+    if _auto_choice is None:
+        _auto_choice = _measure_auto()
+    return _auto_choice
+
+
+def pin_auto_choice(name: str) -> None:
+    """Make ``auto`` mean ``name`` ('onednn' or 'plain') in this process (``SLAKNET_LINEAR`` still wins)."""
+    global _auto_choice
+    if name not in ("onednn", "plain"):
+        raise ValueError(f"auto can mean 'onednn' or 'plain', not {name!r}")
+    _auto_choice = "plain" if name == "onednn" and _op() is None else name
+
+
 def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
     """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment)."""
-    global _auto_choice
     name = backend_name(backend, ENV_VAR, BACKENDS, "linear")
     if name == "plain" or exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
         return "plain"
@@ -88,11 +108,7 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
         return "plain"
     if torch.is_autocast_enabled("cpu") or _op() is None:
         return "plain"
-    if name == "auto":
-        if _auto_choice is None:
-            _auto_choice = _measure_auto()
-        return _auto_choice
-    return "onednn"
+    return auto_choice() if name == "auto" else "onednn"
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -99,6 +99,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--update-freq", "--update_freq", dest="update_freq", type=int, default=None,
                    help="gradient accumulation steps (official --update_freq)")
     g.add_argument("--opt", default=None, help="optimizer name for timm.optim.create_optimizer_v2 (adamw)")
+    _bool_flag(g, "--fused-opt", dest="fused_opt",
+               help="Adam/AdamW on torch's fused kernel (default true): one pass per step, and the sparse "
+                    "engine then keeps pruned weights at zero without a pass of its own")
     g.add_argument("--opt-eps", "--opt_eps", dest="opt_eps", type=float, default=None)
     g.add_argument("--momentum", type=float, default=None)
     g.add_argument("--lr", type=float, default=None,
@@ -173,7 +176,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 # recipe defaults for options left at None
 _COMMON: Dict[str, Any] = dict(
-    model="slak_pico", opt="adamw", opt_eps=1e-8, momentum=0.9, min_lr=1e-6, weight_decay=0.05, seed=0,
+    model="slak_pico", opt="adamw", fused_opt=True, opt_eps=1e-8, momentum=0.9, min_lr=1e-6, weight_decay=0.05, seed=0,
     update_freq=1, clip_grad=None, layer_scale_init_value=1e-6, head_init_scale=1.0, precision="fp32",
     channels_last=False, save_ckpt_freq=0, ckpt_every_steps=0, eval_every=1, sync_bn=False, auto_resume=False,
     tensorboard=True, model_ema_decay=0.9999, model_ema_eval=False, mixup_prob=1.0, mixup_switch_prob=0.5,

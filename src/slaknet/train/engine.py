@@ -246,7 +246,12 @@ def build_model_from_config(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
-    """timm optimizer; weight decay skips 1-D parameters (norm weights, biases, layer scale ``gamma``)."""
+    """timm optimizer; weight decay skips 1-D parameters (norm weights, biases, layer scale ``gamma``).
+
+    Adam / AdamW use torch's fused kernel unless ``fused_opt`` is false (or the kernel is missing): on CPU
+    it is ~3x faster than the default for-loop implementation, and it lets the sparse engine hold pruned
+    weights at zero through the optimizer state instead of a pass over them after every step.
+    """
     from timm.optim import create_optimizer_v2
 
     kw: Dict[str, Any] = {}
@@ -255,7 +260,14 @@ def build_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> torch.optim.Optimi
         kw["momentum"] = cfg["momentum"]
     elif cfg.get("opt_eps") is not None:
         kw["eps"] = cfg["opt_eps"]
+    fused = name in ("adam", "adamw") and bool(cfg.get("fused_opt", True))
     try:
+        if fused:
+            try:
+                return create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                           fused=True, **kw)
+            except (RuntimeError, ValueError, TypeError) as exc:  # no fused kernel in this torch / on this device
+                log.info("fused %s not available (%s); using the default implementation", name, exc)
         return create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], **kw)
     except (AssertionError, KeyError, ValueError) as exc:
         raise ConfigError(f"--opt {cfg['opt']!r}: {exc}") from exc
@@ -440,6 +452,12 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 if k in ("model", "input_size", "sparse"):
                     raise CheckpointError(msg + "; resume with the same settings (or start a new --output-dir)")
                 log.warning(msg)
+    if device.type == "cpu":  # the 1x1 layers' GEMM: the one the run started on, so a resume is bitwise
+        from slaknet.layers import pointwise
+
+        if resumed is not None and old.get("linear_auto") in ("onednn", "plain"):
+            pointwise.pin_auto_choice(old["linear_auto"])
+        cfg["linear_auto"] = pointwise.auto_choice()
     precision = cfg["precision"]
     autocast_dtype = _autocast_dtype(precision, device)
     seed = int(cfg["seed"])
