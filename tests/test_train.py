@@ -242,7 +242,7 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     # the reference runs in this process, the killed run in another: pin the 1x1 GEMM so both use the same
     # (where MKL and oneDNN are about as fast, two processes can time them differently)
     monkeypatch.setenv("SLAKNET_LINEAR", "onednn")
-    args = TINY + ["--epochs", "3", "--ckpt-every-steps", "2", "--seed", "3"]
+    args = TINY + ["--epochs", "3", "--ckpt-every-steps", "2", "--seed", "3", "--threads", "1"]
     ref = str(tmp_path / "ref")
     train(config_from_argv(args + ["-o", ref]))
     out = str(tmp_path / "killed")
@@ -263,19 +263,21 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
 
 
-def test_resume_keeps_the_gemm_the_run_started_on(tmp_path, monkeypatch):
+def test_resume_keeps_the_gemm_and_threads_the_run_started_on(tmp_path, monkeypatch):
     from slaknet.layers import pointwise
 
     monkeypatch.delenv("SLAKNET_LINEAR", raising=False)
     monkeypatch.setattr(pointwise, "_auto_choice", None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: --threads auto picks 2
     out = str(tmp_path / "run")
     train(config_from_argv(TINY + ["--epochs", "1", "-o", out]))
-    started = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]["linear_auto"]
-    assert started == pointwise.auto_choice()
-    other = "plain" if started == "onednn" else "onednn"
-    pointwise.pin_auto_choice(other)  # a new process that timed the GEMMs the other way
-    train(config_from_argv(TINY + ["--epochs", "2", "-o", out, "--auto-resume"]))
-    assert pointwise.auto_choice() == started
+    cfg = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]
+    assert cfg["linear_auto"] == pointwise.auto_choice() and cfg["resolved_threads"] == 2
+    pointwise.pin_auto_choice("plain" if cfg["linear_auto"] == "onednn" else "onednn")  # timed the other way
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.5, 1.5))  # busy now: auto alone would pick 1
+    summary = train(config_from_argv(TINY + ["--epochs", "2", "-o", out, "--auto-resume"]))
+    assert pointwise.auto_choice() == cfg["linear_auto"] and summary["torch_threads"] == 2
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import functools
 import math
 from typing import Iterator, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 __all__ = ["MagnitudeScores", "RandomScores", "select_k_mask"]
@@ -87,16 +88,27 @@ class MagnitudeScores:
 class RandomScores:
     """Uniform random scores in [0, 1), drawn chunk by chunk from a generator seeded with ``seed``.
 
-    Re-iterating re-seeds, so the same scores are seen again (needed by the full fallback).
+    On CPU the numbers come from numpy's PCG64 (float32, 24 random bits like torch's), about twice as fast
+    as torch's CPU generator, which is most of the cost of random regrowth; elsewhere from a torch
+    generator on the device. Re-iterating re-seeds, so the same scores are seen again (needed by the full
+    fallback).
     """
 
     def __init__(self, numel: int, seed: int, device: torch.device) -> None:
         self.numel, self.seed, self.device = numel, seed, torch.device(device)
 
     def chunks(self, size: int) -> Iterator[Tuple[int, torch.Tensor]]:
+        buf = torch.empty(min(size, self.numel), dtype=torch.float32, device=self.device)
+        if self.device.type == "cpu":
+            rng = np.random.Generator(np.random.PCG64(self.seed))
+            out = buf.numpy()
+            for s in range(0, self.numel, size):
+                c = min(size, self.numel - s)
+                rng.random(out=out[:c], dtype=np.float32)
+                yield s, buf[:c]
+            return
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed)
-        buf = torch.empty(min(size, self.numel), dtype=torch.float32, device=self.device)
         for s in range(0, self.numel, size):
             c = min(size, self.numel - s)
             yield s, buf[:c].uniform_(generator=gen)

@@ -452,12 +452,15 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 if k in ("model", "input_size", "sparse"):
                     raise CheckpointError(msg + "; resume with the same settings (or start a new --output-dir)")
                 log.warning(msg)
-    if device.type == "cpu":  # the 1x1 layers' GEMM: the one the run started on, so a resume is bitwise
+    if device.type == "cpu":  # what summation orders depend on: kept from the run's start, so a resume is bitwise
         from slaknet.layers import pointwise
 
         if resumed is not None and old.get("linear_auto") in ("onednn", "plain"):
-            pointwise.pin_auto_choice(old["linear_auto"])
+            pointwise.pin_auto_choice(old["linear_auto"])  # the 1x1 layers' GEMM ('auto' is timed)
+        if resumed is not None and str(cfg.get("threads")).lower() == "auto" and old.get("resolved_threads"):
+            torch.set_num_threads(int(old["resolved_threads"]))  # 'auto' follows the machine's load
         cfg["linear_auto"] = pointwise.auto_choice()
+        cfg["resolved_threads"] = torch.get_num_threads()
     precision = cfg["precision"]
     autocast_dtype = _autocast_dtype(precision, device)
     seed = int(cfg["seed"])
