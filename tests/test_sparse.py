@@ -918,3 +918,25 @@ def test_parking_follows_replaced_optimizer_state_and_new_masks():
     for l in e.layers:
         v = opt.state[l.param]["exp_avg_sq"]
         assert torch.isfinite(v[l.mask]).all() and torch.isinf(v[~l.mask]).all()
+
+
+def test_zero_inactive_pass_is_exact_on_chunked_and_fallback_paths():
+    from slaknet.sparse.engine import _MASK_CHUNK, _zero_inactive_
+
+    g = torch.Generator().manual_seed(0)
+    n = 2 * _MASK_CHUNK + 12345  # several chunks and a ragged tail
+    for dtype, shape, bit_path in ((torch.float32, (n,), True), (torch.float32, (7, 3), False),
+                                   (torch.float64, (n,), False)):
+        t = torch.randn(shape, generator=g).to(dtype)
+        t.view(-1)[:4] = torch.tensor([float("inf"), float("nan"), -0.0, -1.0], dtype=dtype)
+        mask = torch.rand(shape, generator=g) < 0.6
+        mask.view(-1)[:4] = torch.tensor([True, True, True, False])
+        kept = t[mask].clone()
+        _zero_inactive_(t, mask)
+        assert torch.count_nonzero(t[~mask]) == 0
+        assert torch.equal(torch.isnan(t[mask]), torch.isnan(kept))
+        assert torch.equal(t[mask].nan_to_num(0.0), kept.nan_to_num(0.0))
+        if bit_path:  # kept entries keep every bit (also -0.0 and the NaN payload), the others are +0.0
+            itype = torch.int32
+            assert torch.equal(t.view(itype)[mask], kept.view(itype))
+            assert torch.count_nonzero(t.view(itype)[~mask]) == 0

@@ -190,6 +190,28 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_MASK_CHUNK = 1 << 17  # elements per chunk of the re-masking pass (its int32 copy of the mask stays in cache)
+
+
+def _zero_inactive_(t: torch.Tensor, mask: torch.Tensor) -> None:
+    """``t *= mask`` in place (bool ``mask`` of t's shape), the pass that re-masks weights after a step.
+
+    On CPU, multiplying a float tensor by a bool / uint8 one takes a slow mixed-type path (~2x a plain
+    read+write pass); multiplying the float's bits by an int32 0/1 copy of the mask, converted chunk by chunk
+    so the copy stays in cache, is exact (x * 1 keeps every bit, x * 0 gives +0.0) and ~25% faster.
+    """
+    itype = _INF_BITS.get(t.dtype, (None,))[0]
+    if (t.device.type != "cpu" or itype is not torch.int32 or not (t.is_contiguous() and mask.is_contiguous())
+            or t.numel() < _MASK_CHUNK):
+        t.mul_(mask.view(torch.uint8))
+        return
+    bits, flat = t.view(-1).view(itype), mask.view(-1)
+    buf = torch.empty(_MASK_CHUNK, dtype=itype)
+    for s in range(0, bits.numel(), _MASK_CHUNK):
+        c = min(_MASK_CHUNK, bits.numel() - s)
+        bits[s:s + c].mul_(buf[:c].copy_(flat[s:s + c]))
+
+
 def _edit_bits_(t: torch.Tensor, keep: torch.Tensor, to_inf: Optional[torch.Tensor] = None) -> None:
     """In place: entries of the float tensor ``t`` where the bool ``keep`` is False become +0.0, then
     entries where ``to_inf`` is True become +inf.
@@ -371,14 +393,14 @@ class SparseEngine:
             if self._pending and not self._awaiting_state:
                 self._clear_pending()
             for layer in self.layers:
-                layer.param.data.mul_(layer.mask.view(torch.uint8))
+                _zero_inactive_(layer.param.data, layer.mask)
             return
         params = dict(unwrap_model(module).named_parameters())
         for layer in self.layers:
             p = params.get(layer.name)
             if p is None or p.shape != layer.mask.shape:
                 raise ConfigError(f"module has no weight {layer.name!r} of shape {tuple(layer.mask.shape)}")
-            p.mul_(layer.mask.to(p.device).view(torch.uint8))
+            _zero_inactive_(p, layer.mask.to(p.device))
 
     # Keeping inactive weights at zero without a pass ("parking"). With Adam / AdamW the change of a weight
     # in one step is  -lr * wd * w - step_size * m / (sqrt(v) / c + eps): with w == 0 and v == +inf it is
@@ -442,7 +464,7 @@ class SparseEngine:
         for layer in self.layers:
             if self._still_parked(layer):
                 continue
-            layer.param.data.mul_(layer.mask.view(torch.uint8))
+            _zero_inactive_(layer.param.data, layer.mask)
             if self.optimizer is not None and not self._park_disabled and self.config.masking == "auto":
                 self._park(layer)
 
@@ -456,7 +478,7 @@ class SparseEngine:
         stray = torch.mul(layer.param.detach(), (~layer.mask).view(torch.uint8)).abs_().amax()
         if bool(stray == 0):
             return
-        layer.param.data.mul_(layer.mask.view(torch.uint8))
+        _zero_inactive_(layer.param.data, layer.mask)
         logger.warning("sparse engine: inactive weights of %r had become non-zero although their optimizer state "
                        "held them at zero (was the optimizer state modified in place?); re-masking after every "
                        "step from now on", layer.name)
@@ -485,7 +507,7 @@ class SparseEngine:
                                  if layer.param.grad is not None}
         for layer in self.layers:
             if layer.param.grad is not None:
-                layer.param.grad.mul_(layer.mask.view(torch.uint8))
+                _zero_inactive_(layer.param.grad, layer.mask)
 
     def masks(self) -> Dict[str, torch.Tensor]:
         """Name -> bool mask (True = active) of every sparse layer."""
@@ -654,7 +676,7 @@ class SparseEngine:
                                   n_allowed=layer.numel - layer.count + n_prune[layer.name])
             mask |= g_sel
             # pruned weights -> 0; grown positions were inactive, so their weight already is exactly 0
-            layer.param.data.mul_(mask.view(shape).view(torch.uint8))
+            _zero_inactive_(layer.param.data, mask.view(shape))
             if cfg.optimizer_state == "zero" and self.optimizer is not None:
                 # (a pruned position can be regrown in the same update: it is active again)
                 self._zero_optimizer_state(layer, ~(p_sel | g_sel), newly_inactive=p_sel & ~mask)
@@ -752,7 +774,7 @@ class SparseEngine:
             elif k in _SECOND_MOMENT_KEYS and v.dtype in _INF_BITS:
                 _edit_bits_(v, keep)  # may hold +inf from parking that was switched off: inf * 0 is NaN
             else:
-                v.mul_(keep.view(torch.uint8))
+                _zero_inactive_(v, keep)
 
     # ---------------------------------------------------------------------------------- monitoring -------
     def global_density(self) -> float:
