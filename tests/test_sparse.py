@@ -447,7 +447,7 @@ def test_invalid_options_raise_config_error():
     m = Net()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     for kw in [dict(sparsity=1.0), dict(growth="magic"), dict(sparse_init="erk"), dict(update_frequency=0),
-               dict(redistribution="x"), dict(prune_rate=-0.1), dict(nonsense=1)]:
+               dict(redistribution="x"), dict(prune_rate=-0.1), dict(nonsense=1), dict(masking="lazy")]:
         with pytest.raises(ConfigError):
             SparseEngine(m, opt, total_steps=10, **kw)
     with pytest.raises(ConfigError, match="total_steps"):
@@ -621,9 +621,10 @@ def test_cli_flags_map_to_config():
     p = argparse.ArgumentParser()
     add_sparse_arguments(p)
     args = p.parse_args(["--sparse", "--sparsity", "0.3", "--sparse-init", "snip", "--prune-rate", "0.5",
-                         "--growth", "gradient", "-u", "50", "--redistribution", "magnitude", "--fix"])
+                         "--growth", "gradient", "-u", "50", "--redistribution", "magnitude", "--fix",
+                         "--sparse-masking", "pass"])
     cfg = config_from_args(args, total_steps=1000)
-    assert isinstance(cfg, SparseConfig)
+    assert isinstance(cfg, SparseConfig) and cfg.masking == "pass"
     assert (cfg.sparsity, cfg.sparse_init, cfg.prune_rate, cfg.growth, cfg.update_frequency,
             cfg.redistribution, cfg.fix, cfg.total_steps) == (0.3, "snip", 0.5, "gradient", 50, "magnitude",
                                                               True, 1000)

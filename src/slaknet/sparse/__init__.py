@@ -53,6 +53,9 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated glob patterns of weights to keep dense")
     g.add_argument("--sparse-optimizer-state", dest="sparse_optimizer_state", default="zero",
                    choices=["zero", "keep"], help="optimizer state of pruned/regrown weights (default zero)")
+    g.add_argument("--sparse-masking", dest="sparse_masking", default="auto", choices=["auto", "pass"],
+                   help="how pruned weights stay zero between updates: auto (default: through the optimizer "
+                        "state with fused Adam/AdamW on CPU, else a pass after every step) or pass")
     g.add_argument("--sparse-seed", dest="sparse_seed", type=int, default=None,
                    help="seed of mask randomness (default: the run's --seed, else 0)")
 
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace, total_steps: Optional[int] = None
                        fix=bool(get("fix", d.fix)), layers=get("sparse_layers", d.layers),
                        include=parse_filter(get("sparse_include", None)),
                        exclude=parse_filter(get("sparse_exclude", None)),
-                       optimizer_state=get("sparse_optimizer_state", d.optimizer_state), seed=int(seed))
+                       optimizer_state=get("sparse_optimizer_state", d.optimizer_state), seed=int(seed),
+                       masking=get("sparse_masking", d.masking))
     cfg.validate()
     return cfg
