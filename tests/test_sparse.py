@@ -894,6 +894,22 @@ def test_parked_state_rewritten_in_place_is_caught_at_the_next_update(caplog):
     assert e.stats()["parked_layers"] == 0  # stays off for the rest of the run
 
 
+def test_parked_fixed_masks_are_still_checked_every_u_steps(caplog):
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, fix=True)
+    train_step(m, opt, 0)
+    assert e.stats()["parked_layers"] == 3
+    opt.state[e.layers[1].param]["exp_avg_sq"].zero_()
+    with caplog.at_level("WARNING", logger="slaknet.sparse"):
+        train_step(m, opt, 1)
+        train_step(m, opt, 2)  # engine step 3: no update (fixed masks), but the check runs
+    assert "modified in place" in caplog.text and e.update_count == 0
+    assert_masked(e)
+    assert e.stats()["parked_layers"] == 0
+
+
 def test_parking_follows_replaced_optimizer_state_and_new_masks():
     torch.manual_seed(0)
     m = Net()

@@ -359,6 +359,8 @@ class SparseEngine:
         self.step_count += 1
         if self.update_due(self.step_count):
             self._update()  # the masks were just re-applied
+        elif self._parked and self.step_count % int(self.config.update_frequency) == 0:
+            self._check_all_parked()  # e.g. fixed masks: no updates, still checked every u steps
 
     # ------------------------------------------------------------------------------------ masks ---------
     def _install_pending(self) -> None:
@@ -467,6 +469,10 @@ class SparseEngine:
             _zero_inactive_(layer.param.data, layer.mask)
             if self.optimizer is not None and not self._park_disabled and self.config.masking == "auto":
                 self._park(layer)
+
+    def _check_all_parked(self) -> None:
+        for layer in [l for l in self.layers if self._still_parked(l)]:
+            self._check_parked(layer)
 
     @torch.no_grad()
     def _check_parked(self, layer: SparseLayer) -> None:
@@ -651,8 +657,7 @@ class SparseEngine:
         cfg = self.config
         step = self.step_count
         rate = self.prune_rate_at(step)
-        for layer in [l for l in self.layers if self._still_parked(l)]:
-            self._check_parked(layer)  # parked layers skipped the per-step pass: mask and verify them now
+        self._check_all_parked()  # parked layers skipped the per-step pass: verify them now
         # 1) prune by magnitude: the k smallest |w| among active weights, as a bool mask per layer
         pruned: Dict[str, torch.Tensor] = {}
         n_prune: Dict[str, int] = {}
