@@ -419,6 +419,8 @@ class SparseEngine:
                 or self.config.optimizer_state != "zero" or type(opt) not in (torch.optim.Adam, torch.optim.AdamW)
                 or layer.param.device.type != "cpu" or layer.param.dtype not in _INF_BITS):
             return None
+        if not any(g.get("fused") for g in opt.param_groups):  # cheap exit, checked every step otherwise
+            return None
         group = next((g for g in opt.param_groups if any(q is layer.param for q in g["params"])), None)
         if group is None or not group.get("fused") or group.get("differentiable"):
             return None
@@ -476,7 +478,7 @@ class SparseEngine:
 
     @torch.no_grad()
     def _check_parked(self, layer: SparseLayer) -> None:
-        """At an update: verify that a parked layer's inactive weights really stayed exactly zero.
+        """At an update (or every ``u`` steps): verify that a parked layer's inactive weights stayed zero.
 
         They cannot move unless something rewrote the optimizer state in place; if they did, they are
         zeroed, parking is switched off for the rest of the run (every step re-masks) and a warning says so.
