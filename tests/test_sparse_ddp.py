@@ -33,9 +33,11 @@ def _worker(out_dir: str) -> None:
     torch.manual_seed(100 + rank)  # rank-dependent data and global RNG stream
     snip = (torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,)))
     results = {}
-    for growth in ("gradient", "random"):
-        engine = SparseEngine(ddp, opt, sparsity=0.6, sparse_init="snip", snip_batch=snip, growth=growth,
-                              update_frequency=2, total_steps=20, seed=5)
+    for growth in ("gradient", "random", "random_parked"):
+        if growth == "random_parked":  # fused AdamW: inactive weights held at zero by the optimizer state
+            opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+        engine = SparseEngine(ddp, opt, sparsity=0.6, sparse_init="snip", snip_batch=snip,
+                              growth=growth.split("_")[0], update_frequency=2, total_steps=20, seed=5)
         for _ in range(6):
             x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
             opt.zero_grad()
@@ -44,7 +46,9 @@ def _worker(out_dir: str) -> None:
         results[growth] = {"updates": engine.update_count,
                            "masks": {n: m.flatten().nonzero().flatten().tolist() for n, m in engine.masks().items()},
                            "zeros_ok": all(int(torch.count_nonzero(l.param.detach()[~l.mask])) == 0
-                                           for l in engine.layers)}
+                                           for l in engine.layers),
+                           "parked": engine.stats()["parked_layers"],
+                           "weights": [float(p.detach().double().sum()) for p in model.parameters()]}
         engine.detach()
     # a deliberate divergence must be detected by the checksum
     if rank == 1:
@@ -71,10 +75,12 @@ def test_ddp_two_ranks_identical_masks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    for growth in ("gradient", "random"):
+    for growth in ("gradient", "random", "random_parked"):
         assert r0[growth]["updates"] == r1[growth]["updates"] == 3
         assert r0[growth]["zeros_ok"] and r1[growth]["zeros_ok"]
         assert r0[growth]["masks"] == r1[growth]["masks"]
+        assert r0[growth]["weights"] == r1[growth]["weights"]
+        assert r0[growth]["parked"] == r1[growth]["parked"] == (3 if growth == "random_parked" else 0)
     assert r0["divergence_detected"] and r1["divergence_detected"]
 
 
