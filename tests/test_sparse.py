@@ -938,12 +938,12 @@ def test_parking_follows_replaced_optimizer_state_and_new_masks():
 
 
 def test_zero_inactive_pass_is_exact_on_chunked_and_fallback_paths():
-    from slaknet.sparse.engine import _MASK_CHUNK, _zero_inactive_
+    from slaknet.sparse.engine import _CHUNK, _zero_inactive_
 
     g = torch.Generator().manual_seed(0)
-    n = 2 * _MASK_CHUNK + 12345  # several chunks and a ragged tail
+    n = 2 * _CHUNK + 12345  # several chunks and a ragged tail
     for dtype, shape, bit_path in ((torch.float32, (n,), True), (torch.float32, (7, 3), False),
-                                   (torch.float64, (n,), False)):
+                                   (torch.float64, (n,), True)):
         t = torch.randn(shape, generator=g).to(dtype)
         t.view(-1)[:4] = torch.tensor([float("inf"), float("nan"), -0.0, -1.0], dtype=dtype)
         mask = torch.rand(shape, generator=g) < 0.6
@@ -954,6 +954,22 @@ def test_zero_inactive_pass_is_exact_on_chunked_and_fallback_paths():
         assert torch.equal(torch.isnan(t[mask]), torch.isnan(kept))
         assert torch.equal(t[mask].nan_to_num(0.0), kept.nan_to_num(0.0))
         if bit_path:  # kept entries keep every bit (also -0.0 and the NaN payload), the others are +0.0
-            itype = torch.int32
+            itype = torch.int32 if dtype == torch.float32 else torch.int64
             assert torch.equal(t.view(itype)[mask], kept.view(itype))
             assert torch.count_nonzero(t.view(itype)[~mask]) == 0
+
+
+def test_any_nonzero_where_is_exact():
+    from slaknet.sparse.engine import _CHUNK, _any_nonzero_where
+
+    for n, dtype in ((3 * _CHUNK + 7, torch.float32), (3 * _CHUNK + 7, torch.bfloat16), (50, torch.float32)):
+        t = torch.zeros(n, dtype=dtype)
+        where = torch.zeros(n, dtype=torch.bool)
+        where[1::2] = True
+        t[0::2] = 5.0  # non-zeros only where not asked
+        t[1] = -0.0
+        assert not _any_nonzero_where(t, where)
+        for value in (1e-40 if dtype == torch.float32 else 1e-30, float("nan"), -float("inf")):
+            u = t.clone()
+            u[n - 2 if (n - 2) % 2 else n - 1] = value  # the very last chunk, at a position asked about
+            assert _any_nonzero_where(u, where), (n, dtype, value)
