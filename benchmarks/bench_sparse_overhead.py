@@ -3,7 +3,8 @@
 What is timed (AdamW by default fused, forward + backward + optimizer step on random data):
 
 * ``base``: a plain training step;
-* ``engine``: the same step with the engine attached (its post-step hook re-applies the masks);
+* ``engine``: the same step with the engine attached (its post-step hook re-applies the masks, or for
+  layers parked in a fused Adam's state only checks that the state is still the one it prepared);
 * ``mask``: the hook's work alone (``engine.after_step`` without an update), many repetitions;
 * ``update``: one topology update (prune + regrow over all sparse layers), a few repetitions.
 

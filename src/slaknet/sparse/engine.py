@@ -503,8 +503,7 @@ class SparseEngine:
             if self._still_parked(layer):
                 continue
             _zero_inactive_(layer.param.data, layer.mask)
-            if self.optimizer is not None and not self._park_disabled and self.config.masking == "auto":
-                self._park(layer)
+            self._park(layer)  # a no-op unless the optimizer allows parking (see _park_slots)
 
     def _check_all_parked(self) -> None:
         for layer in [l for l in self.layers if self._still_parked(l)]:
