@@ -807,7 +807,7 @@ def test_fused_adam_holds_inactive_weights_at_zero_without_any_pass(cls, amsgrad
     train_step(m, opt, 0)  # the optimizer state appears: the hook masks once and parks
     assert e.stats()["parked_layers"] == len(e.layers) > 0
     assert_masked(e)
-    e.detach()  # from here on nothing of the engine runs: the optimizer alone must keep the zeros
+    e._remove_hook()  # from here on nothing of the engine runs: the optimizer alone must keep the zeros
     for step in range(1, 4):
         train_step(m, opt, step, clip=0.5)
         assert_masked(e)
@@ -873,7 +873,8 @@ def test_parking_only_where_exact_and_fast():
     assert parked(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)) == 0
 
 
-def test_parked_state_rewritten_in_place_is_caught_at_the_next_update(caplog):
+@pytest.mark.parametrize("target", ["exp_avg_sq", "weight"])
+def test_parked_state_or_weight_rewritten_in_place_is_caught_at_the_next_step(caplog, target):
     torch.manual_seed(0)
     m = Net()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
@@ -881,7 +882,29 @@ def test_parked_state_rewritten_in_place_is_caught_at_the_next_update(caplog):
     train_step(m, opt, 0)
     assert e.stats()["parked_layers"] == 3
     layer = e.layers[0]
-    opt.state[layer.param]["exp_avg_sq"].fill_(1.0)  # user code overwrites the state in place
+    with caplog.at_level("WARNING", logger="slaknet.sparse"):
+        if target == "exp_avg_sq":
+            opt.state[layer.param]["exp_avg_sq"].fill_(1.0)  # user code overwrites the state in place
+        else:
+            with torch.no_grad():
+                layer.param.copy_(torch.randn_like(layer.param))  # e.g. load_state_dict of dense weights
+        train_step(m, opt, 1)  # engine step 2: no update, yet the very next step re-masks the layer
+    assert_masked(e)
+    assert "written in place" in caplog.text
+    assert e.update_count == 0 and e.stats()["parked_layers"] == 3  # parked again, with fresh +inf
+    for step in range(2, 8):
+        train_step(m, opt, step)
+        assert_masked(e)
+
+
+def test_parked_state_rewritten_behind_version_counters_is_caught_at_the_update(caplog):
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, total_steps=30)
+    train_step(m, opt, 0)
+    layer = e.layers[0]
+    opt.state[layer.param]["exp_avg_sq"].data.fill_(1.0)  # .data: no version-counter bump
     train_step(m, opt, 1)
     assert torch.count_nonzero(layer.param[~layer.mask]) > 0  # undetectable without a pass...
     with caplog.at_level("WARNING", logger="slaknet.sparse"):
@@ -901,7 +924,7 @@ def test_parked_fixed_masks_are_still_checked_every_u_steps(caplog):
     e = SparseEngine(m, opt, sparsity=0.5, update_frequency=3, fix=True)
     train_step(m, opt, 0)
     assert e.stats()["parked_layers"] == 3
-    opt.state[e.layers[1].param]["exp_avg_sq"].zero_()
+    opt.state[e.layers[1].param]["exp_avg_sq"].data.zero_()
     with caplog.at_level("WARNING", logger="slaknet.sparse"):
         train_step(m, opt, 1)
         train_step(m, opt, 2)  # engine step 3: no update (fixed masks), but the check runs

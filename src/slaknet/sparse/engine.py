@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,11 @@ import torch.nn.functional as F
 
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.sparse.density import counts_from_scores, erk_counts, uniform_counts
+from slaknet.sparse.bits import CHUNK as _CHUNK, INF_BITS as _INF_BITS
+from slaknet.sparse.bits import any_nonfinite_where as _any_nonfinite_where
+from slaknet.sparse.bits import any_nonzero_where as _any_nonzero_where
+from slaknet.sparse.bits import edit_bits_ as _edit_bits_
+from slaknet.sparse.bits import zero_inactive_ as _zero_inactive_
 from slaknet.sparse.kselect import MagnitudeScores, RandomScores, select_k_mask
 from slaknet.sparse.selection import ParamFilter, select_parameters, unwrap_model
 
@@ -41,11 +47,17 @@ _MASKINGS = ("auto", "pass")
 _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # Adam family first moment / SGD momentum
 # Adam's denominators: +inf here makes the update of a weight exactly 0 (see SparseEngine._park)
 _SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
-# bit pattern of +inf and the same-width integer dtype, per floating dtype (for exact bit-level edits)
-_INF_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
-             torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00)}
 
 _STATE_VERSION = 1
+
+
+class _Parked(NamedTuple):
+    """A parked layer: its +inf-holding second moments, and the version counters of everything that
+    could move its inactive weights (weight, state tensors) as they were after the engine's last edit."""
+
+    slots: Tuple[torch.Tensor, ...]
+    watched: Tuple[torch.Tensor, ...]
+    versions: Tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -190,76 +202,6 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-_CHUNK = 1 << 17  # elements per chunk of the streaming bit-level passes below (their int copies stay in cache)
-
-
-def _bit_chunks(t: torch.Tensor, *masks: torch.Tensor) -> Optional[Iterator[Tuple[torch.Tensor, ...]]]:
-    """Yield (bits of t, int copy of each bool mask) chunk by chunk, or None where chunking does not apply.
-
-    Used by the CPU streaming passes: PyTorch multiplies a float by a bool / uint8 tensor on a slow
-    mixed-type path, while same-width integer ops on a small int copy of the mask, converted chunk by chunk
-    so it stays in cache, run at memory speed. Only for contiguous CPU tensors big enough to be worth it.
-    """
-    if (t.device.type != "cpu" or t.dtype not in _INF_BITS or t.numel() < _CHUNK or not t.is_contiguous()
-            or not all(m.is_contiguous() for m in masks)):
-        return None
-    itype = _INF_BITS[t.dtype][0]
-    bits = t.view(-1).view(itype)
-    flats = [m.view(-1) for m in masks]
-    bufs = [torch.empty(_CHUNK, dtype=itype) for _ in masks]
-
-    def gen() -> Iterator[Tuple[torch.Tensor, ...]]:
-        for s in range(0, bits.numel(), _CHUNK):
-            c = min(_CHUNK, bits.numel() - s)
-            yield (bits[s:s + c],) + tuple(b[:c].copy_(f[s:s + c]) for b, f in zip(bufs, flats))
-
-    return gen()
-
-
-def _zero_inactive_(t: torch.Tensor, mask: torch.Tensor) -> None:
-    """``t *= mask`` in place (bool ``mask`` of t's shape), the pass that re-masks weights after a step.
-
-    On CPU the float's bits are multiplied by a 0/1 integer copy of the mask (exact: x * 1 keeps every bit,
-    x * 0 gives +0.0), ~25% faster than the mixed-type multiply.
-    """
-    chunks = _bit_chunks(t, mask)
-    if chunks is None:
-        t.mul_(mask.view(torch.uint8))
-        return
-    for bits, keep in chunks:
-        bits.mul_(keep)
-
-
-def _edit_bits_(t: torch.Tensor, keep: torch.Tensor, to_inf: Optional[torch.Tensor] = None) -> None:
-    """In place: entries of the float tensor ``t`` where the bool ``keep`` is False become +0.0, then
-    entries where ``to_inf`` is True become +inf.
-
-    Done on the bit patterns (AND with 0 / all-ones, OR with the bits of +inf), so it is exact whatever
-    the old value is (an inf or NaN times 0 would be NaN) and needs no slow masked fill.
-    """
-    itype, inf_bits = _INF_BITS[t.dtype]
-    masks = (keep,) if to_inf is None else (keep, to_inf)
-    chunks = _bit_chunks(t, *masks)
-    if chunks is None:
-        chunks = iter([(t.view(itype),) + tuple(m.to(itype) for m in masks)])
-    for bits, k, *inf in chunks:
-        bits.bitwise_and_(k.neg_())
-        if inf:
-            bits.bitwise_or_(inf[0].mul_(inf_bits))
-
-
-def _any_nonzero_where(t: torch.Tensor, where: torch.Tensor) -> bool:
-    """Exactly: is any entry of the float tensor ``t`` other than +-0.0 (NaN included) where ``where``?"""
-    chunks = _bit_chunks(t, where)
-    if chunks is None:
-        return not bool(torch.mul(t, where.view(torch.uint8)).abs_().amax() == 0)
-    sign_off = torch.tensor(~(-1 << (8 * t.element_size() - 1)), dtype=_INF_BITS[t.dtype][0])
-    for bits, w in chunks:
-        if bool(w.neg_().bitwise_and_(bits).bitwise_and_(sign_off).any()):
-            return True
-    return False
-
-
 class SparseEngine:
     """Dynamic sparse training for any ``nn.Module`` (see module docstring and docs/sparse.md).
 
@@ -303,26 +245,28 @@ class SparseEngine:
         self._hook = None
         self._dense_grads: Optional[Dict[str, torch.Tensor]] = None
         # layer name -> the optimizer-state tensors holding its inactive weights at zero (see _park)
-        self._parked: Dict[str, Tuple[torch.Tensor, ...]] = {}
+        self._parked: Dict[str, _Parked] = {}
         self._park_disabled = False
+        self._warned_rewrite: set = set()
+        self._guard = None  # forward hooks repairing non-finite parked weights (see _install_guard)
+        self._buffers: List[torch.Tensor] = []
+        self._buffer_copy: List[torch.Tensor] = []
+        self._rerun = False
+        self._ema_sync: Dict[int, Tuple[int, Dict[str, torch.Tensor]]] = {}  # see sync_ema
 
         chosen = select_parameters(self.model, cfg.layers, cfg.include, cfg.exclude)
         if not chosen:
             raise ConfigError("the sparse engine found no weight to make sparse (check layers/include/exclude)")
-        if optimizer is not None:
-            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [n for n, _, p in chosen if id(p) not in in_opt]
-            if missing:
-                raise ConfigError(f"sparse weight {missing[0]!r} is not in the optimizer "
-                                  f"({len(missing)} such weights)")
-        self._check_optimizer_for_momentum()
         self.candidates = [(n, p) for n, _, p in chosen]
+        self._check_params(optimizer)
+        self._check_optimizer_for_momentum()
         self.layers: List[SparseLayer] = []
         self.dense_layers: List[str] = []
         self.init_densities: Dict[str, float] = {}
         self._modules = {n: mod for n, mod, _ in chosen}
         self._pending: List[Any] = []
         self._awaiting_state = False
+        self._share_seed()
         if state is not None:
             self.load_state_dict(state)
         elif cfg.sparse_init == "snip" and snip_batch is None and snip_loss is None:
@@ -336,18 +280,47 @@ class SparseEngine:
             self._install_pending()
         if attach and optimizer is not None:
             self.attach(optimizer)
+        self._check_ranks_agree()
 
     # ----------------------------------------------------------------------------------- wiring ---------
+    def _check_params(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """ConfigError unless every managed weight is still the model's parameter and in ``optimizer``."""
+        current = {id(p) for p in self.model.parameters()}
+        stale = [n for n, p in self.candidates if id(p) not in current]
+        if stale:
+            raise ConfigError(f"sparse weight {stale[0]!r} is no longer a parameter of the model ({len(stale)} such "
+                              "weights; replaced by load_state_dict(assign=True) or a new layer?): build a new "
+                              "SparseEngine for the model, with state=old_engine.state_dict() to keep the masks")
+        if optimizer is not None:
+            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            missing = [n for n, p in self.candidates if id(p) not in in_opt]
+            if missing:
+                raise ConfigError(f"sparse weight {missing[0]!r} is not in the optimizer ({len(missing)} such "
+                                  "weights): build the optimizer over the model's current parameters")
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Register the post-step hook on ``optimizer`` (done by the constructor unless attach=False)."""
-        self.detach()
+        """Register the post-step hook on ``optimizer`` (done by the constructor unless attach=False).
+
+        Checks, like the constructor, that the managed weights are still the model's parameters and all in
+        ``optimizer`` (``ConfigError`` otherwise).
+        """
+        self._check_params(optimizer)
+        self._remove_hook()
         if optimizer is not self.optimizer:
-            self._parked.clear()
+            self._unpark_all()
         self.optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._post_step_hook)
 
     def detach(self) -> None:
-        """Remove the optimizer hook (masks stay applied; later steps are no longer masked)."""
+        """Remove the optimizer hook; masks stay applied, later steps are no longer masked.
+
+        Parked layers get finite optimizer state back (their +inf second moments become 0, as for a regrown
+        weight), so the inactive weights can train again.
+        """
+        self._remove_hook()
+        self._unpark_all()
+
+    def _remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -395,6 +368,7 @@ class SparseEngine:
             self._update()  # the masks were just re-applied
         elif self._parked and self.step_count % int(self.config.update_frequency) == 0:
             self._check_all_parked()  # e.g. fixed masks: no updates, still checked every u steps
+        self._refresh_versions()
 
     # ------------------------------------------------------------------------------------ masks ---------
     def _install_pending(self) -> None:
@@ -467,11 +441,35 @@ class SparseEngine:
                      if torch.is_tensor(st.get(k)) and st[k].shape == layer.param.shape)
 
     def _still_parked(self, layer: SparseLayer) -> bool:
+        """O(1): is ``layer`` parked, with the same state tensors, none written in place since the last step?
+
+        The fused step itself does not bump version counters; a rewrite of the weight or of its state by
+        other code (``fill_``, ``copy_``, ``load_state_dict`` into the model) does, and sends the layer
+        through the re-masking pass right after the step that used it.
+        """
         held = self._parked.get(layer.name)
         if held is None or self._park_disabled:
             return False
         now = self._state_slots(layer)  # the optimizer may have replaced its state (load_state_dict)
-        return len(now) == len(held) and all(a is b for a, b in zip(now, held))
+        if not (len(now) == len(held.slots) and all(a is b for a, b in zip(now, held.slots))):
+            return False
+        if tuple(t._version for t in held.watched) == held.versions:
+            return True
+        if layer.name not in self._warned_rewrite:
+            self._warned_rewrite.add(layer.name)
+            logger.warning("sparse engine: the weight or optimizer state of %r was written in place between steps; "
+                           "its inactive weights are re-masked after this step", layer.name)
+        return False
+
+    def _watch(self, layer: SparseLayer, slots: Tuple[torch.Tensor, ...]) -> _Parked:
+        st = self.optimizer.state.get(layer.param) or {}
+        watched = (layer.param,) + tuple(v for v in st.values() if torch.is_tensor(v) and v.shape == layer.param.shape)
+        return _Parked(slots, watched, tuple(t._version for t in watched))
+
+    def _refresh_versions(self) -> None:
+        """Record version counters after the engine's own edits (they are not rewrites by others)."""
+        for name, held in self._parked.items():
+            self._parked[name] = held._replace(versions=tuple(t._version for t in held.watched))
 
     @torch.no_grad()
     def _park(self, layer: SparseLayer) -> None:
@@ -479,7 +477,8 @@ class SparseEngine:
 
         Second moments become +inf at inactive positions. An active position found at +inf (masks that
         changed under a parked state, e.g. a sparse state loaded over another run's optimizer state)
-        restarts like a regrown weight: its moments are zeroed.
+        restarts like a regrown weight: its moments are zeroed. Non-finite first moments at inactive
+        positions (a non-finite gradient there) are zeroed too: m / inf would be NaN.
         """
         slots = self._park_slots(layer)
         if slots is None:
@@ -488,13 +487,31 @@ class SparseEngine:
         stale = torch.zeros_like(layer.mask)
         for v in slots:
             stale |= torch.isinf(v) & layer.mask
+        st = self.optimizer.state[layer.param]
+        floats = [v for v in st.values() if torch.is_tensor(v) and v.shape == layer.param.shape
+                  and v.is_floating_point() and not any(v is t for t in slots)]
         if bool(stale.any()):
-            for v in self.optimizer.state[layer.param].values():
-                if torch.is_tensor(v) and v.shape == layer.param.shape and v.is_floating_point():
-                    v.masked_fill_(stale, 0)
+            for v in floats + list(slots):
+                v.masked_fill_(stale, 0)
+        for v in floats:
+            if _any_nonfinite_where(v, ~layer.mask):
+                v.masked_fill_(~torch.isfinite(v) & ~layer.mask, 0)
         for v in slots:
             _edit_bits_(v, keep=layer.mask, to_inf=~layer.mask)
-        self._parked[layer.name] = slots
+        self._parked[layer.name] = self._watch(layer, slots)
+
+    @torch.no_grad()
+    def _unpark_all(self) -> None:
+        """Give every parked layer finite optimizer state back (+inf second moments at inactive positions
+        become 0) and stop parking: used by :meth:`detach` and when the optimizer changes."""
+        for layer in self.layers:
+            if layer.name in self._parked and self.optimizer is not None:
+                slots = self._state_slots(layer)
+                if len(slots) == len(self._parked[layer.name].slots) and all(
+                        a is b for a, b in zip(slots, self._parked[layer.name].slots)):
+                    for v in slots:
+                        _edit_bits_(v, keep=layer.mask)
+        self._parked.clear()
 
     @torch.no_grad()
     def _remask(self) -> None:
@@ -504,6 +521,80 @@ class SparseEngine:
                 continue
             _zero_inactive_(layer.param.data, layer.mask)
             self._park(layer)  # a no-op unless the optimizer allows parking (see _park_slots)
+        self._install_guard()
+
+    # A non-finite gradient at a parked (inactive) position makes m / inf = NaN in the weight. Finding it
+    # right after the step would take a pass over the gradients (~2 % of a SLaK-T step), so it is found where
+    # it shows, for the cost of a check of the model's output: a NaN weight makes the next forward's output
+    # non-finite. Then (rarely) the parked layers are scanned, non-finite inactive weights and first moments
+    # are zeroed, the buffers the forward touched (BatchNorm statistics) are restored and the forward runs
+    # again, so the caller gets the output it would have got with the re-masking pass.
+    def _install_guard(self) -> None:
+        if not self._parked or self._guard is not None:
+            if not self._parked and self._guard is not None:
+                for h in self._guard:
+                    h.remove()
+                self._guard = None
+            return
+        ref, root = weakref.ref(self), self.model  # plain closures: a deepcopy of the model (EMA) copies no engine
+
+        def pre(module: nn.Module, args: Any, kwargs: Any) -> None:
+            eng = ref()
+            if eng is not None and module is root and not eng._rerun and eng._parked:
+                eng._snapshot_buffers()
+
+        def post(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            eng = ref()
+            if eng is None or module is not root or eng._rerun or not eng._parked:
+                return None
+            return eng._guard_output(module, args, kwargs, out)
+
+        self._guard = (root.register_forward_pre_hook(pre, with_kwargs=True),
+                       root.register_forward_hook(post, with_kwargs=True))
+
+    @torch.no_grad()
+    def _snapshot_buffers(self) -> None:
+        bufs = list(self.model.buffers())
+        if (len(bufs) != len(self._buffer_copy)
+                or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(bufs, self._buffer_copy))):
+            self._buffer_copy = [b.detach().clone() for b in bufs]
+        elif bufs:
+            torch._foreach_copy_(self._buffer_copy, bufs)
+        self._buffers = bufs
+
+    def _guard_output(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+        t = out if torch.is_tensor(out) else (out[0] if isinstance(out, (tuple, list)) and out else None)
+        if not torch.is_tensor(t) or not t.is_floating_point() or bool(torch.isfinite(t.detach()).all()):
+            return None
+        if not self.repair_nonfinite():
+            return None  # the model itself diverged: nothing of the engine's to repair
+        with torch.no_grad():
+            for b, c in zip(self._buffers, self._buffer_copy):
+                b.copy_(c)
+        self._rerun = True
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self._rerun = False
+
+    @torch.no_grad()
+    def repair_nonfinite(self) -> List[str]:
+        """Zero NaN / inf at inactive weights of parked layers (and non-finite first moments there).
+
+        Called automatically when a forward's output is non-finite; returns the repaired layers' names.
+        """
+        bad = []
+        for layer in self.layers:
+            if layer.name in self._parked and _any_nonfinite_where(layer.param.detach(), ~layer.mask):
+                _zero_inactive_(layer.param.data, layer.mask)
+                self._park(layer)
+                bad.append(layer.name)
+        if bad:
+            logger.warning("sparse engine: a non-finite gradient at inactive weights of %d parked layers (%s...) "
+                           "made them NaN; zeroed them and their optimizer state and ran the forward again",
+                           len(bad), bad[0])
+        self._refresh_versions()
+        return bad
 
     def _check_all_parked(self) -> None:
         for layer in [l for l in self.layers if self._still_parked(l)]:
@@ -513,8 +604,9 @@ class SparseEngine:
     def _check_parked(self, layer: SparseLayer) -> None:
         """At an update (or every ``u`` steps): verify that a parked layer's inactive weights stayed zero.
 
-        They cannot move unless something rewrote the optimizer state in place; if they did, they are
-        zeroed, parking is switched off for the rest of the run (every step re-masks) and a warning says so.
+        Rewrites that bump version counters are caught at the next step (:meth:`_still_parked`); one that
+        does not (a write through ``.data``) is caught here: the weights are zeroed, parking is switched off
+        for the rest of the run (every step re-masks) and a warning says so.
         """
         if not _any_nonzero_where(layer.param.detach(), ~layer.mask):
             return
@@ -714,8 +806,9 @@ class SparseEngine:
             g_sel = select_k_mask(self._growth_scores(layer, step), k, largest=True, allowed=~mask,
                                   n_allowed=layer.numel - layer.count + n_prune[layer.name])
             mask |= g_sel
-            # pruned weights -> 0; grown positions were inactive, so their weight already is exactly 0
-            _zero_inactive_(layer.param.data, mask.view(shape))
+            # pruned weights -> 0, and every regrown weight starts at 0 (RigL's rule), also one pruned and
+            # regrown in this same update (grown positions that were inactive before already hold 0)
+            _zero_inactive_(layer.param.data, (mask & ~g_sel).view(shape))
             if cfg.optimizer_state == "zero" and self.optimizer is not None:
                 # (a pruned position can be regrown in the same update: it is active again)
                 self._zero_optimizer_state(layer, ~(p_sel | g_sel), newly_inactive=p_sel & ~mask)
@@ -735,6 +828,7 @@ class SparseEngine:
         if cfg.sync_check and _dist_world() > 1:
             self.check_consistency()
         self.last_update = record
+        self._refresh_versions()
         self.history.append({k: v for k, v in record.items() if k != "layers"})
         logger.info("sparse update %d @ step %d: rate %.4f, pruned %d, regrown %d, density %.4f, ITOP %.4f",
                     self.update_count, step, rate, record["pruned"], record["regrown"], record["density"],
@@ -802,7 +896,8 @@ class SparseEngine:
             return
         shape = layer.param.shape
         keep = keep.view(shape)
-        parked = self._parked.get(layer.name, ())
+        held = self._parked.get(layer.name)
+        parked = held.slots if held is not None else ()
         for k, v in state.items():
             if not (torch.is_tensor(v) and v.shape == shape):
                 continue
@@ -854,6 +949,19 @@ class SparseEngine:
                                 if self.last_update else None),
                 "layers": layers}
 
+    def density_report(self) -> Dict[str, Any]:
+        """Per-layer initial densities and how many large-kernel (SLaK strip) weights are sparse / dense.
+
+        For a run header: ``{"layers": {name: density}, "large_kernel": {"sparse": n, "dense": m}}``
+        (``large_kernel`` counts only weights this engine selected).
+        """
+        lk = {n for n, _, _ in select_parameters(self.model, "large_kernel")} if self.candidates else set()
+        names = [n for n, _ in self.candidates]
+        sparse = {l.name for l in self.layers}
+        return {"layers": {n: self.init_densities.get(n, 1.0) for n in names},
+                "large_kernel": {"sparse": sum(1 for n in names if n in lk and n in sparse),
+                                 "dense": sum(1 for n in names if n in lk and n not in sparse)}}
+
     def summary(self, max_layers: int = 12) -> str:
         """A short human-readable report (global figures and the first ``max_layers`` layers)."""
         s = self.stats()
@@ -889,18 +997,86 @@ class SparseEngine:
 
     def check_consistency(self) -> None:
         """Raise RuntimeError if masks differ across ranks (two tiny all-reduces of a checksum)."""
+        bad = self._differing_layers()
+        if bad:
+            raise RuntimeError(f"sparse masks differ across ranks at step {self.step_count} "
+                               f"(layers {bad[:3]}...): are weights/seed identical on every rank?")
+
+    def _differing_layers(self) -> List[str]:
         if _dist_world() <= 1:
-            return
+            return []
         c = self.mask_checksum()
         if dist.get_backend() == "nccl" and c.device.type != "cuda":
             c = c.cuda()
+        n = torch.tensor([c.shape[0]], dtype=torch.int64, device=c.device)
+        lo_n, hi_n = n.clone(), n.clone()
+        dist.all_reduce(lo_n, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi_n, op=dist.ReduceOp.MAX)
+        if int(lo_n) != int(hi_n):
+            return ["(a different number of sparse layers)"]
         lo, hi = c.clone(), c.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            bad = [self.layers[i].name for i in (lo != hi).any(1).nonzero().view(-1).tolist()]
-            raise RuntimeError(f"sparse masks differ across ranks at step {self.step_count} "
-                               f"(layers {bad[:3]}...): are weights/seed identical on every rank?")
+        return [self.layers[i].name for i in (lo != hi).any(1).nonzero().view(-1).tolist()]
+
+    def _share_seed(self) -> None:
+        """Under torch.distributed, take rank 0's mask seed: per-rank seeding (``seed + rank``) must not split
+        the masks (they are a function of the seed alone for ERK / uniform and random growth)."""
+        if _dist_world() <= 1:
+            return
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        t = torch.tensor([int(self.config.seed)], dtype=torch.int64, device=dev)
+        dist.broadcast(t, 0)
+        if int(t) != int(self.config.seed):
+            logger.info("sparse engine: mask seed %d of this rank replaced by rank 0's %d", self.config.seed, int(t))
+            self.config.seed = int(t)
+
+    def _check_ranks_agree(self) -> None:
+        """Once, after the masks are chosen or loaded: ConfigError if any rank holds other masks."""
+        if not self.config.sync_check or _dist_world() <= 1 or self._awaiting_state:
+            return
+        bad = self._differing_layers()
+        if bad:
+            raise ConfigError(f"sparse masks differ across ranks right after initialisation (layers {bad[:3]}): "
+                              "the weights differ between ranks (SNIP scores them); build the engine after "
+                              "wrapping the model in DistributedDataParallel, or load the same state on every rank")
+
+    # ------------------------------------------------------------------------------------ EMA ----------
+    @torch.no_grad()
+    def sync_ema(self, ema: Any) -> None:
+        """Make an EMA copy follow the masks: call right after every ``ema.update(model)``.
+
+        ``ema`` is the averaged module or a timm ``ModelEma*`` (its ``.module``). Inactive positions become 0
+        (as :meth:`apply_masks`); regrown positions take the model's value instead of ramping up from 0,
+        as the research code's sparse EMA does (it copies the model into active positions whose average is
+        still 0): from the first ``sync_ema`` after an update, until the model's value there is non-zero.
+        """
+        module = unwrap_model(ema.module if hasattr(ema, "module") and isinstance(ema.module, nn.Module) else ema)
+        self.apply_masks(module)
+        params = dict(module.named_parameters())
+        key = id(module)
+        seen = self._ema_sync.get(key)
+        if seen is None or seen[0] != self.update_count:
+            prev = seen[1] if seen is not None else None
+            fresh = seen[2] if seen is not None else {}
+            new_fresh: Dict[str, torch.Tensor] = {}
+            for layer in self.layers:
+                p, m = params[layer.name], layer.mask.to(params[layer.name].device)
+                grown = m & ~prev[layer.name] if prev is not None else m & (p == 0)
+                idx = grown.reshape(-1).nonzero().squeeze(1)
+                old = fresh.get(layer.name)
+                if old is not None and old.numel():
+                    idx = torch.cat([old[m.reshape(-1)[old]], idx]).unique()
+                new_fresh[layer.name] = idx
+            seen = (self.update_count, {l.name: l.mask.clone() for l in self.layers}, new_fresh)
+            self._ema_sync[key] = seen
+        for layer in self.layers:
+            idx = seen[2].get(layer.name)
+            if idx is None or not idx.numel():
+                continue
+            src = layer.param.detach().reshape(-1)[idx.to(layer.param.device)].to(params[layer.name].device)
+            params[layer.name].view(-1)[idx] = src
+            seen[2][layer.name] = idx[src == 0]  # still 0 in the model: copy again next time
 
     # --------------------------------------------------------------------------------- state -------------
     def state_dict(self) -> Dict[str, Any]:
@@ -953,4 +1129,6 @@ class SparseEngine:
         self.last_update = None
         self._awaiting_state = False
         self._parked.clear()  # new masks: the next step re-masks and parks again
+        self._ema_sync.clear()
         self.apply_masks()
+        self._check_ranks_agree()
