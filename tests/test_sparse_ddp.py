@@ -50,6 +50,31 @@ def _worker(out_dir: str) -> None:
                            "parked": engine.stats()["parked_layers"],
                            "weights": [float(p.detach().double().sum()) for p in model.parameters()]}
         engine.detach()
+    # fixed masks with a per-rank seed (the common `seed + rank` habit): no update ever compares them, so the
+    # engine must take one seed for all ranks (rank 0's)
+    from slaknet.errors import ConfigError
+
+    torch.manual_seed(rank)
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    fddp = nn.parallel.DistributedDataParallel(fixed)  # broadcasts rank 0's weights
+    fopt = torch.optim.SGD(fddp.parameters(), lr=0.05)
+    fe = SparseEngine(fddp, fopt, sparsity=0.6, fix=True, seed=5 + rank)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+        fopt.zero_grad()
+        F.cross_entropy(fddp(x), y).backward()
+        fopt.step()
+    results["fixed_per_rank_seed"] = {
+        "seed": fe.config.seed,
+        "masks": {n: m.flatten().nonzero().flatten().tolist() for n, m in fe.masks().items()},
+        "weights": [float(p.detach().double().sum()) for p in fixed.parameters()]}
+    fe.detach()
+    # masks that differ at initialisation (here: a different sparsity per rank) are refused at once
+    try:
+        SparseEngine(fixed, None, sparsity=0.5 + 0.2 * rank, sparse_init="uniform", fix=True)
+        results["init_mismatch"] = None
+    except ConfigError as exc:
+        results["init_mismatch"] = str(exc)
     # a deliberate divergence must be detected by the checksum
     if rank == 1:
         layer = engine.layers[0]
@@ -82,6 +107,11 @@ def test_ddp_two_ranks_identical_masks(tmp_path):
         assert r0[growth]["weights"] == r1[growth]["weights"]
         assert r0[growth]["parked"] == r1[growth]["parked"] == (3 if growth == "random_parked" else 0)
     assert r0["divergence_detected"] and r1["divergence_detected"]
+    f0, f1 = r0["fixed_per_rank_seed"], r1["fixed_per_rank_seed"]
+    assert f0["seed"] == f1["seed"] == 5  # rank 0's
+    assert f0["masks"] == f1["masks"] and f0["weights"] == f1["weights"]
+    for r in (r0, r1):
+        assert r["init_mismatch"] and "differ across ranks right after initialisation" in r["init_mismatch"]
 
 
 if __name__ == "__main__":
