@@ -678,7 +678,7 @@ def _train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 if ema is not None:
                     ema.update(model, step=state.step)
                     if engine is not None:
-                        engine.apply_masks(ema.module)
+                        engine.sync_ema(ema.module)  # masks + research-code EMA rule for regrown weights
                 if bar is not None:
                     rate = seen * dist_info.world_size / max(time.perf_counter() - t_epoch, 1e-9)
                     bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
