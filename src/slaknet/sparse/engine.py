@@ -82,11 +82,15 @@ class SparseConfig:
             or ``none`` (only ``include``).
         include / exclude: extra / excluded weights: glob patterns on parameter names or a predicate
             ``(name, module, param) -> bool``.
-        dense_threshold: a layer whose initial density is at least this stays dense (no mask).
-        optimizer_state: ``zero`` (default: pruned and regrown positions get zeroed optimizer state, so
-            a regrown weight starts from 0 with fresh moments) or ``keep``.
-        seed: seed of all mask randomness (keyed by seed, step and layer: identical on every rank).
-        sync_check: under torch.distributed, compare a mask checksum across ranks at each update.
+        dense_threshold: a layer whose initial density is at least this stays dense (no mask); 1.0 keeps
+            exact counts, 0.99 is the research code's cut.
+        optimizer_state: ``zero`` (default, RigL's: pruned and regrown positions get zeroed optimizer
+            state, so a regrown weight starts from 0 with fresh moments) or ``keep`` (the research code's).
+            Either way a regrown weight starts at 0, also one pruned and regrown in the same update.
+        seed: seed of all mask randomness (keyed by seed, step and layer; under torch.distributed rank 0's
+            seed is used on every rank, so per-rank seeding cannot split the masks).
+        sync_check: under torch.distributed, compare a mask checksum across ranks once at initialisation
+            (``ConfigError`` if they differ) and at each update (``RuntimeError``).
         masking: how inactive weights are kept at zero between updates. ``auto`` (default): with a fused
             ``torch.optim.Adam``/``AdamW`` on CPU and ``optimizer_state='zero'``, their second moment is
             held at +inf, so the optimizer's own update there is exactly 0 and no pass over the weights
