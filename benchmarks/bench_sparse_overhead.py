@@ -5,7 +5,8 @@ What is timed (AdamW by default fused, forward + backward + optimizer step on ra
 * ``base``: a plain training step;
 * ``engine``: the same step with the engine attached (its post-step hook re-applies the masks, or for
   layers parked in a fused Adam's state only checks that the state is still the one it prepared);
-* ``mask``: the hook's work alone (``engine.after_step`` without an update), many repetitions;
+* ``mask``: the hook's work alone (``engine.after_step`` without an update), many repetitions, plus,
+  for parked layers, the forward guard (buffer copy and output check, see docs/sparse.md);
 * ``update``: one topology update (prune + regrow over all sparse layers), a few repetitions.
 
 Base and engine steps are interleaved (A, B, A, B, ...) so machine load drifts hit both alike. The
@@ -117,6 +118,16 @@ def main(argv: List[str] | None = None) -> int:
           f"({sparse_params / 1e6:.1f}M weights), {len(engine.dense_layers)} dense; u={args.update_frequency}; "
           f"clock {CLOCK.__name__}",
           flush=True)
+    def off() -> None:  # base arm: no hook, no forward guard; parked state stays (detach() would unpark)
+        engine._remove_hook()
+        for h in engine._guard or ():
+            h.remove()
+        engine._guard = None
+
+    def on() -> None:
+        engine.attach(opt)
+        engine._install_guard()
+
     for _ in range(args.warmup):
         step()
     engine.attach(opt)
@@ -137,9 +148,9 @@ def main(argv: List[str] | None = None) -> int:
         block = max(1, args.block)
         while len(eng) < args.update_frequency:  # interleaved blocks: base x block, engine x block
             n = min(block, args.update_frequency - len(eng))
-            engine.detach()
+            off()
             base += [_timed(step, args.device) for _ in range(n)]
-            engine.attach(opt)
+            on()
             eng += [_timed(step, args.device) for _ in range(n)]
         assert engine.update_count == 1, "the engine arm must include exactly one update step"
         res.update(base_total_s=sum(base), engine_total_s=sum(eng),
@@ -150,20 +161,29 @@ def main(argv: List[str] | None = None) -> int:
         base: List[float] = []
         eng: List[float] = []
         for i in range(args.steps):
-            engine.detach()
+            off()
             base.append(_timed(step, args.device))
-            engine.attach(opt)
+            on()
             eng.append(_timed(step, args.device))
             print(f"  step {i + 1}/{args.steps}: base {base[-1]:.3f}s engine {eng[-1]:.3f}s", flush=True)
         assert engine.update_count == 0 or args.steps >= args.update_frequency
         res.update(base_median_s=statistics.median(base), engine_median_s=statistics.median(eng),
                    paired_diff_median_s=statistics.median([b - a for a, b in zip(base, eng)]))
 
-    # the hook's per-step work alone (no update) and one topology update
-    engine.detach()
+    # the hook's per-step work alone (no update), the forward guard of parked layers (buffer copy and an
+    # output check), and one topology update
+    off()
     saved = engine.step_count
     engine.config.fix = True  # after_step without triggering an update
     mask_t = statistics.median([_timed(engine.after_step, args.device) for _ in range(args.mask_reps)])
+    guard_t = 0.0
+    if engine.stats()["parked_layers"]:
+        logits = torch.randn(args.batch_size, 1000, device=args.device)
+        guard_t = statistics.median([_timed(lambda: (engine._snapshot_buffers(),
+                                                     engine._guard_output(model, (x,), {}, logits)), args.device)
+                                     for _ in range(args.mask_reps)])
+    res["guard_s"] = guard_t
+    mask_t += guard_t
     engine.config.fix = False
     engine.step_count = saved
     step()  # fresh gradients for gradient growth
@@ -172,7 +192,7 @@ def main(argv: List[str] | None = None) -> int:
     res.update(mask_s=mask_t, update_s=upd_t)
     base_ref = res.get("base_median_s") or res["base_total_s"] / args.update_frequency
     res["overhead_measured"] = (mask_t + upd_t / args.update_frequency) / base_ref
-    print(f"per-step masking {1e3 * mask_t:.1f} ms, one update {1e3 * upd_t:.0f} ms, "
+    print(f"per-step masking {1e3 * mask_t:.2f} ms (forward guard {1e3 * guard_t:.2f} ms), one update {1e3 * upd_t:.0f} ms, "
           f"base step {1e3 * base_ref:.0f} ms")
     if not args.full:
         res["overhead_paired"] = (res["paired_diff_median_s"] + upd_t / args.update_frequency) / base_ref

@@ -234,3 +234,21 @@ def test_density_report_counts_sparse_large_kernels():
     uni = SparseEngine(M(), None, sparsity=0.5, sparse_init="uniform", total_steps=10).density_report()
     assert uni["large_kernel"] == {"sparse": 2, "dense": 0}
     assert uni["layers"]["lk.LoRA2.conv.weight"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_sync_ema_handles_channels_last_and_keeps_inactive_zero():
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    m = Net().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    e = SparseEngine(m, opt, sparsity=0.5, update_frequency=2, total_steps=20)
+    e.apply_masks()
+    ema = ModelEmaV3(m, decay=0.99)
+    for step in range(5):
+        train_step(m, opt, step)
+        ema.update(m)
+        e.sync_ema(ema)
+    got = dict(ema.module.named_parameters())
+    for l in e.layers:
+        assert torch.count_nonzero(got[l.name][~l.mask]) == 0

@@ -800,8 +800,9 @@ class SparseEngine(ParkingMixin, DistributedMixin):
             idx = seen[2].get(layer.name)
             if idx is None or not idx.numel():
                 continue
-            src = layer.param.detach().reshape(-1)[idx.to(layer.param.device)].to(params[layer.name].device)
-            params[layer.name].view(-1)[idx] = src
+            p = params[layer.name]
+            src = layer.param.detach().reshape(-1)[idx.to(layer.param.device)].to(p.device)
+            p[torch.unravel_index(idx, p.shape)] = src  # (also for channels_last EMA weights)
             seen[2][layer.name] = idx[src == 0]  # still 0 in the model: copy again next time
 
     # --------------------------------------------------------------------------------- state -------------
