@@ -167,7 +167,9 @@ def test_detach_gives_parked_weights_finite_state_so_they_train_again():
         train_step(m, opt, step)
     assert e.stats()["parked_layers"] == 3
     inactive = {l.name: ~l.mask.clone() for l in e.layers}
+    assert m._forward_hooks  # the forward guard of parked layers
     e.detach()
+    assert not m._forward_hooks and not m._forward_pre_hooks  # detach leaves no hook on the model
     for l in e.layers:
         assert torch.isfinite(opt.state[l.param]["exp_avg_sq"]).all()
     for step in range(2, 4):

@@ -144,6 +144,7 @@ class ParkingMixin:
                     for v in slots:
                         _edit_bits_(v, keep=layer.mask)
         self._parked.clear()
+        self._install_guard()  # nothing parked: removes the forward guard
 
     @torch.no_grad()
     def _remask(self) -> None:
