@@ -254,3 +254,22 @@ def test_sync_ema_handles_channels_last_and_keeps_inactive_zero():
     got = dict(ema.module.named_parameters())
     for l in e.layers:
         assert torch.count_nonzero(got[l.name][~l.mask]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_zeroing_on_cuda_clears_nan_inf_and_negative_zero():
+    from slaknet.sparse.engine import _any_nonfinite_where, _edit_bits_, _zero_inactive_
+
+    t = torch.randn(1 << 18, device="cuda")
+    mask = torch.rand(1 << 18, device="cuda") < 0.5
+    mask[:4] = False
+    t[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -1.0], device="cuda")
+    kept = t[mask].clone()
+    _zero_inactive_(t, mask)
+    assert torch.count_nonzero(t[~mask]) == 0 and not torch.signbit(t[~mask]).any()
+    assert torch.equal(t[mask].view(torch.int32), kept.view(torch.int32))
+    v = torch.full((8,), float("nan"), device="cuda")
+    keep = torch.zeros(8, dtype=torch.bool, device="cuda")
+    _edit_bits_(v, keep, to_inf=keep.clone().fill_(True))
+    assert torch.isinf(v).all()
+    assert not _any_nonfinite_where(torch.zeros(8, device="cuda"), keep)
