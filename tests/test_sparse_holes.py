@@ -273,3 +273,20 @@ def test_zeroing_on_cuda_clears_nan_inf_and_negative_zero():
     _edit_bits_(v, keep, to_inf=keep.clone().fill_(True))
     assert torch.isinf(v).all()
     assert not _any_nonfinite_where(torch.zeros(8, device="cuda"), keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_any_nonfinite_where_is_exact_on_chunked_and_small_tensors(dtype):
+    from slaknet.sparse.engine import _CHUNK, _any_nonfinite_where
+
+    for n in (3 * _CHUNK + 5, 40):
+        t = torch.randn(n).to(dtype) * 1e3
+        where = torch.zeros(n, dtype=torch.bool)
+        where[1::2] = True
+        t[0::2] = float("nan")  # non-finite only where not asked
+        t[2] = float("inf")
+        assert not _any_nonfinite_where(t, where)
+        for value in (float("inf"), -float("inf"), float("nan")):
+            u = t.clone()
+            u[n - 1 if (n - 1) % 2 else n - 2] = value  # the last chunk, at a position asked about
+            assert _any_nonfinite_where(u, where), (n, dtype, value)
