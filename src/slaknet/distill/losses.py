@@ -14,7 +14,7 @@ exactly as the research training step does; :func:`build_distill_loss` builds it
 (:func:`slaknet.distill.args.resolve_distill_config`). A new loss is a small class registered with
 :func:`register_loss`.
 
-All losses compute in float32 (logits are upcast), so fp16 / bf16 autocast cannot overflow the softmaxes,
+All losses compute in at least float32 (fp16 / bf16 inputs are upcast), so fp16 / bf16 autocast cannot overflow the softmaxes,
 and they use ``log_softmax`` rather than ``log(softmax)``, so a probability of 0 or 1 gives no inf / NaN.
 Teacher inputs are detached.
 """
@@ -61,6 +61,11 @@ def hard_labels(target: torch.Tensor) -> torch.Tensor:
     return target.argmax(dim=1) if target.dim() > 1 else target
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 to float32 (float32 and float64 stay as they are)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy`` for integer labels or (N, C) probabilities (mixup / cutmix targets)."""
     return F.cross_entropy(logits, target.float() if target.dim() > 1 else target)
@@ -103,7 +108,7 @@ class KDLoss(LogitDistillLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
-        s, t = student_logits.float(), teacher_logits.detach().float()
+        s, t = _up(student_logits), _up(teacher_logits.detach())
         if self.hard:
             return 0.5 * _ce(s, target) + 0.5 * F.cross_entropy(s, t.argmax(dim=1))
         T = self.T
@@ -147,7 +152,7 @@ class NKDLoss(LogitDistillLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
-        s, t = student_logits.float(), teacher_logits.detach().float()
+        s, t = _up(student_logits), _up(teacher_logits.detach())
         n, c = s.shape
         label = hard_labels(target).long().view(n, 1)
         w_t = F.softmax(t, dim=1).gather(1, label)
@@ -188,7 +193,7 @@ class FeatureDistillLoss(nn.Module):
     smaller of the two resolutions (1x1 conv and bilinear resizing commute, bias included). The target is
     the detached teacher map, optionally LayerNorm-ed over (C, H, W) without affine (``target_lnorm``,
     ``--target_Lnorm``; the research engine builds these LayerNorms but never applies them, slaknet does).
-    Loss: ``smooth_l1(beta=2.0)`` or ``mse``, mean over all elements, in float32.
+    Loss: ``smooth_l1(beta=2.0)`` or ``mse``, mean over all elements, in float32 or wider.
 
     The projection's parameters belong to the optimizer and the checkpoint, like the student's.
     """
@@ -229,10 +234,10 @@ class FeatureDistillLoss(nn.Module):
         return x
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-        t = teacher_features.detach().float()
+        t = _up(teacher_features.detach())
         if t.dim() != 4 or t.shape[1] != self.teacher_channels:
             raise ConfigError(f"teacher features {tuple(t.shape)}: expected (N, {self.teacher_channels}, H, W)")
-        s = self.align(student_features, t.shape[-2:]).float()
+        s = _up(self.align(student_features, t.shape[-2:]))
         if self.target_lnorm:
             t = F.layer_norm(t, t.shape[1:])
         if self.loss_type == "MSE":
