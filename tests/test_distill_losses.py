@@ -417,3 +417,18 @@ def test_identities_change_with_weights_settings_and_transform():
     assert dataset_identity(DS("center")) != dataset_identity(DS("random-crop"))
     assert dataset_identity(DS("center")) != dataset_identity(DS("center"), split="val")
     assert WithIndex(DS("x"))[1][-1] == 1 and len(WithIndex(DS("x"))) == 2
+
+
+def test_distill_flags_coexist_with_train_flags():
+    from slaknet.distill.args import add_teacher_arguments
+    from slaknet.train.train_cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    add_distill_arguments(p)  # raises argparse.ArgumentError on a clashing option string
+    add_teacher_arguments(p)
+    ns = p.parse_args(["--model", "convnext_tiny", "--teacher", "slak_tiny", "--distill_type", "NKD",
+                       "--T", "3.0", "--lr_fd", "3e-5", "-b", "8"])
+    cfg = resolve_distill_config(ns)
+    assert (ns.model, ns.teacher, cfg["logit_loss"], cfg["distill_T"], cfg["nkd_T"]) == \
+        ("convnext_tiny", "slak_tiny", "NKD", 3.0, 1.0)
