@@ -432,3 +432,12 @@ def test_distill_flags_coexist_with_train_flags():
     cfg = resolve_distill_config(ns)
     assert (ns.model, ns.teacher, cfg["logit_loss"], cfg["distill_T"], cfg["nkd_T"]) == \
         ("convnext_tiny", "slak_tiny", "NKD", 3.0, 1.0)
+
+
+def test_package_lazy_names_resolve():
+    import slaknet.distill as distill
+
+    assert distill.KDLoss is KDLoss and distill.TeacherCacheError is TeacherCacheError
+    assert all(getattr(distill, name) is not None for name in distill.__all__)
+    with pytest.raises(AttributeError):
+        distill.no_such_name

@@ -14,7 +14,8 @@ _LAZY = {
     "LogitDistillLoss": "losses", "LOGIT_LOSSES": "losses", "FEATURE_LOSSES": "losses",
     "register_loss": "losses", "build_distill_loss": "losses", "as_nchw": "losses",
     "TeacherCache": "cache", "TeacherCacheWriter": "cache", "teacher_identity": "cache",
-    "dataset_identity": "cache", "check_cache_allowed": "cache",
+    "dataset_identity": "cache", "check_cache_allowed": "cache", "TeacherCacheError": "cache",
+    "WithIndex": "cache", "hard_labels": "losses",
     "add_distill_arguments": "args", "add_teacher_arguments": "args", "resolve_distill_config": "args",
     "parse_distill_type": "args",
 }
