@@ -20,7 +20,7 @@ class RunLogger:
 
     def __init__(self, out_dir: Optional[str], enabled: bool, tensorboard: bool, tb_dir: Optional[str]) -> None:
         self.enabled = enabled and out_dir is not None
-        self.console = enabled
+        self.console = self.enabled  # a run without an output folder (the study's) prints nothing
         self.path = os.path.join(out_dir, "log.jsonl") if out_dir else None
         self.tb = None
         if self.enabled and tensorboard:
