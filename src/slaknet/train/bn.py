@@ -17,12 +17,15 @@ def recalibrate_bn(model: nn.Module, dataset: Any, batches: int, batch_size: int
     BatchNorm's running averages (momentum 0.1) lag behind weights that still change quickly, which on
     short runs can put evaluation near chance while the same weights with batch statistics are right
     ("precise BN"). Uses the first ``batches * batch_size`` training images in a fixed order (identical on
-    every rank); training itself never reads running statistics, so the training trajectory is unchanged.
+    every rank; whole batches only); training itself never reads running statistics, so the training
+    trajectory is unchanged.
     Returns the number of images used.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     n = min(len(dataset), int(batches) * int(batch_size)) if batches > 0 else 0
-    if not bns or n < 1:
+    if n > batch_size:
+        n -= n % batch_size  # whole batches only: a last batch of one image has no batch statistics
+    if not bns or n < 2:
         return 0
     momenta = [b.momentum for b in bns]
     for b in bns:

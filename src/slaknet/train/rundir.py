@@ -40,7 +40,8 @@ def settings_from_checkpoint(path: str, given: Dict[str, Any], report: bool = Tr
     from slaknet.train.config import TrainConfig
 
     old = dict(ckpt_io.load_training_checkpoint(path).get("config") or {})
-    known = set(TrainConfig.field_names()) - {"resume", "config", "auto_resume", "overwrite"}
+    # session-only options are not restored: how this session runs, not what the run is
+    known = set(TrainConfig.field_names()) - {"resume", "config", "auto_resume", "overwrite", "max_steps", "progress"}
     base = {k: v for k, v in old.items() if k in known}
     base["output_dir"] = os.path.dirname(path) or "."
     notes = []
