@@ -55,6 +55,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "built-in set, imagenet for big folders of big images, small for other folders; "
                              "slak_t / slak_s / slak_b are the paper's ImageNet commands")
     parser.add_argument("--task", default=None, help="training task from the task registry (default classification)")
+    for add in (_data_arguments, _model_arguments, _optim_arguments, _augment_arguments, _run_arguments):
+        add(parser)
+    from slaknet.sparse import add_sparse_arguments
+
+    add_sparse_arguments(parser)
+    # recipe decides: the demo trains sparse by default
+    parser.add_argument("--no-sparse", "--dense", dest="sparse", action="store_false",
+                        help="train dense (the demo recipe trains sparse by default)")
+    # every sparse option unset (None) unless given, so the recipe fills it and a resume can tell what was given
+    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest in _SPARSE_KEYS})
+    for a in parser._actions:
+        if a.dest == "update_frequency":
+            a.help = "topology update every U optimizer steps (default 100; the demo and small recipes use 25)"
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data source and loading."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", "--data-path", "--data_path", dest="data", default=None,
                    help="builtin:insideness (default), an image folder ROOT with train/ and val/ "
@@ -79,6 +96,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", type=str2bool, nargs="?", const=True, default=None,
                    help="pin host memory for GPU transfers")
 
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Architecture."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="SLaK variant (default slak_pico; see `slaknet info`)")
     g.add_argument("--kernel-size", "--kernel_size", dest="kernel_size", type=int, nargs="+", default=None,
@@ -100,6 +120,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     "compute; default on for the demo recipe)")
     g.add_argument("--finetune", default=None, help="initialise from this checkpoint (classifier may differ)")
 
+
+def _optim_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimizer, schedule and loss."""
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (demo 6, imagenet 300)")
     g.add_argument("--batch-size", "--batch_size", "-b", dest="batch_size", type=int, default=None,
@@ -121,6 +144,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=None)
     g.add_argument("--clip-grad", "--clip_grad", dest="clip_grad", type=float, default=None,
                    help="clip the gradient norm to this value (off by default)")
+
+
+def _augment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Augmentation, EMA, precision and machine."""
+    g = parser.add_argument_group("augmentation and machine")
     g.add_argument("--smoothing", type=float, default=None, help="label smoothing (imagenet 0.1)")
     g.add_argument("--mixup", type=float, default=None, help="mixup alpha (imagenet 0.8)")
     g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (imagenet 1.0)")
@@ -151,6 +179,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch: N, or 'auto' = the cores not busy with other processes "
                         "(default for the demo; oversubscribed OpenMP threads are many times slower)")
 
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Output folder, resume, checkpoints, evaluation and logs."""
     g = parser.add_argument_group("run management")
     g.add_argument("--output-dir", "--output_dir", "-o", dest="output_dir", default=None,
                    help="folder for checkpoints, logs and the summary (default runs/<model>-<data>)")
@@ -176,18 +207,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop after this many optimizer steps (smoke tests; schedules keep --epochs)")
     _bool_flag(g, "--progress", dest="progress", help="show progress bars (default: when stderr is a terminal)")
     _bool_flag(g, "--tensorboard", dest="tensorboard", help="write TensorBoard scalars (default on)")
-
-    from slaknet.sparse import add_sparse_arguments
-
-    add_sparse_arguments(parser)
-    # recipe decides: the demo trains sparse by default
-    parser.add_argument("--no-sparse", "--dense", dest="sparse", action="store_false",
-                        help="train dense (the demo recipe trains sparse by default)")
-    # every sparse option unset (None) unless given, so the recipe fills it and a resume can tell what was given
-    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest in _SPARSE_KEYS})
-    for a in parser._actions:
-        if a.dest == "update_frequency":
-            a.help = "topology update every U optimizer steps (default 100; the demo and small recipes use 25)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,12 @@ def header_lines(tr: "Trainer") -> List[str]:
     lines.append(f"  {cfg.epochs} epochs x {plan.steps_per_epoch} steps, batch {cfg.batch_size} x {cfg.update_freq} x "
                  f"{d.world_size} = {plan.effective_batch}, lr {plan.lr:.3g}, warm-up {plan.warmup} steps, "
                  f"device {tr.device}{threads}, precision {cfg.precision} -> {tr.out_dir}")
+    from slaknet.train.recipes import PAPER_GPUS
+
+    if cfg.recipe in PAPER_GPUS and plan.effective_batch != 4096:
+        lines.append(f"  note: the paper ran this recipe at effective batch 4096 ({PAPER_GPUS[cfg.recipe]} GPUs x "
+                     f"{cfg.batch_size} x {cfg.update_freq}); here it is {plan.effective_batch} with lr {plan.lr:.3g} "
+                     "(pass --lr to rescale, or --update-freq to match)")
     if tr._resumed:
         st = tr.state
         where = (f"epoch {st.epoch + 1}/{cfg.epochs}, batch {st.batch_in_epoch}/{plan.batches_per_epoch}"
