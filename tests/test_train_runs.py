@@ -240,3 +240,38 @@ def test_paper_recipes_resolve_to_the_official_commands(name, capsys):
     assert cfg["kernel_size"] == [51, 49, 47, 13, 5] and cfg["epochs"] == 300 and cfg["lr"] == 4e-3
     assert cfg["model_ema"] is True and cfg["model_ema_eval"] is True and cfg["update_freq"] == 8
     assert cfg["batch_size"] * gpus * cfg["update_freq"] == 4096  # the effective batch lr 4e-3 is meant for
+
+
+def test_every_train_flag_is_a_typed_config_field():
+    import argparse
+
+    from slaknet.train.config import TrainConfig
+    from slaknet.train.train_cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cli_only = {"help", "dump_samples", "dump_count", "print_config"}
+    dests = {a.dest for a in p._actions} - cli_only
+    assert dests <= set(TrainConfig.field_names()), dests - set(TrainConfig.field_names())
+    cfg = config_from_argv([])
+    with pytest.raises(Exception):
+        cfg.epochs = 3  # frozen: never edited after validation
+    assert cfg.replace(epochs=3).epochs == 3 and cfg.epochs == 6
+    with pytest.raises(ConfigError, match="--epochs must be >= 1"):
+        cfg.replace(epochs=0)
+
+
+def test_training_order_is_a_function_of_seed_and_epoch():
+    from slaknet.train.samplers import SkipSampler, train_sampler
+
+    for world in (1, 2):
+        for rank in range(world):
+            s = train_sampler(range(10), seed=3, rank=rank, world=world)
+            s.set_epoch(4)
+            g = torch.Generator()
+            g.manual_seed(3 * 1_000_003 + 4)  # independent: the permutation, padded by wrap-around, strided
+            order = torch.randperm(10, generator=g).tolist()
+            per = -(-10 // world)
+            order = (order * 2)[:per * world]
+            assert list(s) == order[rank::world]
+            assert list(SkipSampler(s, 2)) == order[rank::world][2:]

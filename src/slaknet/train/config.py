@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from slaknet.errors import ConfigError
