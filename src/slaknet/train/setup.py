@@ -110,8 +110,7 @@ def _setup_data(tr: "Trainer", linear_auto: Optional[str]) -> None:
     if n_train < bs * d.world_size:
         raise ConfigError(f"the training set has {n_train} images, fewer than one batch "
                           f"({bs} x {d.world_size} processes); lower --batch-size")
-    if hasattr(tr.task, "check"):
-        tr.task.check(tr)
+    tr.task.check(tr)
     tr.sampler = train_sampler(range(n_train), int(cfg.seed), d.rank, d.world_size)
     tr.workers = cap_workers(int(cfg.num_workers))
     tr.pin_memory = bool(cfg.pin_mem) and tr.device.type == "cuda"

@@ -67,6 +67,9 @@ class Task:
         raise NotImplementedError
 
     # ---- optional
+    def check(self, trainer: "Trainer") -> None:
+        """Task-specific one-line ConfigErrors once the data and batch size are known."""
+
     def batch_transform(self) -> Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]]:
         """E.g. Mixup / CutMix on the device batch (None: none)."""
         return None
