@@ -210,15 +210,15 @@ def test_image_folder_imagenet_recipe_with_corrupt_image(tmp_path):
     data = str(tmp_path / "data")
     _image_folder(data)
     out = str(tmp_path / "run")
-    cfg = config_from_argv(["--data", data, "--model", "slak_pico", "--input-size", "32", "-b", "4", "--epochs", "1",
-                            "--num-workers", "0", "--model-ema-eval", "--progress", "false", "--tensorboard", "false",
+    cfg = config_from_argv(["--data", data, "--recipe", "imagenet", "--model", "slak_pico", "--input-size", "32", "-b",
+                            "4", "--epochs", "1", "--num-workers", "0", "--model-ema-eval", "--progress", "false", "--tensorboard", "false",
                             "-o", out, "--sparse", "-u", "1"])
     assert cfg["recipe"] == "imagenet" and cfg["mixup"] == 0.8 and cfg["model_ema"] is True
     with pytest.warns(UserWarning, match="broken.jpg"):
         summary = train(cfg)
     assert summary["bad_images"] == 1 and summary["epochs_done"] == 1
     assert "final_ema_top1" in summary and os.path.isfile(os.path.join(out, "model_ema.safetensors"))
-    assert cfg["lr"] == pytest.approx(4e-3 * 4 / 4096)  # linear scaling rule
+    assert cfg["lr"] is None and summary["lr"] == pytest.approx(4e-3 * 4 / 4096)  # linear scaling rule
 
 
 def test_bf16_channels_last_clip_accumulation_gradient_growth(tmp_path):
@@ -237,6 +237,20 @@ def _final_state(out):
     return ck
 
 
+_KILL_AT_STEP_7 = """
+import os, signal, sys
+from slaknet.train.engine import Callback, train
+from slaknet.train.train_cli import config_from_argv
+
+class Kill(Callback):
+    def on_step_end(self, trainer, loss):
+        if trainer.state.step == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(config_from_argv(sys.argv[1:]), callbacks=[Kill()])
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     # the reference runs in this process, the killed run in another: pin the 1x1 GEMM so both use the same
@@ -246,9 +260,9 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     ref = str(tmp_path / "ref")
     train(config_from_argv(args + ["-o", ref]))
     out = str(tmp_path / "killed")
-    env = _env()
-    env["SLAKNET_TEST_KILL_AT_STEP"] = "7"  # epoch 2 of 3 (4 steps / epoch), after the step-6 checkpoint
-    proc = subprocess.run([sys.executable, "-m", "slaknet", "train", *args, "-o", out], env=env,
+    # killed from a callback in a child process (the production loop has no kill switch): epoch 2 of 3
+    # (4 steps / epoch), after the step-6 checkpoint
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_7, *args, "-o", out], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)

@@ -11,17 +11,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
 from slaknet.io import atomic_path
@@ -33,7 +29,7 @@ __all__ = ["StudyData", "build_model", "train_run", "run_study", "load_results",
            "RESULTS_FILE"]
 
 RESULTS_FILE = "results.jsonl"
-Trainer = Callable[..., Dict[str, Any]]
+TrainRunFn = Callable[..., Dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------- data ----
@@ -102,25 +98,6 @@ def build_model(arm: Arm, budget: Budget) -> StudyNet:
     return StudyNet(width=budget.width, depth=budget.depth, stem=budget.stem, **arm.model_kwargs())
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(total - warmup, 1))
-    return 1e-6 + (base - 1e-6) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, ds: CentreInsideness, device: torch.device, bs: int = 256) -> Tuple[float, float]:
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(ds), bs):
-        x, y = ds.batch(torch.arange(i, min(i + bs, len(ds))))
-        out = model(x.to(device))
-        loss_sum += float(F.cross_entropy(out, y.to(device), reduction="sum"))
-        correct += int((out.argmax(1).cpu() == y).sum())
-    return 100.0 * correct / len(ds), loss_sum / len(ds)
-
-
 def _erf(model: StudyNet, ds: CentreInsideness, n: int, device: torch.device) -> np.ndarray:
     """Mean ERF map (gradient of the centre readout w.r.t. the input) over the first ``n`` val images."""
     from slaknet.analysis.erf import compute_erf
@@ -131,7 +108,7 @@ def _erf(model: StudyNet, ds: CentreInsideness, n: int, device: torch.device) ->
     return res.matrix
 
 
-def _counts(model: nn.Module, budget: Budget) -> Dict[str, int]:
+def _counts(model: torch.nn.Module, budget: Budget) -> Dict[str, int]:
     """Total and non-zero parameters (the real zeros after training) and MACs from count_model."""
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
@@ -149,96 +126,55 @@ def _counts(model: nn.Module, budget: Budget) -> Dict[str, int]:
 def train_run(arm: Arm, seed: int, budget: Budget, data: Callable[[], Tuple[CentreInsideness, CentreInsideness]],
               time_limit: Optional[float] = None, device: str = "cpu", progress: bool = False,
               erf_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Train ``arm`` with ``seed``; returns the run's metrics (accuracy, loss, time, counts, ERF ratios).
+    """Train ``arm`` with ``seed`` on the shared Trainer; returns the run's metrics (accuracy, loss, time,
+    counts, ERF ratios).
 
     ``time_limit`` (seconds of training, excluding evaluation): train for that long instead of the budget's
-    epochs; the cosine schedule is planned from the step time measured over the first steps.
+    epochs; the cosine schedule is re-planned from the step time measured over the first steps.
     """
-    from slaknet.analysis.erf import area_ratios
-    from slaknet.train.engine import build_optimizer, seed_everything
+    from slaknet.study.task import StudyTask, study_config
+    from slaknet.train.callbacks import LossCurve, TimeBudget
+    from slaknet.train.trainer import Trainer
 
-    train_ds, val_ds = data()
-    dev = torch.device(device)
-    seed_everything(seed, 0x57D1)
-    model = build_model(arm, budget).to(dev)
-    opt = build_optimizer(model, {"opt": "adamw", "lr": budget.lr, "weight_decay": budget.weight_decay,
-                                  "opt_eps": 1e-8, "momentum": 0.9})
-    bs = budget.batch_size
-    steps_per_epoch = len(train_ds) // bs
-    total = steps_per_epoch * budget.epochs
-    warmup = max(1, int(budget.warmup_frac * total))
-    engine = None
-    if arm.sparse:
-        if time_limit is not None:
-            raise ConfigError(f"arm {arm.name}: equal-time runs are for dense arms only")
-        from slaknet.sparse import SparseEngine
-
-        engine = SparseEngine(model, opt, sparsity=budget.sparsity, total_steps=total, growth=arm.growth,
-                              fix=arm.fix, update_frequency=budget.update_frequency, exclude=["stem.*", "head.*"],
-                              seed=seed)
-    aug = torch.Generator().manual_seed(seed * 7919 + 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None if time_limit else total, desc=f"{arm.name} s{seed}", leave=False, file=sys.stderr)
-    step, epoch, t0 = 0, 0, time.perf_counter()
-    train_time = 0.0
-    loss_hist: List[float] = []
-    planned = time_limit is None
-    done = False
-    while not done:
-        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        model.train()
-        for b in range(steps_per_epoch):
-            x, y = train_ds.batch(order[b * bs:(b + 1) * bs], augment=aug)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, budget.lr, warmup)
-            loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if engine is not None and arm.growth == "gradient":
-                engine.mask_gradients()
-            opt.step()
-            step += 1
-            loss_hist.append(float(loss.detach()))
-            if not math.isfinite(loss_hist[-1]):
-                raise FloatingPointError(f"{arm.name} seed {seed}: loss became {loss_hist[-1]} at step {step}")
-            train_time = time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-            if not planned and step == min(10, steps_per_epoch):
-                # equal-time mode: plan the cosine schedule for the steps that fit in the time limit
-                total = max(step + 1, int(time_limit / (train_time / step)))  # type: ignore[operator]
-                warmup = min(warmup, total // 10 + 1)
-                planned = True
-            if step >= total or (time_limit is not None and train_time >= time_limit):
-                done = True
-                break
-        epoch += 1
-    if bar is not None:
-        bar.close()
-    val_acc, val_loss = _evaluate(model, val_ds, dev)
+    if arm.sparse and time_limit is not None:
+        raise ConfigError(f"arm {arm.name}: equal-time runs are for dense arms only")
+    n_train = len(data()[0])
+    cfg = study_config(budget, seed, n_train, device, progress, time_limit)
+    losses = LossCurve()
+    callbacks: List[Any] = [losses] + ([TimeBudget(time_limit)] if time_limit is not None else [])
+    trainer = Trainer(cfg, StudyTask(cfg, arm, budget, data), out_dir=None, callbacks=callbacks,
+                      evaluate_during=False)
+    trainer.fit()
+    model, steps_per_epoch = trainer.model, trainer.plan.steps_per_epoch
+    ev = trainer.task.evaluate(trainer, model)
     rec: Dict[str, Any] = {
-        "val_acc": val_acc, "val_loss": val_loss,
-        "train_loss_last": float(np.mean(loss_hist[-max(1, steps_per_epoch):])),
-        "steps": step, "epochs": step / steps_per_epoch, "train_s": train_time,
+        "val_acc": ev["top1"], "val_loss": ev["loss"],
+        "train_loss_last": float(np.mean(losses.losses[-max(1, steps_per_epoch):])),
+        "steps": trainer.state.step, "epochs": trainer.state.step / steps_per_epoch, "train_s": trainer.state.elapsed,
         "kernel_size": arm.kernel_size, "module": arm.module, "width": model.dim,
         "rf_radius_px": receptive_radius(arm.kernel_size, budget.depth, budget.stem),
     }
     rec.update(_counts(model, budget))
-    if engine is not None:
-        rec.update(density=engine.global_density(), itop_rate=engine.itop_rate(), sparse_updates=engine.update_count)
-        engine.detach()
+    if trainer.engine is not None:
+        e = trainer.engine
+        rec.update(density=e.global_density(), itop_rate=e.itop_rate(), sparse_updates=e.update_count)
+        e.detach()
     if budget.erf_images > 0:
-        m = _erf(model, val_ds, budget.erf_images, dev)
-        rec["erf"] = {f"{t:g}": r for t, (_, r) in area_ratios(m).items()}
-        if erf_dir:
-            os.makedirs(erf_dir, exist_ok=True)
-            name = os.path.join(erf_dir, f"{arm.name}-{'time' if time_limit else 'epochs'}-s{seed}.npy")
-            with atomic_path(name) as tmp, open(tmp, "wb") as f:
-                np.save(f, m)
+        _save_erf(rec, model, trainer.data.val, budget, trainer.device, arm, seed, time_limit, erf_dir)
     return rec
+
+
+def _save_erf(rec: Dict[str, Any], model: StudyNet, val: CentreInsideness, budget: Budget, dev: torch.device,
+              arm: Arm, seed: int, time_limit: Optional[float], erf_dir: Optional[str]) -> None:
+    from slaknet.analysis.erf import area_ratios
+
+    m = _erf(model, val, budget.erf_images, dev)
+    rec["erf"] = {f"{t:g}": r for t, (_, r) in area_ratios(m).items()}
+    if erf_dir:
+        os.makedirs(erf_dir, exist_ok=True)
+        name = os.path.join(erf_dir, f"{arm.name}-{'time' if time_limit else 'epochs'}-s{seed}.npy")
+        with atomic_path(name) as tmp, open(tmp, "wb") as f:
+            np.save(f, m)
 
 
 # --------------------------------------------------------------------------------------------- study ----
@@ -314,7 +250,7 @@ def _plan(budget: Budget, arms: Sequence[Arm], seeds: Sequence[int], equal_time:
 
 def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] = None,
               seeds: Optional[Sequence[int]] = None, equal_time: Optional[bool] = None,
-              trainer: Trainer = train_run, command: str = "", device: str = "cpu", progress: bool = True,
+              trainer: TrainRunFn = train_run, command: str = "", device: str = "cpu", progress: bool = True,
               log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Run every missing ``(arm, seed, mode)`` of the study and return all of this budget's records.
 

@@ -1,29 +1,32 @@
-"""Command-line flags, YAML config and recipe defaults of ``slaknet train``.
+"""Command-line flags, YAML config and the typed, validated configuration of ``slaknet train``.
 
 Every option has a dashed flag (``--batch-size``) and, where the official SLaK / ConvNeXt ``main.py`` has
 one, the official spelling as an alias (``--batch_size``, ``--data_path``, ``--Decom True``...), so the
-paper's commands translate one to one. Options left unset are filled from a *recipe*:
+paper's commands translate one to one. Options left unset are filled from a *recipe*
+(:mod:`slaknet.train.recipes`). A YAML file (``--config run.yaml``) holds the same keys (dashes or
+underscores); flags on the command line win over the file. ``--resume CKPT`` restores every setting from
+the checkpoint; options given explicitly override it (and are reported).
 
-* ``demo`` (default for the built-in dataset): a short CPU run of a small SLaK variant with dynamic
-  sparsity, plain flips/rotations as augmentation, no mixup, no EMA;
-* ``imagenet`` (default for image folders / torchvision data): the ConvNeXt / SLaK ImageNet recipe:
-  AdamW lr 4e-3 at effective batch 4096 (scaled linearly), weight decay 0.05 (not on norms, biases and
-  layer scale), 20 warm-up epochs then cosine, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
-  RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, drop path per model size, EMA 0.9999.
-
-A YAML file (``--config run.yaml``) holds the same keys (dashes or underscores); flags on the command line
-win over the file. The fully resolved configuration is stored in every checkpoint and as
-``config.yaml`` in the output folder.
+:func:`resolve_config` returns a frozen :class:`TrainConfig`, validated once; values that depend on the
+data or the machine (steps, scaled lr, warm-up steps, fitted kernels) are computed by the trainer into a
+separate plan and never written back.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 from slaknet.errors import ConfigError
+from slaknet.train.recipes import RECIPES, choose_recipe, small_data_overrides
 
-__all__ = ["add_train_arguments", "resolve_config", "RECIPES", "str2bool", "load_yaml_defaults"]
+__all__ = ["add_train_arguments", "resolve_config", "TrainConfig", "RECIPES", "str2bool", "load_yaml_defaults",
+           "config_keys_for_yaml", "explicit_options"]
+
+_SPARSE_KEYS = ("sparse", "sparsity", "sparse_init", "erk_power_scale", "prune_rate", "prune_rate_final", "growth",
+                "update_frequency", "redistribution", "fix", "sparse_layers", "sparse_include", "sparse_exclude",
+                "sparse_optimizer_state", "sparse_masking", "sparse_seed")
 
 
 def str2bool(v: Any) -> bool:
@@ -45,9 +48,29 @@ def _bool_flag(g: Any, *names: str, dest: str, help: str) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """All ``slaknet train`` flags (defaults ``None`` = taken from the recipe)."""
     parser.add_argument("--config", default=None, help="YAML file of options (flags on the command line win)")
-    parser.add_argument("--recipe", default="auto", choices=["auto", "demo", "imagenet"],
-                        help="defaults for unset options: demo (built-in data) or imagenet (real data); "
-                             "auto picks by --data (default)")
+    parser.allow_abbrev = False  # `--epoch` is an error, never silently `--epochs`
+    parser.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
+                        help="defaults for unset options: auto (default) picks from the data: demo for the "
+                             "built-in set, imagenet for big folders of big images, small for other folders; "
+                             "slak_t / slak_s / slak_b are the paper's ImageNet commands")
+    parser.add_argument("--task", default=None, help="training task from the task registry (default classification)")
+    for add in (_data_arguments, _model_arguments, _optim_arguments, _augment_arguments, _run_arguments):
+        add(parser)
+    from slaknet.sparse import add_sparse_arguments
+
+    add_sparse_arguments(parser)
+    # recipe decides: the demo trains sparse by default
+    parser.add_argument("--no-sparse", "--dense", dest="sparse", action="store_false",
+                        help="train dense (the demo recipe trains sparse by default)")
+    # every sparse option unset (None) unless given, so the recipe fills it and a resume can tell what was given
+    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest in _SPARSE_KEYS})
+    for a in parser._actions:
+        if a.dest == "update_frequency":
+            a.help = "topology update every U optimizer steps (default 100; the demo and small recipes use 25)"
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data source and loading."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", "--data-path", "--data_path", dest="data", default=None,
                    help="builtin:insideness (default), an image folder ROOT with train/ and val/ "
@@ -67,10 +90,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="built-in dataset: held-out images (default 1000)")
     g.add_argument("--data-seed", dest="data_seed", type=int, default=None, help="built-in dataset seed")
     g.add_argument("--num-workers", "--num_workers", "-j", dest="num_workers", type=int, default=None,
-                   help="data-loading worker processes (default 0 built-in, 8 image folders)")
+                   help="data-loading worker processes (default 0 built-in, 8 imagenet recipe; never more "
+                        "than the CPU cores)")
     g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", type=str2bool, nargs="?", const=True, default=None,
                    help="pin host memory for GPU transfers")
 
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Architecture."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="SLaK variant (default slak_pico; see `slaknet info`)")
     g.add_argument("--kernel-size", "--kernel_size", dest="kernel_size", type=int, nargs="+", default=None,
@@ -92,6 +119,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     "compute; default on for the demo recipe)")
     g.add_argument("--finetune", default=None, help="initialise from this checkpoint (classifier may differ)")
 
+
+def _optim_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimizer, schedule and loss."""
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (demo 6, imagenet 300)")
     g.add_argument("--batch-size", "--batch_size", "-b", dest="batch_size", type=int, default=None,
@@ -113,6 +143,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=None)
     g.add_argument("--clip-grad", "--clip_grad", dest="clip_grad", type=float, default=None,
                    help="clip the gradient norm to this value (off by default)")
+
+
+def _augment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Augmentation, EMA, precision and machine."""
+    g = parser.add_argument_group("augmentation and machine")
     g.add_argument("--smoothing", type=float, default=None, help="label smoothing (imagenet 0.1)")
     g.add_argument("--mixup", type=float, default=None, help="mixup alpha (imagenet 0.8)")
     g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (imagenet 1.0)")
@@ -143,14 +178,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch: N, or 'auto' = the cores not busy with other processes "
                         "(default for the demo; oversubscribed OpenMP threads are many times slower)")
 
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Output folder, resume, checkpoints, evaluation and logs."""
     g = parser.add_argument_group("run management")
     g.add_argument("--output-dir", "--output_dir", "-o", dest="output_dir", default=None,
                    help="folder for checkpoints, logs and the summary (default runs/<model>-<data>)")
     g.add_argument("--log-dir", "--log_dir", dest="log_dir", default=None,
                    help="TensorBoard folder (default OUTPUT/tb)")
-    g.add_argument("--resume", default=None, help="continue exactly from this checkpoint")
+    g.add_argument("--resume", default=None,
+                   help="continue exactly from this checkpoint, with its settings and in its run folder "
+                        "(flags given here override and are reported)")
     g.add_argument("--auto-resume", "--auto_resume", dest="auto_resume", type=str2bool, nargs="?", const=True,
                    default=None, help="continue from OUTPUT/checkpoint-last.pth if it exists")
+    _bool_flag(g, "--overwrite", dest="overwrite",
+               help="start afresh in a non-empty output folder, deleting the old run's files first")
     g.add_argument("--save-ckpt-freq", "--save_ckpt_freq", dest="save_ckpt_freq", type=int, default=None,
                    help="keep a numbered checkpoint every N epochs (checkpoint-last.pth is always written)")
     g.add_argument("--ckpt-every-steps", dest="ckpt_every_steps", type=int, default=None,
@@ -165,35 +207,131 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _bool_flag(g, "--progress", dest="progress", help="show progress bars (default: when stderr is a terminal)")
     _bool_flag(g, "--tensorboard", dest="tensorboard", help="write TensorBoard scalars (default on)")
 
-    from slaknet.sparse import add_sparse_arguments
 
-    add_sparse_arguments(parser)
-    # recipe decides: the demo trains sparse by default
-    parser.add_argument("--no-sparse", "--dense", dest="sparse", action="store_false",
-                        help="train dense (the demo recipe trains sparse by default)")
-    parser.set_defaults(sparse=None, update_frequency=None, sparsity=None)
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every ``slaknet train`` option after recipe defaults and validation (frozen: never edited later).
 
+    Read access also works like a mapping (``cfg["epochs"]``, ``cfg.get("lr")``) for notebooks and tests.
+    ``lr`` ``None`` means the linear scaling rule (4e-3 x effective batch / 4096), applied by the trainer.
+    """
 
-# recipe defaults for options left at None
-_COMMON: Dict[str, Any] = dict(
-    model="slak_pico", opt="adamw", fused_opt=True, opt_eps=1e-8, momentum=0.9, min_lr=1e-6, weight_decay=0.05, seed=0,
-    update_freq=1, clip_grad=None, layer_scale_init_value=1e-6, head_init_scale=1.0, precision="fp32",
-    channels_last=False, save_ckpt_freq=0, ckpt_every_steps=0, eval_every=1, sync_bn=False, auto_resume=False,
-    tensorboard=True, model_ema_decay=0.9999, model_ema_eval=False, mixup_prob=1.0, mixup_switch_prob=0.5,
-    mixup_mode="batch", remode="pixel", recount=1, color_jitter=0.4, train_interpolation="bicubic",
-    crop_pct=None, pin_mem=True, sparsity=0.4, update_frequency=100, data_seed=0, difficulty=0.5,
-    train_samples=6000, val_samples=1000,
-)
-RECIPES: Dict[str, Dict[str, Any]] = {
-    "demo": dict(_COMMON, data="builtin:insideness", input_size=64, epochs=6, batch_size=64, lr=2e-3,
-                 warmup_epochs=0.5, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
-                 model_ema=False, drop_path=0.0, num_workers=0, sparse=True, update_frequency=25,
-                 fit_kernels=True, threads="auto", bn_recalibrate=16),
-    "imagenet": dict(_COMMON, input_size=224, epochs=300, batch_size=128, lr=None, warmup_epochs=20,
-                     smoothing=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1", reprob=0.25,
-                     model_ema=True, drop_path=None, num_workers=8, sparse=False, fit_kernels=False,
-                     bn_recalibrate=0),
-}
+    # run
+    recipe: str = "demo"
+    task: str = "classification"
+    config: Optional[str] = None
+    # data
+    data: str = "builtin:insideness"
+    data_set: Optional[str] = None
+    eval_data: Optional[str] = None
+    input_size: int = 64
+    num_classes: Optional[int] = None
+    difficulty: float = 0.5
+    train_samples: int = 6000
+    val_samples: int = 1000
+    data_seed: int = 0
+    num_workers: int = 0
+    pin_mem: bool = True
+    # model
+    model: str = "slak_pico"
+    kernel_size: Optional[List[int]] = None
+    width_factor: Optional[float] = None
+    decompose: Optional[bool] = None
+    drop_path: Optional[float] = None
+    layer_scale_init_value: float = 1e-6
+    head_init_scale: float = 1.0
+    bn: Optional[bool] = None
+    eval_only: Optional[bool] = None
+    fit_kernels: bool = False
+    finetune: Optional[str] = None
+    # optimisation
+    epochs: int = 6
+    batch_size: int = 64
+    update_freq: int = 1
+    opt: str = "adamw"
+    fused_opt: bool = True
+    opt_eps: Optional[float] = 1e-8
+    momentum: float = 0.9
+    lr: Optional[float] = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.0
+    warmup_steps: Optional[int] = None
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    aa: Optional[str] = None
+    color_jitter: float = 0.4
+    train_interpolation: str = "bicubic"
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    crop_pct: Optional[float] = None
+    model_ema: bool = False
+    model_ema_decay: float = 0.9999
+    model_ema_eval: bool = False
+    precision: str = "fp32"
+    amp: Optional[bool] = None
+    channels_last: bool = False
+    seed: int = 0
+    device: Optional[str] = None
+    threads: Optional[str] = None
+    # run management
+    output_dir: str = "runs/run"
+    log_dir: Optional[str] = None
+    resume: Optional[str] = None
+    auto_resume: bool = False
+    overwrite: bool = False
+    save_ckpt_freq: int = 0
+    ckpt_every_steps: int = 0
+    bn_recalibrate: int = 0
+    eval_every: int = 1
+    sync_bn: bool = False
+    max_steps: Optional[int] = None
+    progress: Optional[bool] = None
+    tensorboard: bool = True
+    # sparsity (slaknet.sparse.config_from_args reads these attributes)
+    sparse: bool = False
+    sparsity: float = 0.4
+    sparse_init: str = "ERK"
+    erk_power_scale: float = 1.0
+    prune_rate: float = 0.3
+    prune_rate_final: float = 0.005
+    growth: str = "random"
+    update_frequency: int = 100
+    redistribution: str = "none"
+    fix: bool = False
+    sparse_layers: str = "all"
+    sparse_include: Optional[str] = None
+    sparse_exclude: Optional[str] = None
+    sparse_optimizer_state: str = "zero"
+    sparse_masking: str = "auto"
+    sparse_seed: Optional[int] = None
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Plain values (for YAML, JSON and checkpoints)."""
+        return config_keys_for_yaml(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with ``changes`` applied and validated again."""
+        return _validate(dataclasses.replace(self, **changes))
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
@@ -225,45 +363,82 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, 
     return out
 
 
-def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
-    """Fill unset options from the recipe and derived rules; return the resolved config dict."""
-    cfg = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    if cfg.get("data") is None and cfg.get("data_set") not in (None, "", "builtin"):
-        raise ConfigError(f"--data-set {cfg['data_set']} needs --data-path DIR")
-    if cfg.get("bn") is False:
-        raise ConfigError("--bn False is not supported: slaknet's large-kernel branches always use BatchNorm")
-    if cfg.get("eval_only"):
-        raise ConfigError("--eval True: use `slaknet eval --checkpoint C --data DIR` to evaluate a checkpoint")
+def explicit_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options given on the command line or in ``--config`` (every option's default is ``None``)."""
+    names = set(TrainConfig.field_names()) - {"recipe", "config", "resume"}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def resolve_config(args: argparse.Namespace, report: bool = True) -> TrainConfig:
+    """Fill unset options from the checkpoint (``--resume``), then the recipe; validate; return it frozen."""
+    given = explicit_options(args)
+    base: Dict[str, Any] = {}
+    recipe = getattr(args, "recipe", None) or "auto"
+    if getattr(args, "resume", None):
+        from slaknet.train.rundir import settings_from_checkpoint
+
+        base = settings_from_checkpoint(args.resume, given, report=report)
+        recipe = base.get("recipe", recipe) if recipe == "auto" else recipe
+    _check_official(given)
+    cfg: Dict[str, Any] = dict(base)
+    cfg.update(given)
     if cfg.get("model"):
         from slaknet.models.slak import MODEL_SPECS
 
-        low = str(cfg["model"]).lower()
-        if low in MODEL_SPECS:  # official names are SLaK_tiny, SLaK_small, ...
-            cfg["model"] = low
-    recipe = cfg.get("recipe") or "auto"
-    data = cfg.get("data") or "builtin:insideness"
+        if str(cfg["model"]).lower() in MODEL_SPECS:  # official names are SLaK_tiny, SLaK_small, ...
+            cfg["model"] = str(cfg["model"]).lower()
+    data = cfg.get("data") or RECIPES.get(recipe, {}).get("data") or "builtin:insideness"
     if recipe == "auto":
-        recipe = "demo" if data.startswith("builtin:") or data == "insideness" else "imagenet"
-    cfg["recipe"] = recipe
-    for k, v in RECIPES[recipe].items():
+        recipe = choose_recipe(data, cfg.get("data_set"))
+    defaults = dict(RECIPES[recipe])
+    if recipe == "small":
+        defaults.update(small_data_overrides(data))
+    for k, v in defaults.items():
         if cfg.get(k) is None:
             cfg[k] = v
-    cfg["data"] = data
-    if cfg["amp"] and cfg.get("precision") in (None, "fp32"):
+    cfg.update(recipe=recipe, data=data, config=getattr(args, "config", None), resume=getattr(args, "resume", None))
+    if cfg.get("amp") and cfg.get("precision") in (None, "fp32"):
         cfg["precision"] = "amp"  # resolved per device by the trainer (bf16 CPU, fp16 GPU)
-    for k, lo in (("epochs", 1), ("batch_size", 1), ("update_freq", 1), ("input_size", 8)):
-        if int(cfg[k]) < lo:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= {lo}, got {cfg[k]}")
-    for k in ("lr", "min_lr", "weight_decay", "smoothing", "mixup", "cutmix", "reprob", "drop_path"):
-        if cfg.get(k) is not None and float(cfg[k]) < 0:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {cfg[k]}")
-    if cfg.get("smoothing") is not None and cfg["smoothing"] >= 1:
-        raise ConfigError(f"--smoothing must be < 1, got {cfg['smoothing']}")
     if cfg.get("aa") in ("none", "None", ""):
         cfg["aa"] = None
+    if isinstance(cfg.get("kernel_size"), (int, str)):
+        cfg["kernel_size"] = [int(v) for v in str(cfg["kernel_size"]).split()]
     if cfg.get("output_dir") is None:
         tag = data.split(":", 1)[-1].rstrip("/").split("/")[-1] or "data"
         cfg["output_dir"] = os.path.join("runs", f"{cfg['model']}-{tag}")
+    known = set(TrainConfig.field_names())
+    return _validate(TrainConfig(**{k: v for k, v in cfg.items() if k in known and v is not None}))
+
+
+def _check_official(given: Dict[str, Any]) -> None:
+    if given.get("data") is None and given.get("data_set") not in (None, "", "builtin"):
+        raise ConfigError(f"--data-set {given['data_set']} needs --data-path DIR")
+    if given.get("bn") is False:
+        raise ConfigError("--bn False is not supported: slaknet's large-kernel branches always use BatchNorm")
+    if given.get("eval_only"):
+        raise ConfigError("--eval True: use `slaknet eval --checkpoint C --data DIR` to evaluate a checkpoint")
+
+
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    """One-line ConfigErrors for values that cannot work."""
+    for k, lo in (("epochs", 1), ("batch_size", 1), ("update_freq", 1), ("input_size", 8), ("eval_every", 1)):
+        if int(getattr(cfg, k)) < lo:
+            raise ConfigError(f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(cfg, k)}")
+    for k in ("lr", "min_lr", "weight_decay", "smoothing", "mixup", "cutmix", "reprob", "drop_path",
+              "num_workers", "save_ckpt_freq", "ckpt_every_steps", "bn_recalibrate"):
+        if getattr(cfg, k) is not None and float(getattr(cfg, k)) < 0:
+            raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.smoothing >= 1:
+        raise ConfigError(f"--smoothing must be < 1, got {cfg.smoothing}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {cfg.max_steps}")
+    if cfg.threads is not None:
+        from slaknet.train.machine import resolve_threads
+
+        resolve_threads(cfg.threads)  # raises for 0, negatives and words other than 'auto'
+    from slaknet.train.tasks import get_task_class
+
+    get_task_class(cfg.task)  # unknown task: one line naming the registered ones
     return cfg
 
 
@@ -278,4 +453,3 @@ def config_keys_for_yaml(cfg: Dict[str, Any]) -> Dict[str, Any]:
         else:
             out[k] = str(v)
     return out
-

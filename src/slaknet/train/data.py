@@ -21,10 +21,11 @@ import math
 import os
 import threading
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torchvision.transforms as _tvt
 from torch.utils.data import Dataset
 
 from slaknet.errors import ConfigError
@@ -230,25 +231,11 @@ class FlipRot:
         return dihedral(x, int(torch.randint(0, 8, (1,)).item()))
 
 
-class Normalize:
-    """Channel-wise ``(x - mean) / std`` on a CHW tensor."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class Compose:
-    def __init__(self, fns: Sequence[Callable]) -> None:
-        self.fns = list(fns)
-
-    def __call__(self, x: Any) -> Any:
-        for f in self.fns:
-            x = f(x)
-        return x
+# torchvision's transforms work on CHW tensors and compute exactly ``(x - mean) / std`` like the hand-written
+# ones they replace (the built-in data's trajectory is unchanged); FlipRot stays: torchvision has no
+# uniform draw over the square's 8 symmetries in one random number.
+Normalize = _tvt.Normalize
+Compose = _tvt.Compose
 
 
 # -------------------------------------------------------------------------------------- image folders --
@@ -278,12 +265,14 @@ class SafeImageFolder(Dataset):
     """ImageNet-layout folder dataset that skips unreadable images instead of crashing the run.
 
     A corrupt or unreadable file is reported once (warning) and replaced by the next readable sample;
-    ``bad_files`` lists them and ``num_bad`` counts them (per process; the trainer sums across ranks and
-    workers via the per-batch flag returned by :meth:`__getitem__` when ``report_bad=True``).
+    ``bad_files`` lists them and ``num_bad`` counts them (per process). With ``report_bad=True`` an item is
+    ``(x, target, bad)`` (unreadable files met on the way); with ``with_index=True`` also the index of the
+    first of them (-1 if none), so a trainer can count *distinct* files across worker processes, ranks and
+    epochs, and put them into ``known_bad`` (indices skipped without being read again).
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, classes: Optional[List[str]] = None,
-                 report_bad: bool = False) -> None:
+                 report_bad: bool = False, with_index: bool = False) -> None:
         found, samples = list_image_files(root)
         if classes is not None and found != list(classes):
             missing = sorted(set(classes) - set(found))
@@ -294,8 +283,9 @@ class SafeImageFolder(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(found)}
         self.targets = [t for _, t in samples]
         self.transform = transform
-        self.report_bad = report_bad
+        self.report_bad, self.with_index = report_bad, with_index
         self.bad_files: List[str] = []
+        self.known_bad: set = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -310,18 +300,23 @@ class SafeImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, ...]:
         n = len(self.samples)
-        bad = 0
+        bad, first = 0, -1
         for k in range(min(n, 50)):
             path, target = self.samples[(index + k) % n]
+            if (index + k) % n in self.known_bad:
+                continue  # known unreadable: neither read nor counted again
             try:
                 img = self._load(path)
             except Exception as exc:  # PIL raises many types for damaged files
                 bad += 1
+                first = (index + k) % n if first < 0 else first
                 if path not in self.bad_files:
                     self.bad_files.append(path)
                     warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}")
                 continue
             x = self.transform(img) if self.transform is not None else img
+            if self.with_index:
+                return x, target, bad, first
             return (x, target, bad) if self.report_bad else (x, target)
         raise RuntimeError(f"50 consecutive unreadable images in {self.root!r} around index {index}")
 

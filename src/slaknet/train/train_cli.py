@@ -14,21 +14,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any, Dict
 
-from slaknet.train.config import add_train_arguments, load_yaml_defaults, resolve_config
+from slaknet.train.config import TrainConfig, add_train_arguments, load_yaml_defaults, resolve_config
 
 __all__ = ["add_arguments", "run", "config_from_argv"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """All ``slaknet train`` flags (abbreviations off: ``--epoch`` is an error, not ``--epochs``)."""
     add_train_arguments(parser)
     parser.add_argument("--dump-samples", dest="dump_samples", default=None, metavar="DIR",
                         help="write built-in dataset samples as PNGs to DIR and exit")
     parser.add_argument("--dump-count", dest="dump_count", type=int, default=16,
                         help="images per split for --dump-samples (default 16)")
     parser.add_argument("--print-config", dest="print_config", action="store_true",
-                        help="print the resolved configuration as YAML and exit")
+                        help="print the resolved configuration (recipe defaults filled in) as YAML and exit")
 
 
 def _apply_yaml(args: argparse.Namespace) -> None:
@@ -45,9 +45,9 @@ def _apply_yaml(args: argparse.Namespace) -> None:
             setattr(args, dest, value)
 
 
-def config_from_argv(argv: list) -> Dict[str, Any]:
+def config_from_argv(argv: list) -> TrainConfig:
     """The resolved config for a ``slaknet train`` argument list (for tests and notebooks)."""
-    p = argparse.ArgumentParser(prog="slaknet train")
+    p = argparse.ArgumentParser(prog="slaknet train", allow_abbrev=False)
     add_arguments(p)
     args = p.parse_args(argv)
     _apply_yaml(args)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _apply_yaml(args)
     cfg = resolve_config(args)
-    if cfg.get("dump_samples"):
+    if getattr(args, "dump_samples", None):
         from slaknet.train.data import InsidenessDataset, dump_pngs, parse_data_spec
 
         if parse_data_spec(cfg["data"])[0] != "builtin":
@@ -68,15 +68,13 @@ def run(args: argparse.Namespace) -> int:
         n = 0
         for split, count in (("train", cfg["train_samples"]), ("val", cfg["val_samples"])):
             ds = InsidenessDataset(split, count, cfg["input_size"], cfg["difficulty"], cfg["data_seed"], cache=False)
-            n += len(dump_pngs(ds, cfg["dump_samples"], cfg["dump_count"]))
-        print(f"wrote {n} PNGs to {os.path.abspath(cfg['dump_samples'])} (name: split_index_label.png)")
+            n += len(dump_pngs(ds, args.dump_samples, args.dump_count))
+        print(f"wrote {n} PNGs to {os.path.abspath(args.dump_samples)} (name: split_index_label.png)")
         return 0
-    if cfg.get("print_config"):
+    if getattr(args, "print_config", False):
         import yaml
 
-        from slaknet.train.config import config_keys_for_yaml
-
-        print(yaml.safe_dump(config_keys_for_yaml(cfg), sort_keys=True), end="")
+        print(yaml.safe_dump(cfg.as_dict(), sort_keys=True), end="")
         return 0
     from slaknet.train.engine import train
 

@@ -1,0 +1,58 @@
+"""Machine-level settings of a run: seeding, CPU threads, data workers, autocast precision."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from slaknet.errors import ConfigError
+from slaknet.train.recipes import cpu_cores
+
+__all__ = ["seed_everything", "resolve_threads", "autocast_dtype", "cap_workers", "cpu_cores"]
+
+
+def seed_everything(*key: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from a tuple of integers."""
+    s = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def resolve_threads(value: Any) -> Optional[int]:
+    """``None`` (leave torch's default), a positive int, or ``"auto"``: the CPU cores not already busy
+    according to the 1-minute load average (at least 1), so a shared machine is not oversubscribed."""
+    if value in (None, ""):
+        return None
+    if str(value).lower() == "auto":
+        n = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            busy = 0.0
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun processes on this node
+        return max(1, min(n, int(n - busy + 0.5)) // per_node)
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--threads must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"--threads must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def autocast_dtype(precision: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """``fp32`` -> None; ``amp`` -> fp16 on CUDA, bf16 elsewhere; ``bf16`` / ``fp16`` as named."""
+    if precision in (None, "fp32"):
+        return None
+    if precision == "amp":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cap_workers(requested: int) -> int:
+    """Data-loader workers never above the cores this process may use (torch warns, and they compete)."""
+    return max(0, min(int(requested), cpu_cores()))

@@ -1,0 +1,166 @@
+"""What a run tells its user: the header, one line per epoch, the summary, the final files and message."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Dict, List
+
+import torch
+
+from slaknet.train import checkpoint as ckpt_io
+from slaknet.train.rundir import CKPT_BEST, CKPT_LAST
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slaknet.train.trainer import Trainer
+
+__all__ = ["header_lines", "epoch_message", "finish_run", "safetensors_metadata"]
+
+log = logging.getLogger("slaknet.train")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def header_lines(tr: "Trainer") -> List[str]:
+    """The run header: model and data; recipe, input, augmentation, sparsity, workers; schedule and device."""
+    cfg, plan, d = tr.cfg, tr.plan, tr.dist
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    m = plan.model
+    arch = ""
+    if m.get("kernels"):
+        arch = f"; kernels {' '.join(str(k) for k in m['kernels'])}" + (
+            f", small kernel N={m['small_kernel']}" if m.get("small_kernel") is not None else "")
+    lines = [f"slaknet train: {cfg.model} ({n_params / 1e6:.2f}M params{arch}) on {tr.data.description or cfg.data}"]
+    sc = tr.sparse_config
+    sparse = (f"sparsity {sc.sparsity:.2f} (u={sc.update_frequency}, {sc.sparse_init}, growth {sc.growth})"
+              if sc is not None else "dense")
+    aug = tr.task.describe()
+    workers = _plural(tr.workers, "data worker")
+    if tr.workers < int(cfg.num_workers):
+        workers += f" (capped from {cfg.num_workers}: {tr.workers} cores)"
+    lines.append(f"  recipe {cfg.recipe}: input {cfg.input_size} px" + (f", {aug}" if aug else "")
+                 + f", {sparse}, {workers}")
+    threads = f" ({_plural(torch.get_num_threads(), 'thread')})" if tr.device.type == "cpu" else ""
+    lines.append(f"  {cfg.epochs} epochs x {plan.steps_per_epoch} steps, batch {cfg.batch_size} x {cfg.update_freq} x "
+                 f"{d.world_size} = {plan.effective_batch}, lr {plan.lr:.3g}, warm-up {plan.warmup} steps, "
+                 f"device {tr.device}{threads}, precision {cfg.precision} -> {tr.out_dir}")
+    from slaknet.train.recipes import PAPER_GPUS
+
+    if cfg.recipe in PAPER_GPUS and plan.effective_batch != 4096:
+        lines.append(f"  note: the paper ran this recipe at effective batch 4096 ({PAPER_GPUS[cfg.recipe]} GPUs x "
+                     f"{cfg.batch_size} x {cfg.update_freq}); here it is {plan.effective_batch} with lr {plan.lr:.3g} "
+                     "(pass --lr to rescale, or --update-freq to match)")
+    if tr._resumed:
+        st = tr.state
+        where = (f"epoch {st.epoch + 1}/{cfg.epochs}, batch {st.batch_in_epoch}/{plan.batches_per_epoch}"
+                 if st.batch_in_epoch else f"the start of epoch {st.epoch + 1}/{cfg.epochs}")
+        lines.append(f"resumed from {tr.resume_path}: continuing at {where} (step {st.step})")
+    return lines
+
+
+def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
+    """``epoch 2/6: train loss ..., val top-1 ...`` (top-5 only where the task reports it)."""
+    msg = f"epoch {rec['epoch'] + 1}/{tr.cfg.epochs}: train loss {rec['train_loss']:.4f}"
+    if "val_top1" in rec:
+        msg += f", val top-1 {rec['val_top1']:.2f}%"
+        if "val_top5" in rec:
+            msg += f" top-5 {rec['val_top5']:.2f}%"
+        msg += f" loss {rec['val_loss']:.4f}"
+    if "ema_top1" in rec:
+        msg += f", EMA top-1 {rec['ema_top1']:.2f}%"
+    if tr.engine is not None:
+        msg += f", density {rec['density']:.3f}, ITOP {rec['itop_rate']:.3f}"
+    return msg + f" ({rec['epoch_time']:.0f}s, {rec['train_images_per_s']:.0f} img/s)"
+
+
+def _summary(tr: "Trainer") -> Dict[str, Any]:
+    cfg, st = tr.cfg, tr.state
+    final = tr.history[-1] if tr.history else {}
+    s: Dict[str, Any] = {
+        "model": cfg.model, "data": cfg.data, "recipe": cfg.recipe, "epochs_done": st.epoch, "steps": st.step,
+        "final_top1": final.get("val_top1"), "final_top5": final.get("val_top5"),
+        "best_top1": st.best_metric if st.best_epoch >= 0 else None,
+        "best_epoch": st.best_epoch + 1 if st.best_epoch >= 0 else None,
+        "train_seconds": round(st.elapsed, 1), "bad_images": len(st.bad_files), "bad_files": list(st.bad_files),
+        "cpu_seconds_this_session": round(float(getattr(tr, "_cpu_seconds", 0.0)), 1),
+        "torch_threads": torch.get_num_threads(), "lr": tr.plan.lr,
+        "chance_top1": 100.0 / max(len(tr.data.classes), 1), "output_dir": tr.out_dir,
+        "stopped_by": tr.stop_reason or None,
+    }
+    if tr.ema is not None and "ema_top1" in final:
+        s["final_ema_top1"] = final["ema_top1"]
+    try:
+        from slaknet.analysis.counting import count_model
+
+        c = count_model(tr.model, int(cfg.input_size))
+        s.update(params=int(c.params), nonzero_params=int(c.params_nonzero), macs=int(c.macs_dense),
+                 nonzero_macs=int(c.macs_nonzero))
+    except Exception as exc:  # counting is a report, never a reason to lose the run
+        log.warning("parameter counting failed: %s", exc)
+        s.update(params=sum(p.numel() for p in tr.model.parameters()),
+                 nonzero_params=sum(int((p != 0).sum()) for p in tr.model.parameters()))
+    if tr.engine is not None:
+        s.update(density=tr.engine.global_density(), itop_rate=tr.engine.itop_rate())
+    return s
+
+
+def safetensors_metadata(tr: "Trainer") -> Dict[str, str]:
+    """String metadata of ``model.safetensors``: architecture, classes, input size and normalisation."""
+    cfg = tr.cfg
+    meta = {"model": cfg.model, "num_classes": str(tr.plan.num_classes), "classes": json.dumps(list(tr.data.classes)),
+            "data": str(cfg.data), "difficulty": str(cfg.difficulty), "data_seed": str(cfg.data_seed),
+            "val_samples": str(cfg.val_samples), "input_size": str(int(cfg.input_size)),
+            "kernel_size": json.dumps(tr.plan.model.get("resolved_kernel_size")),
+            "mean": json.dumps([float(v) for v in tr.data.mean]), "std": json.dumps([float(v) for v in tr.data.std])}
+    meta.update(tr.task.metadata(tr))
+    return meta
+
+
+def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
+    out, st = tr.out_dir, tr.state
+    head = f"done in {s['train_seconds']:.0f}s"
+    if tr.stop_reason:
+        head += f" (stopped by {tr.stop_reason} at step {st.step}, epoch {min(st.epoch + 1, tr.cfg.epochs)}/{tr.cfg.epochs})"
+    if s["best_top1"] is not None:
+        head += (f": final top-1 {s['final_top1']:.2f}% " if s["final_top1"] is not None else ": ") + (
+            f"(best {s['best_top1']:.2f}% at epoch {s['best_epoch']}; chance {s['chance_top1']:.1f}%)")
+    else:
+        head += f": {_plural(st.step, 'step')}, no evaluation yet"
+    lines = [head]
+    if "nonzero_params" in s:
+        lines.append(f"  params {s.get('params', 0):,}, non-zero {s['nonzero_params']:,}"
+                     + (f", density {s['density']:.3f} of sparse layers, ITOP {s['itop_rate']:.3f}"
+                        if tr.engine is not None else ""))
+    if st.bad_files:
+        lines.append(f"  skipped {_plural(len(st.bad_files), 'unreadable file')} (listed in summary.json): "
+                     + ", ".join(os.path.basename(p) for p in st.bad_files[:3]) + (", ..." if len(st.bad_files) > 3 else ""))
+    if out:
+        lines.append(f"  outputs in {out}: model.safetensors (last weights), {CKPT_BEST} (best), {CKPT_LAST} "
+                     "(resume), log.jsonl, curves.png, summary.json, config.yaml")
+        lines.append(f"  next: slaknet eval --checkpoint {os.path.join(out, CKPT_BEST)}   |   slaknet predict IMAGE "
+                     f"--checkpoint {os.path.join(out, 'model.safetensors')}")
+    return lines
+
+
+def finish_run(tr: "Trainer") -> Dict[str, Any]:
+    """Summary; on rank 0 with an output folder also the safetensors, curves, summary.json and message."""
+    s = _summary(tr)
+    if tr.dist.is_main and tr.out_dir:
+        meta = safetensors_metadata(tr)
+        ckpt_io.export_safetensors(tr.model.state_dict(), os.path.join(tr.out_dir, "model.safetensors"), meta)
+        if tr.ema is not None:
+            ckpt_io.export_safetensors(tr.ema.module.state_dict(), os.path.join(tr.out_dir, "model_ema.safetensors"), meta)
+        if tr.history:
+            try:
+                from slaknet.train.logs import plot_curves
+
+                plot_curves(tr.history, os.path.join(tr.out_dir, "curves.png"))
+            except Exception as exc:
+                log.warning("could not draw learning curves: %s", exc)
+        with open(os.path.join(tr.out_dir, "summary.json"), "w") as f:
+            json.dump(s, f, indent=2)
+    if tr.dist.is_main and tr.out_dir:
+        tr.logger.print("\n".join(_done_lines(tr, s)))
+    return s

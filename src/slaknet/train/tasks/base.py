@@ -1,0 +1,111 @@
+"""The Task interface: what a kind of training supplies to :class:`slaknet.train.trainer.Trainer`.
+
+The trainer owns the loop and every run guarantee; a task answers five questions: which data
+(:meth:`build_data`), which model (:meth:`build_model`), which loss (:meth:`criterion`, optionally a
+batch transform such as Mixup), which metrics (:meth:`evaluate`), and which metric is "best"
+(:attr:`best_metric`). The default training batches come from a DataLoader over ``data.train`` in an
+order that is a pure function of ``(seed, epoch)`` (exact resume); a task with its own batching
+overrides :meth:`train_batches`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slaknet.train.trainer import Trainer
+
+__all__ = ["Task", "TaskData", "collate"]
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A task's datasets and what checkpoints should remember about them."""
+
+    train: Any
+    val: Any
+    classes: List[str]
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    description: str = ""
+
+
+def collate(batch: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
+    """Stack images, labels and any extra integer fields (e.g. unreadable-file counts)."""
+    xs = torch.stack([b[0] for b in batch])
+    rest = [torch.tensor([int(b[i]) for b in batch], dtype=torch.long) for i in range(1, len(batch[0]))]
+    return (xs, *rest)
+
+
+class Task:
+    """Base class of training tasks (register subclasses with :func:`slaknet.train.tasks.register_task`)."""
+
+    name = "task"
+    best_metric = "val_top1"   # key of the evaluation record that decides checkpoint-best.pth (higher wins)
+    init_seed_key = 0x5EED     # seed_everything(seed, key) before data and model are built
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    # ---- to implement
+    def build_data(self, trainer: "Trainer") -> TaskData:
+        raise NotImplementedError
+
+    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+        """The model and a dict of what was resolved for it (stored in the plan / checkpoint)."""
+        raise NotImplementedError
+
+    def criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
+        """Metrics on the held-out data, keyed without prefix (``loss``, ``top1``...)."""
+        raise NotImplementedError
+
+    # ---- optional
+    def check(self, trainer: "Trainer") -> None:
+        """Task-specific one-line ConfigErrors once the data and batch size are known."""
+
+    def batch_transform(self) -> Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]]:
+        """E.g. Mixup / CutMix on the device batch (None: none)."""
+        return None
+
+    def sparse_config(self, trainer: "Trainer", total_steps: int) -> Any:
+        """The :class:`slaknet.sparse.SparseConfig` of the run (None: dense), from the config's sparse flags."""
+        from slaknet.sparse import config_from_args
+
+        return config_from_args(self.cfg, total_steps=total_steps)
+
+    def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
+        """The first training batch (fixed order) for SNIP's saliency at initialisation."""
+        ds = trainer.data.train
+        xb, yb = collate([ds[i] for i in range(min(trainer.batch_size, len(ds)))])[:2]
+        return xb, yb
+
+    def num_train_samples(self, trainer: "Trainer") -> int:
+        return len(trainer.data.train)
+
+    def train_batches(self, trainer: "Trainer", epoch: int, skip_batches: int) -> Iterable[Tuple[torch.Tensor, ...]]:
+        """Training batches of ``epoch`` from batch ``skip_batches`` on (resume in the middle of an epoch)."""
+        from slaknet.train.samplers import SkipSampler
+
+        sampler = trainer.sampler
+        sampler.set_epoch(epoch)
+        gen = torch.Generator()
+        gen.manual_seed(int(self.cfg.seed) * 7919 + epoch)
+        return DataLoader(trainer.data.train, batch_size=trainer.batch_size,
+                          sampler=SkipSampler(sampler, skip_batches * trainer.batch_size),
+                          num_workers=trainer.workers, pin_memory=trainer.pin_memory, drop_last=True,
+                          collate_fn=collate, generator=gen, persistent_workers=False)
+
+    def describe(self) -> str:
+        """Extra header words (e.g. the augmentation used)."""
+        return ""
+
+    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+        """String metadata for ``model.safetensors`` (beside the trainer's own keys)."""
+        return {}
