@@ -33,7 +33,7 @@ from slaknet.errors import ConfigError, SlaknetError
 from slaknet.io import atomic_path
 
 __all__ = ["FORMATS", "REPARAM_FORMS", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError", "ExportFormat",
-           "ExportOptions", "register_format", "list_formats", "get_format",
+           "ExportOptions", "register_format", "unregister_format", "list_formats", "get_format",
            "export_model", "load_exported", "verify_export", "plain_dwconv", "default_suffix"]
 
 REPARAM_FORMS = ("strips", "dense", "none")
@@ -83,6 +83,11 @@ def register_format(fmt: ExportFormat, replace: bool = False) -> ExportFormat:
         raise ConfigError(f"export format {fmt.name!r} is already registered (pass replace=True)")
     _FORMATS[fmt.name] = fmt
     return fmt
+
+
+def unregister_format(name: str) -> None:
+    """Remove a registered export format (no error when it is not registered)."""
+    _FORMATS.pop(name, None)
 
 
 def list_formats() -> Tuple[str, ...]:
