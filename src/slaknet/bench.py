@@ -52,13 +52,13 @@ def count_inbounds_macs(model: nn.Module, example: torch.Tensor) -> int:
 def measure_peak_gmacs(threads: int, size: int = 1536, reps: int = 5) -> float:
     """The machine's practical fp32 peak in G multiply-adds/s: the best rate of a large fp32 GEMM, taking
     the faster of MKL's sgemm (``torch.mm``) and oneDNN's (on AMD CPUs MKL reaches about half of oneDNN)."""
-    from slaknet.layers.pointwise import _gemm, _op
+    from slaknet.layers.pointwise import linear
 
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     gemms = [lambda: torch.mm(a, b)]
-    if _op() is not None:
-        gemms.append(lambda: _gemm(a, b))
+    if torch.backends.mkldnn.is_available():  # oneDNN through slaknet's Linear (falls back to F.linear)
+        gemms.append(lambda: linear(a, b, backend="onednn"))
     rates = []
     for gemm in gemms:
         gemm()
