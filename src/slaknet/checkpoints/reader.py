@@ -47,7 +47,7 @@ def read_checkpoint(path: PathLike) -> Any:
     """Load a checkpoint file without unpickling arbitrary objects (``.safetensors`` or torch zip/pickle)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path} (the file does not exist)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
