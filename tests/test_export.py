@@ -249,6 +249,7 @@ def test_registered_custom_format_is_exported_and_verified(pico, tmp_path):
         net = slaknet.create_model("slak_pico")
         net = slaknet.reparameterize_model(net, inplace=True)
         net.load_state_dict(obj["state"])
+        net.eval().requires_grad_(False)
         return lambda x: net(x)
 
     register_format(ExportFormat("statedict", ".sd.pt", save, load, shape_generic=True))
