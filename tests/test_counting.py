@@ -86,3 +86,43 @@ def test_masks_override_zeros():
     assert c.macs_nonzero == dense.macs_nonzero - 28 + 2
     with pytest.raises(ValueError):
         count_model(m, 5, sparsity=0.5, masks={"fc.weight": mask})
+
+
+def _hand_inbounds(kh: int, kw: int, h: int, w: int) -> int:
+    """In-bounds taps of a stride-1 'same' kh x kw conv on an h x w map, by brute force over positions."""
+    total = 0
+    for oy in range(h):
+        for ox in range(w):
+            for ty in range(kh):
+                for tx in range(kw):
+                    iy, ix = oy + ty - kh // 2, ox + tx - kw // 2
+                    total += 0 <= iy < h and 0 <= ix < w
+    return total
+
+
+@pytest.mark.parametrize("form", ["train", "strips", "dense"])
+def test_large_kernel_counted_in_every_form(form):
+    """Defect: the reparameterized two-strip form ran its strips as functions, so the counter missed them."""
+    from slaknet.layers import LargeKernelConv
+
+    c, m, n, h, w = 3, 7, 3, 5, 6
+    layer = LargeKernelConv(c, m, small_kernel=n).eval()
+    if form != "train":
+        layer.reparameterize(merge_dense=form == "dense")
+    shapes = {"train": [(m, n), (n, m), (n, n)], "strips": [(m, n), (n, m)], "dense": [(m, m)]}[form]
+    counts = count_model(layer, (h, w), in_chans=c)
+    assert counts.macs_inbounds == c * sum(_hand_inbounds(kh, kw, h, w) for kh, kw in shapes)
+    assert counts.macs_dense == c * h * w * sum(kh * kw for kh, kw in shapes)
+
+
+def test_slak_pico_strip_form_counts_all_strips():
+    """slak_pico at 128 px: the strip form's in-bounds MACs are the training form's minus exactly the
+    small kernels' (folded into the strips), not ~11M fewer as before."""
+    model = slaknet.create_model("slak_pico").eval()
+    train = count_model(model, 128)
+    strips = count_model(slaknet.reparameterize_model(model), 128)
+    small = 0
+    for i, (d, wd) in enumerate(zip(model.depths, model.dims)):
+        size = 128 // 4 // 2 ** i
+        small += d * wd * _hand_inbounds(5, 5, size, size)
+    assert strips.macs_inbounds == train.macs_inbounds - small

@@ -7,15 +7,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slaknet.bench import _inbounds_1d, add_arguments, count_inbounds_macs, run
+from slaknet.analysis.counting import conv_tap_coverage
+from slaknet.bench import add_arguments, count_inbounds_macs, run
 from slaknet.errors import ConfigError
 from slaknet.layers import LargeKernelConv
 
 
+def _inbounds_1d(size_in: int, size_out: int, k: int, stride: int, pad: int) -> int:
+    conv = nn.Conv2d(1, 1, (k, 1), stride=(stride, 1), padding=(pad, 0))
+    return int(conv_tap_coverage(conv, (size_in, 1), (size_out, 1)).sum())
+
+
 def test_inbounds_1d_by_hand():
-    assert _inbounds_1d(5, 5, 3, 1, 1, 1) == 13  # 5 outputs x 3 taps, minus one tap at each border
-    assert _inbounds_1d(4, 4, 7, 1, 3, 1) == 16  # kernel wider than the map: every input hit by every output
-    assert _inbounds_1d(8, 2, 4, 4, 0, 1) == 8  # patchify stem: no padding
+    assert _inbounds_1d(5, 5, 3, 1, 1) == 13  # 5 outputs x 3 taps, minus one tap at each border
+    assert _inbounds_1d(4, 4, 7, 1, 3) == 16  # kernel wider than the map: every input hit by every output
+    assert _inbounds_1d(8, 2, 4, 4, 0) == 8  # patchify stem: no padding
 
 
 def test_count_conv_linear_and_reparameterized_strips():

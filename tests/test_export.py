@@ -234,3 +234,30 @@ def test_export_errors_are_one_line_slaknet_errors(pico, tmp_path, monkeypatch):
     with pytest.raises(SlaknetError, match="torchscript export failed: RuntimeError: unsupported operator$"):
         export_model(pico, str(tmp_path / "b.ts"), "torchscript", input_size=(64, 64))
     assert not os.path.exists(tmp_path / "b.ts") and os.listdir(tmp_path) == []
+
+
+def test_registered_custom_format_is_exported_and_verified(pico, tmp_path):
+    """Export formats are a registry: a user format (here: a pickled-free state dict via torch.save of
+    tensors, reloaded into a fresh model) goes through the same reparameterize / write / verify steps."""
+    from slaknet.deploy import ExportFormat, list_formats, register_format, unregister_format
+
+    def save(model, sample, path, options):
+        torch.save({"state": model.state_dict(), "meta": json.dumps(options.metadata, default=str)}, path)
+
+    def load(path, model_name):
+        obj = torch.load(path, weights_only=True)
+        net = slaknet.create_model("slak_pico")
+        net = slaknet.reparameterize_model(net, inplace=True)
+        net.load_state_dict(obj["state"])
+        net.eval().requires_grad_(False)
+        return lambda x: net(x)
+
+    register_format(ExportFormat("statedict", ".sd.pt", save, load, shape_generic=True))
+    try:
+        assert "statedict" in list_formats()
+        result = export_model(pico, str(tmp_path / "m.sd.pt"), "statedict", input_size=(64, 64))
+        assert result.passed and len(result.checks) == 3 and os.path.isfile(tmp_path / "m.sd.pt")
+        with pytest.raises(ConfigError, match="already registered"):
+            register_format(ExportFormat("statedict", ".x", save, load))
+    finally:
+        unregister_format("statedict")

@@ -205,3 +205,44 @@ def test_slaknet_model_state_dict():
     assert len(layers) == 5
     assert [l.kernel_size for l in layers] == [(31, 31), (29, 29), (27, 27), (27, 27), (13, 13)]
     assert all(l.density == 1.0 for l in layers)
+
+
+def _pico_sparse_large_kernels(keep: float = 0.4):
+    """slak_pico with its large-kernel strips (not the small kernels) pruned to about ``keep``."""
+    import slaknet
+
+    net = slaknet.create_model("slak_pico")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".large_kernel.LoRA" in name and name.endswith("conv.weight"):
+                p.mul_((torch.rand(p.shape, generator=g) < keep).float())
+    return net
+
+
+def test_compact_sparse_checkpoint_is_read(tmp_path):
+    """Defect: the kernel pictures had their own reader, which read slaknet's compact sparse format as raw
+    stored tensors (0 large-kernel layers, density 1.0). Expected: the decoded dense tensors."""
+    from slaknet.deploy import save_sparse_checkpoint
+
+    net = _pico_sparse_large_kernels()
+    path = tmp_path / "sparse.safetensors"
+    save_sparse_checkpoint(path, net)
+    sd = net.state_dict()
+    # independent count: non-zeros of every large-kernel branch over their sizes
+    lk = [k for k in sd if ".large_kernel." in k and k.endswith("conv.weight")]
+    expected = sum(int((sd[k] != 0).sum()) for k in lk) / sum(sd[k].numel() for k in lk)
+    summary = kernels.kernel_report(str(path), str(tmp_path / "out"))
+    assert summary["num_large_kernel_layers"] == sum(net.depths) == 5
+    assert summary["large_kernel_density"] == pytest.approx(expected, abs=1e-12)
+    assert summary["large_kernel_density"] < 0.7
+
+
+def test_old_decom_names_are_renamed(tmp_path):
+    """Defect: ``Decom1`` / ``Decom2`` (older releases) were not renamed, so their strips went unseen."""
+    net = _pico_sparse_large_kernels()
+    old = {k.replace(".LoRA1.", ".Decom1.").replace(".LoRA2.", ".Decom2."): v for k, v in net.state_dict().items()}
+    torch.save({"model": old}, tmp_path / "old.pth")
+    layers = kernels.find_kernel_layers(kernels.load_state_dict(str(tmp_path / "old.pth")))
+    assert len(layers) == 5
+    assert all(set(layer.branches) == {"LoRA1", "LoRA2", "small_conv"} for layer in layers)

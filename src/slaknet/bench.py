@@ -41,70 +41,24 @@ SLAK_T_STAGES = ((124, 56, 51, 3), (249, 28, 49, 3), (499, 14, 47, 9), (998, 7, 
 
 
 # ----------------------------------------------------------------------------------------------- counting
-def _inbounds_1d(size_in: int, size_out: int, k: int, stride: int, pad: int, dil: int) -> int:
-    """Number of (output position, tap) pairs along one axis whose input index is inside the map."""
-    total = 0
-    for o in range(size_out):
-        start = o * stride - pad
-        total += sum(1 for t in range(k) if 0 <= start + t * dil < size_in)
-    return total
-
-
 def count_inbounds_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-adds of one forward pass of ``model`` on ``example`` that touch real (non-padding) input.
+    """Multiply-adds of one forward pass of ``model`` on ``example`` that touch real (non-padding) input
+    (:func:`slaknet.analysis.counting.count_model`: every conv and linear, every large-kernel form)."""
+    from slaknet.analysis.counting import count_model
 
-    Counts every ``nn.Conv2d`` (including slaknet's depthwise convs) and ``nn.Linear``; other layers
-    (norms, activations) are ignored, as is customary for MAC counts.
-    """
-    total = [0]
-
-    def conv_hook(m: nn.Conv2d, inp, out) -> None:
-        x = inp[0]
-        n, _, h, w = x.shape
-        ho, wo = out.shape[-2:]
-        kh, kw = m.kernel_size
-        pad = m.padding if isinstance(m.padding, tuple) else (0, 0)
-        taps = _inbounds_1d(h, ho, kh, m.stride[0], pad[0], m.dilation[0]) * \
-            _inbounds_1d(w, wo, kw, m.stride[1], pad[1], m.dilation[1])
-        total[0] += n * m.out_channels * (m.in_channels // m.groups) * taps
-
-    def linear_hook(m: nn.Linear, inp, out) -> None:
-        total[0] += inp[0].numel() // m.in_features * m.in_features * m.out_features
-
-    def strips_hook(m: nn.Module, inp, out) -> None:
-        # reparameterized strips run their convs functionally (no module call): count them here
-        for conv in (m.lkb_strip1, m.lkb_strip2):
-            conv_hook(conv, inp, out)
-
-    from slaknet.layers import LargeKernelConv
-
-    handles = []
-    for mod in model.modules():
-        if isinstance(mod, LargeKernelConv) and mod.reparameterized == "strips":
-            handles.append(mod.register_forward_hook(strips_hook))
-        elif isinstance(mod, nn.Conv2d):
-            handles.append(mod.register_forward_hook(conv_hook))
-        elif isinstance(mod, nn.Linear):
-            handles.append(mod.register_forward_hook(linear_hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
+    return count_model(model, tuple(example.shape[-2:]), example=example).macs_inbounds
 
 
 def measure_peak_gmacs(threads: int, size: int = 1536, reps: int = 5) -> float:
     """The machine's practical fp32 peak in G multiply-adds/s: the best rate of a large fp32 GEMM, taking
     the faster of MKL's sgemm (``torch.mm``) and oneDNN's (on AMD CPUs MKL reaches about half of oneDNN)."""
-    from slaknet.layers.pointwise import _gemm, _op
+    from slaknet.layers.pointwise import linear
 
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     gemms = [lambda: torch.mm(a, b)]
-    if _op() is not None:
-        gemms.append(lambda: _gemm(a, b))
+    if torch.backends.mkldnn.is_available():  # oneDNN through slaknet's Linear (falls back to F.linear)
+        gemms.append(lambda: linear(a, b, backend="onednn"))
     rates = []
     for gemm in gemms:
         gemm()

@@ -9,6 +9,13 @@ from typing import Iterator, Union
 __all__ = ["atomic_path"]
 
 
+def _default_mode() -> int:
+    """0666 minus the process umask (what ``open(path, "w")`` would give), e.g. 0644."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
@@ -21,6 +28,7 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; a written file should get the usual umask mode
     try:
         yield tmp
         if os.path.isfile(tmp):

@@ -93,8 +93,13 @@ def _kept_mask(weight: torch.Tensor, density: Optional[float], mask: Optional[to
 
 @torch.no_grad()
 def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, in_chans: int = 3,
-                sparsity: Optional[float] = None, masks: Optional[Mapping[str, torch.Tensor]] = None) -> Counts:
+                sparsity: Optional[float] = None, masks: Optional[Mapping[str, torch.Tensor]] = None,
+                example: Optional[torch.Tensor] = None) -> Counts:
     """Count parameters and MACs of ``model`` for one ``in_chans x H x W`` image (one forward, batch 1).
+
+    Every ``nn.Conv2d`` / ``nn.Linear`` the forward pass calls is counted, in every form of a large-kernel
+    layer (training branches, two reparameterized strips, one merged kernel). ``example``: run on this
+    input instead (any shape the model takes; MACs then cover its whole batch).
 
     ``sparsity``: report non-zero figures as if every conv/linear weight had that sparsity (see module doc).
     ``masks``: parameter name -> bool mask (e.g. ``SparseEngine.masks()``); masked weights count their
@@ -159,7 +164,7 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        model(torch.zeros(1, in_chans, h, w, device=device, dtype=dtype))
+        model(example if example is not None else torch.zeros(1, in_chans, h, w, device=device, dtype=dtype))
     finally:
         for hd in handles:
             hd.remove()

@@ -60,7 +60,7 @@ def _parse_thresholds(text: str) -> List[float]:
 
 def _build_model(name: str, checkpoint, kwargs: dict, features_only: bool):
     import slaknet
-    from slaknet.analysis.kernels import load_state_dict
+    from slaknet.checkpoints import read_state_dict
     from slaknet.errors import CheckpointError, ConfigError
 
     if name in slaknet.list_models():
@@ -75,7 +75,7 @@ def _build_model(name: str, checkpoint, kwargs: dict, features_only: bool):
             # build it from the overrides and load the tensors strictly
             model = slaknet.create_model(name, **kwargs)
             try:
-                model.load_state_dict(load_state_dict(checkpoint), strict=True)
+                model.load_state_dict(read_state_dict(checkpoint), strict=True)
             except RuntimeError as load_exc:
                 first = " ".join(str(load_exc).split())[:300]
                 raise CheckpointError(f"{exc}; building {name} from --kwargs did not fit either: {first}") \

@@ -19,11 +19,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from slaknet.checkpoints.bn import fold_state_bn
+from slaknet.checkpoints.reader import extract_state_dict, read_checkpoint
+from slaknet.checkpoints.schema import INFER_BRANCHES, LARGE_BRANCHES, TRAIN_BRANCHES, split_branch_key
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.io import atomic_path
 
@@ -40,74 +43,29 @@ __all__ = [
     "kernel_report",
 ]
 
-_TRAIN_BRANCH = re.compile(r"^(?P<prefix>.+)\.(?P<branch>LoRA1|LoRA2|lkb_origin|small_conv)\.conv\.weight$")
-_INFER_BRANCH = re.compile(r"^(?P<prefix>.+)\.(?P<branch>lkb_reparam|lkb_strip1|lkb_strip2)\.weight$")
 _STAGE_BLOCK = re.compile(r"(?:^|\.)(?:stages|layers)\.(\d+)\.(?:blocks\.)?(\d+)(?:\.|$)")
 _STAGE_ONLY = re.compile(r"(?:^|\.)(?:stages|layers|downsample_layers)\.(\d+)(?:\.|$)")
-_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "params")
-_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 # --------------------------------------------------------------------------------------------------
-# reading checkpoints
+# reading checkpoints: the one reader of slaknet.checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def _is_tensor_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and \
-        sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
-
-
-def unwrap_state_dict(obj, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint object: ``model`` / ``model_ema`` / ``state_dict`` wrappers
-    are opened (``model_ema`` first when ``prefer_ema``), ``module.`` / ``_orig_mod.`` prefixes dropped."""
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
-    keys = (("model_ema", "state_dict_ema") if prefer_ema else ()) + _WRAPPER_KEYS + \
-        (() if prefer_ema else ("model_ema", "state_dict_ema"))
-    current = obj
-    for _ in range(3):  # nested wrappers, e.g. {"state_dict": {"model": {...}}}
-        if _is_tensor_dict(current):
-            break
-        inner = next((current[k] for k in keys if isinstance(current.get(k), Mapping)), None)
-        if inner is None:
-            break
-        current = inner
-    if not _is_tensor_dict(current):
-        raise CheckpointError("no state dict found in the checkpoint (looked under " +
-                              ", ".join(repr(k) for k in keys) + ")")
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in current.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        name = str(k)
-        changed = True
-        while changed:
-            changed = False
-            for p in _STRIP_PREFIXES:
-                # strip "model." only if the rest still looks like a SLaK/timm key
-                if name.startswith(p) and (p != "model." or name[len(p):].split(".")[0] in
-                                           ("stages", "downsample_layers", "stem", "norm", "head")):
-                    name = name[len(p):]
-                    changed = True
-        out[name] = v
-    return out
+def unwrap_state_dict(obj: Any, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint object (:func:`slaknet.checkpoints.extract_state_dict`); with
+    ``prefer_ema`` the EMA weights when the object has them, else the raw ones."""
+    if prefer_ema:
+        try:
+            return dict(extract_state_dict(obj, use_ema=True))
+        except CheckpointError:
+            pass
+    return dict(extract_state_dict(obj))
 
 
 def load_state_dict(path: str, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors safely (``weights_only=True`` or safetensors), unwrapped."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable / unsafe pickle / not a checkpoint
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from exc
-    return unwrap_state_dict(obj, prefer_ema=prefer_ema)
+    """Read a checkpoint's tensors safely (any layout :func:`slaknet.checkpoints.read_checkpoint` reads,
+    the compact sparse format included), unwrapped and with old key names renamed."""
+    return unwrap_state_dict(read_checkpoint(path), prefer_ema=prefer_ema)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,26 +139,16 @@ def _centre_pad(k: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.pad(k, (pw, size[1] - w - pw, ph, size[0] - h - ph))
 
 
-def _bn_scale(sd: Mapping[str, torch.Tensor], bn_prefix: str, channels: int) -> Optional[torch.Tensor]:
-    var = sd.get(bn_prefix + ".running_var")
-    if var is None or var.numel() != channels:
-        return None
-    gamma = sd.get(bn_prefix + ".weight")
-    gamma = gamma.float() if gamma is not None and gamma.numel() == channels else torch.ones(channels)
-    return gamma / (var.float() + 1e-5).sqrt()  # BatchNorm2d's default eps (official SLaK uses it too)
-
-
 def find_kernel_layers(state_dict: Mapping[str, torch.Tensor], fold_bn: bool = True) -> List[KernelLayer]:
     """All large-kernel layers (SLaK naming), in stage/block order, with their effective kernels."""
     groups: Dict[str, Dict[str, str]] = {}
     for key in state_dict:
-        m = _TRAIN_BRANCH.match(key) or _INFER_BRANCH.match(key)
-        if m:
-            groups.setdefault(m.group("prefix"), {})[m.group("branch")] = key
+        found = split_branch_key(key)
+        if found:
+            groups.setdefault(found[0], {})[found[1]] = key
     layers: List[KernelLayer] = []
     for prefix, branch_keys in groups.items():
-        large = {"LoRA1", "LoRA2", "lkb_origin", "lkb_reparam", "lkb_strip1", "lkb_strip2"}
-        if not large & set(branch_keys):
+        if not set(LARGE_BRANCHES + INFER_BRANCHES) & set(branch_keys):
             continue  # a lone small_conv is not a large-kernel layer
         weights = {b: state_dict[k].detach().float().cpu() for b, k in sorted(branch_keys.items())}
         for b, w in weights.items():
@@ -217,11 +165,10 @@ def find_kernel_layers(state_dict: Mapping[str, torch.Tensor], fold_bn: bool = T
         folded = False
         for b, w in weights.items():
             w2 = w[:, 0]
-            if fold_bn and b in ("LoRA1", "LoRA2", "lkb_origin", "small_conv"):
-                scale = _bn_scale(state_dict, f"{prefix}.{b}.bn", c)
-                if scale is not None:
-                    w2 = w2 * scale.view(-1, 1, 1)
-                    folded = True
+            if fold_bn and b in TRAIN_BRANCHES:
+                fused = fold_state_bn(state_dict, w2, f"{prefix}.{b}.bn")
+                if fused is not None:
+                    w2, folded = fused[0], True
             effective += _centre_pad(w2, size)
             support |= _centre_pad(w[:, 0] != 0, size)
         stage, block = _stage_block(prefix)

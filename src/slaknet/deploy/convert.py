@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from slaknet.errors import CheckpointError, ConfigError
+from slaknet.errors import ConfigError
 
 __all__ = ["convert_checkpoint", "ConvertResult", "CONVERT_FORMATS", "load_converted_metadata"]
 
@@ -82,7 +82,7 @@ def _provenance(path: str, obj: Any, weights: str) -> Dict[str, Any]:
 
 
 def _which_weights(obj: Any, use_ema: Optional[bool]) -> str:
-    from slaknet.models.checkpoint import EMA_KEYS, RAW_KEYS
+    from slaknet.checkpoints.reader import EMA_KEYS, RAW_KEYS
 
     if not isinstance(obj, Mapping) or all(isinstance(v, torch.Tensor) for v in obj.values()):
         return "state_dict"
@@ -104,8 +104,8 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "auto", model: Optional[st
     the file). ``dst`` must end in ``.safetensors``.
     """
     from slaknet.deploy.metadata import model_metadata, weight_sparsity
-    from slaknet.deploy.sparse_format import _atomic_save_safetensors, save_sparse_checkpoint
-    from slaknet.models.checkpoint import describe_state_dict, extract_state_dict, read_checkpoint
+    from slaknet.checkpoints import (describe_state_dict, extract_state_dict, read_checkpoint, save_sparse_checkpoint,
+                                     write_safetensors)
     from slaknet.models.factory import create_model, guess_variant, reparameterize_model
 
     if fmt not in CONVERT_FORMATS:
@@ -143,8 +143,7 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "auto", model: Optional[st
     if fmt == "sparse":
         save_sparse_checkpoint(dst, net, metadata=meta)
     else:
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        _atomic_save_safetensors(state, dst, {META_KEY: json.dumps(meta, default=str)})
+        write_safetensors(net.state_dict(), dst, {META_KEY: json.dumps(meta, default=str)})
     return ConvertResult(path=dst, format=fmt, variant=meta.get("variant"), weights=weights, sparsity=sparsity,
                          source_bytes=os.path.getsize(src), file_bytes=os.path.getsize(dst),
                          summary=spec.summary())
@@ -152,15 +151,11 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "auto", model: Optional[st
 
 def load_converted_metadata(path: str) -> Dict[str, Any]:
     """The model/provenance record of a converted or exported safetensors file (dense or sparse)."""
-    from safetensors import safe_open
+    from slaknet.checkpoints import read_safetensors_metadata
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    meta = read_safetensors_metadata(path)
     raw = meta.get("model") if meta.get("format") == "slaknet-sparse" else meta.get(META_KEY)
     return json.loads(raw) if raw else {}

@@ -32,14 +32,12 @@ import torch.nn as nn
 from slaknet.errors import ConfigError, SlaknetError
 from slaknet.io import atomic_path
 
-__all__ = ["FORMATS", "REPARAM_FORMS", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError",
+__all__ = ["FORMATS", "REPARAM_FORMS", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError", "ExportFormat",
+           "ExportOptions", "register_format", "unregister_format", "list_formats", "get_format",
            "export_model", "load_exported", "verify_export", "plain_dwconv", "default_suffix"]
 
-FORMATS = ("onnx", "torchscript", "exported-program", "safetensors")
 REPARAM_FORMS = ("strips", "dense", "none")
 DEFAULT_TOLERANCE = 1e-4
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2",
-           "safetensors": ".safetensors"}
 META_KEY = "slaknet"
 MAX_SPATIAL = 4096
 
@@ -48,15 +46,65 @@ class ExportVerificationError(SlaknetError):
     """The exported artefact's outputs differ from eager PyTorch by more than the tolerance."""
 
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """An export format: ``export(model, sample, path, options)`` writes the file, ``load(path, model_name)``
+    returns a function ``tensor -> output`` that runs it (used for verification).
+
+    ``dynamic_shapes``: the exporter takes torch.export dynamic shapes (``options.dynamic_shapes``), so
+    batch / spatial sizes are made dynamic where possible; ``shape_generic``: the artefact runs at any
+    input shape anyway (verified at other shapes too); ``strict_suffix``: the path must end in ``suffix``.
+    """
+
+    name: str
+    suffix: str
+    export: Callable[[nn.Module, torch.Tensor, str, "ExportOptions"], None]
+    load: Callable[[str, Optional[str]], Callable[[torch.Tensor], Any]]
+    dynamic_shapes: bool = False
+    shape_generic: bool = False
+    strict_suffix: bool = False
+
+
+@dataclass
+class ExportOptions:
+    """What an exporter gets besides the model: dynamic shapes (or None), the metadata record, ONNX opset."""
+
+    dynamic_shapes: Optional[Dict[str, Dict[int, Any]]]
+    metadata: Dict[str, Any]
+    opset: Optional[int] = None
+
+
+_FORMATS: Dict[str, ExportFormat] = {}
+
+
+def register_format(fmt: ExportFormat, replace: bool = False) -> ExportFormat:
+    """Add an export format (``slaknet export --format NAME`` and :func:`export_model` then accept it)."""
+    if fmt.name in _FORMATS and not replace:
+        raise ConfigError(f"export format {fmt.name!r} is already registered (pass replace=True)")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def unregister_format(name: str) -> None:
+    """Remove a registered export format (no error when it is not registered)."""
+    _FORMATS.pop(name, None)
+
+
+def list_formats() -> Tuple[str, ...]:
+    """Names of the registered export formats."""
+    return tuple(_FORMATS)
+
+
+def get_format(name: str) -> ExportFormat:
+    """The registered format ``name`` (one-line error naming the others)."""
+    if name not in _FORMATS:
+        raise ConfigError(f"unknown export format {name!r}; choose from {', '.join(_FORMATS)}")
+    return _FORMATS[name]
+
+
 def default_suffix(fmt: str) -> str:
     """The file-name ending used for ``fmt`` when no output path is given."""
-    return _SUFFIX[_check_format(fmt)]
-
-
-def _check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    return fmt
+    return get_format(fmt).suffix
 
 
 @contextlib.contextmanager
@@ -187,52 +235,63 @@ def _export_safetensors(model: nn.Module, path: str, meta: Dict[str, Any]) -> No
     from safetensors.torch import save_file
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, path, metadata={META_KEY: json.dumps(meta, default=str)})
+    save_file(sd, path, metadata={META_KEY: json.dumps(meta, default=str)})  # path: already a temporary file
+
+
+def _load_onnx(path: str, model_name: Optional[str]) -> Callable[[torch.Tensor], Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    in_name = session.get_inputs()[0].name
+
+    def run_onnx(x: torch.Tensor) -> Any:
+        outs = [torch.from_numpy(o) for o in session.run(None, {in_name: x.detach().cpu().numpy()})]
+        return outs[0] if len(outs) == 1 else outs
+
+    return run_onnx
+
+
+def _module_runner(module: nn.Module, plain: bool = False) -> Callable[[torch.Tensor], Any]:
+    def run_module(x: torch.Tensor) -> Any:
+        with torch.no_grad(), plain_dwconv() if plain else contextlib.nullcontext():
+            return module(x)
+
+    return run_module
+
+
+def _load_torchscript(path: str, model_name: Optional[str]) -> Callable[[torch.Tensor], Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _module_runner(torch.jit.load(path, map_location="cpu").eval())
+
+
+def _load_program(path: str, model_name: Optional[str]) -> Callable[[torch.Tensor], Any]:
+    return _module_runner(torch.export.load(path).module())
+
+
+def _load_safetensors(path: str, model_name: Optional[str]) -> Callable[[torch.Tensor], Any]:
+    meta = _safetensors_meta(path)
+    if meta.get("kind") == "backbone":
+        from slaknet.deploy.backbone import SLaKBackbone
+
+        module = SLaKBackbone.from_checkpoint(path, out_indices=meta["out_indices"], norm_outputs=meta["norm_outputs"],
+                                              pad_input=meta.get("pad_input", "pad"))
+    else:
+        from slaknet.models.factory import create_model
+
+        module = create_model(model_name or meta.get("variant") or "slak_tiny", checkpoint=path)
+    return _module_runner(module.eval(), plain=True)
 
 
 def load_exported(path: str, fmt: str, model_name: Optional[str] = None) -> Callable[[torch.Tensor], Any]:
     """Load an exported artefact as a function ``tensor -> tensor`` (or list of tensors for a backbone);
     ONNX runs in onnxruntime."""
-    fmt = _check_format(fmt)
+    spec = get_format(fmt)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported file not found: {path}")
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        in_name = session.get_inputs()[0].name
-
-        def run_onnx(x: torch.Tensor) -> Any:
-            outs = [torch.from_numpy(o) for o in session.run(None, {in_name: x.detach().cpu().numpy()})]
-            return outs[0] if len(outs) == 1 else outs
-
-        return run_onnx
-    if fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(path, map_location="cpu").eval()
-    elif fmt == "exported-program":
-        module = torch.export.load(path).module()
-    else:
-        meta = _safetensors_meta(path)
-        if meta.get("kind") == "backbone":
-            from slaknet.deploy.backbone import SLaKBackbone
-
-            module = SLaKBackbone.from_checkpoint(path, out_indices=meta["out_indices"],
-                                                  norm_outputs=meta["norm_outputs"],
-                                                  pad_input=meta.get("pad_input", "pad")).eval()
-        else:
-            from slaknet.models.factory import create_model
-
-            module = create_model(model_name or meta.get("variant") or "slak_tiny", checkpoint=path).eval()
-
-    def run_module(x: torch.Tensor) -> Any:
-        with torch.no_grad(), plain_dwconv() if fmt == "safetensors" else contextlib.nullcontext():
-            return module(x)
-
-    return run_module
+    return spec.load(path, model_name)
 
 
 def _safetensors_meta(path: str) -> Dict[str, Any]:
@@ -307,19 +366,21 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
     (the result's ``dynamic_spatial`` is then False).
     Raises :class:`ExportVerificationError` when the scaled difference exceeds ``tolerance``.
     """
-    fmt = _check_format(fmt)
+    spec = get_format(fmt)
     path = os.fspath(path)
     if tolerance <= 0:
         raise ConfigError(f"tolerance must be positive, got {tolerance}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    if fmt == "safetensors" and not path.endswith(".safetensors"):
-        raise ConfigError(f"a safetensors export needs a path ending in .safetensors, got {path!r}")
+    if spec.strict_suffix and not path.endswith(spec.suffix):
+        raise ConfigError(f"a {fmt} export needs a path ending in {spec.suffix}, got {path!r}")
     c, h, w = _sample_shape(model, input_size)
-    if dynamic_batch and batch_size < 2 and fmt in ("onnx", "exported-program"):
+    if dynamic_batch and batch_size < 2 and spec.dynamic_shapes:
         batch_size = 2
-    if dynamic_spatial and fmt in ("onnx", "exported-program") and not _spatial_dynamic_ok(h, w):
+    if dynamic_spatial and spec.dynamic_shapes and not _spatial_dynamic_ok(h, w):
         dynamic_spatial = False
+    if not (spec.dynamic_shapes or spec.shape_generic):  # a fixed-shape artefact
+        dynamic_batch = dynamic_spatial = False
     was_training = model.training
     p = next(iter(model.parameters()), None)
     if p is not None and (p.device.type != "cpu" or p.dtype != torch.float32):
@@ -335,6 +396,7 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
 def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: int, h: int, w: int,
                  batch_size: int, dynamic_batch: bool, dynamic_spatial: bool, opset: Optional[int], verify: bool,
                  tolerance: float, metadata: Optional[Dict[str, Any]]) -> ExportResult:
+    spec = get_format(fmt)
     deploy = _prepare(model, reparameterize)
     from slaknet.deploy.metadata import model_metadata
 
@@ -353,15 +415,8 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
     start = time.perf_counter()
     try:
         with atomic_path(path) as tmp, torch.no_grad(), plain_dwconv():
-            dyn = _dynamic_shapes(dynamic_batch, dynamic_spatial, h, w)
-            if fmt == "onnx":
-                _export_onnx(deploy, sample, tmp, dyn, meta, opset)
-            elif fmt == "torchscript":
-                _export_torchscript(deploy, sample, tmp, meta)
-            elif fmt == "exported-program":
-                _export_program(deploy, sample, tmp, dyn, meta)
-            else:
-                _export_safetensors(deploy, tmp, meta)
+            dyn = _dynamic_shapes(dynamic_batch, dynamic_spatial, h, w) if spec.dynamic_shapes else None
+            spec.export(deploy, sample, tmp, ExportOptions(dyn, meta, opset))
     except SlaknetError:
         raise
     except Exception as exc:
@@ -371,11 +426,24 @@ def _export_eval(model: nn.Module, path: str, fmt: str, reparameterize: str, c: 
     result.file_bytes = os.path.getsize(path)
     if verify:
         run = load_exported(path, fmt, model_name=meta.get("variant"))
-        shapes = _verify_shapes(result.input_shape, dynamic_batch or fmt in ("torchscript", "safetensors"),
-                                dynamic_spatial or fmt in ("torchscript", "safetensors"))
+        shapes = _verify_shapes(result.input_shape, dynamic_batch or spec.shape_generic,
+                                dynamic_spatial or spec.shape_generic)
         result.max_abs_diff, result.max_rel_diff, result.checks = verify_export(run, model, shapes, tolerance)
         if not result.passed:
             raise ExportVerificationError(
                 f"{fmt} export of {path} differs from eager PyTorch by {result.max_abs_diff:.3e} "
                 f"(scaled {result.max_rel_diff:.2e} > tolerance {tolerance:.0e})")
     return result
+
+
+# the built-in formats (late-bound through the module's functions, so they can be patched in tests)
+register_format(ExportFormat("onnx", ".onnx", lambda m, x, p, o: _export_onnx(m, x, p, o.dynamic_shapes, o.metadata, o.opset),
+                             lambda p, n: _load_onnx(p, n), dynamic_shapes=True))
+register_format(ExportFormat("torchscript", ".torchscript.pt", lambda m, x, p, o: _export_torchscript(m, x, p, o.metadata),
+                             lambda p, n: _load_torchscript(p, n), shape_generic=True))
+register_format(ExportFormat("exported-program", ".pt2",
+                             lambda m, x, p, o: _export_program(m, x, p, o.dynamic_shapes, o.metadata),
+                             lambda p, n: _load_program(p, n), dynamic_shapes=True))
+register_format(ExportFormat("safetensors", ".safetensors", lambda m, x, p, o: _export_safetensors(m, p, o.metadata),
+                             lambda p, n: _load_safetensors(p, n), shape_generic=True, strict_suffix=True))
+FORMATS = list_formats()  # the built-in names (register_format adds more; list_formats() has them all)

@@ -7,13 +7,15 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from slaknet.deploy.export import DEFAULT_TOLERANCE, FORMATS
-
-    parser.add_argument("--model", default="slak_tiny", help="registered model name (default slak_tiny)")
+    parser.add_argument("--model", default=None,
+                        help="registered model name (default slak_tiny, or the checkpoint's architecture; with "
+                             "--checkpoint, the file must be this variant)")
     parser.add_argument("--checkpoint", default=None,
                         help="weights to export (official or slaknet; architecture read from the file)")
     parser.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="take the EMA weights")
-    parser.add_argument("--format", dest="fmt", default="onnx", choices=FORMATS, help="export format (default onnx)")
+    parser.add_argument("--format", dest="fmt", default="onnx",
+                        help="onnx (default; needs pip install 'slaknet[export]'), torchscript, exported-program, "
+                             "safetensors, or a format added with slaknet.deploy.register_format")
     parser.add_argument("-o", "--output", default=None, help="output file (default: MODEL.<format suffix>)")
     parser.add_argument("--reparameterize", default="strips", choices=["strips", "dense", "none"],
                         help="inference form: lean two strips per layer (default), one dense kernel, or none")
@@ -23,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size")
     parser.add_argument("--static-spatial", action="store_true", help="fix height and width")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"largest accepted max|diff| / max(1, max|ref|) vs eager (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted max|diff| / max(1, max|ref|) vs eager (default 1e-4)")
     parser.add_argument("--no-verify", action="store_true", help="skip running the exported file")
     parser.add_argument("--backbone", action="store_true",
                         help="export the multi-scale backbone (stage outputs) instead of the classifier; "
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from slaknet.deploy.export import default_suffix, export_model
     from slaknet.errors import ConfigError
-    from slaknet.models.factory import create_model
+    from slaknet.models.factory import create_model, model_from_checkpoint
 
     size = args.input_size
     if size is not None:
@@ -52,13 +54,18 @@ def run(args: argparse.Namespace) -> int:
         from slaknet.deploy.backbone import SLaKBackbone
 
         if args.checkpoint:
-            model = SLaKBackbone.from_checkpoint(args.checkpoint, model=args.model, out_indices=args.out_indices,
+            model = SLaKBackbone.from_checkpoint(args.checkpoint, model=args.model or "slak_tiny",
+                                                 out_indices=args.out_indices,
                                                  norm_outputs=args.norm_outputs, use_ema=args.use_ema)
         else:
-            model = SLaKBackbone(args.model, out_indices=args.out_indices, norm_outputs=bool(args.norm_outputs))
+            model = SLaKBackbone(args.model or "slak_tiny", out_indices=args.out_indices, norm_outputs=bool(args.norm_outputs))
         model.eval()
+    elif args.checkpoint:
+        model, info, _ = model_from_checkpoint(args.checkpoint, args.model, args.use_ema)
+        if size is None and info.input_size:  # the size it was trained at
+            size = [info.input_size, info.input_size]
     else:
-        model = create_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema).eval()
+        model = create_model(args.model or "slak_tiny").eval()
     metadata = None
     if args.checkpoint:
         metadata = {"source_checkpoint": os.path.abspath(args.checkpoint)}
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             previous = load_converted_metadata(args.checkpoint)
             metadata.update({k: previous[k] for k in ("class_names", "source") if previous.get(k)})
     output = args.output or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
-                             else args.model) + ("_backbone" if args.backbone else "") + default_suffix(args.fmt)
+                             else args.model or "slak_tiny") + ("_backbone" if args.backbone else "") + default_suffix(args.fmt)
     result = export_model(model, output, args.fmt, reparameterize=args.reparameterize, input_size=size,
                           batch_size=args.batch_size, dynamic_batch=not args.static_batch,
                           dynamic_spatial=not args.static_spatial, opset=args.opset, verify=not args.no_verify,

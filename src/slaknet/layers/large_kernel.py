@@ -128,8 +128,8 @@ class LargeKernelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparameterized == "strips":
-            out = depthwise_conv2d(x, self.lkb_strip1.weight, self.lkb_strip1.bias, self.lkb_strip1.padding)
-            return out + depthwise_conv2d(x, self.lkb_strip2.weight, None, self.lkb_strip2.padding)
+            # module calls (not the functional op) so forward hooks, e.g. MAC counters, see both strips
+            return self.lkb_strip1(x) + self.lkb_strip2(x)
         if self.reparameterized == "dense":
             return self.lkb_reparam(x)
         if self.decompose:

@@ -5,18 +5,20 @@ import copy
 import difflib
 import logging
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
 
-from slaknet.errors import ConfigError
+from slaknet.checkpoints.info import TrainingInfo, read_training_info
+from slaknet.errors import CheckpointError, ConfigError
 from slaknet.layers import LargeKernelConv
-from slaknet.models.checkpoint import (ArchSpec, describe_state_dict, extract_state_dict, load_checkpoint,
-                                       read_checkpoint)
+from slaknet.models.checkpoint import (ArchSpec, describe_model, describe_state_dict, extract_state_dict,
+                                       load_checkpoint, read_checkpoint)
 from slaknet.models.slak import MODEL_SPECS
 
-__all__ = ["create_model", "list_models", "reparameterize_model", "guess_variant"]
+__all__ = ["create_model", "list_models", "reparameterize_model", "guess_variant", "architecture_name",
+           "check_variant", "model_for_state_dict", "model_from_checkpoint"]
 
 log = logging.getLogger(__name__)
 _WIDTH_FACTORS = (1.0, 1.3, 1.5, 2.0)
@@ -38,6 +40,32 @@ def guess_variant(spec: ArchSpec) -> Tuple[Optional[str], Optional[float]]:
     return None, None
 
 
+def architecture_name(spec: ArchSpec) -> str:
+    """An honest name for the architecture of ``spec``: the registered variant it equals (with its width
+    factor and, when they differ from the variant's, its kernel sizes), else "custom SLaK (...)"."""
+    variant, wf = guess_variant(spec)
+    kernels = "/".join(map(str, spec.kernel_sizes))
+    if variant is None:
+        return (f"custom SLaK (depths {'/'.join(map(str, spec.depths))}, widths "
+                f"{'/'.join(map(str, spec.widths))}, kernels {kernels})")
+    name = variant if wf == 1.0 else f"{variant} (width {wf:g})"
+    default = MODEL_SPECS[variant].get("kernel_size")
+    if default is not None and tuple(default) != tuple(spec.kernel_sizes):
+        name += f", kernels {kernels}"
+    return name
+
+
+def check_variant(name: str, spec: ArchSpec, source: str = "the checkpoint") -> None:
+    """Raise a one-line :class:`CheckpointError` unless ``spec`` is variant ``name`` (any width factor)."""
+    if name not in MODEL_SPECS:
+        create_model(name)  # the one-line "unknown model" error with suggestions
+    depths = tuple(MODEL_SPECS[name]["depths"])
+    widths_fit = any(tuple(int(d * wf) for d in MODEL_SPECS[name]["dims"]) == spec.widths for wf in _WIDTH_FACTORS)
+    if depths != spec.depths or not widths_fit:
+        raise CheckpointError(f"{source} does not fit --model {name}: it looks like {architecture_name(spec)}; "
+                              "leave --model out to use the checkpoint's own architecture")
+
+
 def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None,
                  use_ema: Optional[bool] = None, **overrides: Any) -> nn.Module:
     """Build ``name`` (e.g. ``"slak_tiny"``) with keyword ``overrides`` of its defaults.
@@ -53,8 +81,14 @@ def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None
         raise ConfigError(f"unknown model '{name}'{hint} (available: {', '.join(MODEL_SPECS)})")
     if checkpoint is None:
         return _build(name, **overrides)
-
     sd = extract_state_dict(read_checkpoint(checkpoint), use_ema=use_ema)
+    model = model_for_state_dict(name, sd, **overrides)
+    log.info("loaded %s: %s", checkpoint, describe_model(model).summary())
+    return model
+
+
+def model_for_state_dict(name: str, sd: Mapping[str, Any], **overrides: Any) -> nn.Module:
+    """Build a model of the architecture ``sd`` implies (base variant ``name``) and load ``sd`` strictly."""
     spec = describe_state_dict(sd)
     variant, wf = guess_variant(spec)
     arch = dict(depths=spec.depths, kernel_size=spec.kernel_sizes, num_classes=spec.num_classes,
@@ -62,19 +96,37 @@ def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None
     if variant is not None:
         arch.update(dims=MODEL_SPECS[variant]["dims"], width_factor=wf)
         if variant != name:
-            log.warning("checkpoint %s looks like %s (width %s), not %s: building that architecture",
-                        checkpoint, variant, wf, name)
+            log.warning("checkpoint looks like %s (width %s), not %s: building that architecture", variant, wf, name)
     else:
         arch.update(dims=spec.widths, width_factor=1.0)
     if spec.reparameterized != "dense":  # merged kernels no longer tell N or the decomposition
         arch.update(small_kernel=spec.small_kernel, decompose=spec.decompose)
     arch.update(overrides)
-    model = _build(name, **arch)
+    model = _build(variant or name, **arch)
     if spec.reparameterized:
         reparameterize_model(model, merge_dense=spec.reparameterized == "dense", inplace=True)
     load_checkpoint(model, sd, strict=True)
-    log.info("loaded %s: %s", checkpoint, spec.summary())
     return model
+
+
+def model_from_checkpoint(checkpoint: Union[str, os.PathLike], name: Optional[str] = None,
+                          use_ema: Optional[bool] = None) -> Tuple[nn.Module, TrainingInfo, str]:
+    """``(model, training info, architecture name)`` for a checkpoint file, for the command-line tools.
+
+    ``name`` given: the file must be that variant (any width factor), else a one-line
+    :class:`CheckpointError`. Not given: the architecture is read from the file and named honestly
+    (:func:`architecture_name`). The file is read once.
+    """
+    path = os.fspath(checkpoint)
+    obj = read_checkpoint(path)
+    info = read_training_info(path, obj)
+    sd = extract_state_dict(obj, use_ema=use_ema)
+    spec = describe_state_dict(sd)
+    if name is not None:
+        check_variant(name, spec, source=path)
+    base = name or guess_variant(spec)[0] or (info.model if info.model in MODEL_SPECS else None) or "slak_tiny"
+    model = model_for_state_dict(base, sd)
+    return model.eval(), info, architecture_name(spec)
 
 
 def _build(name: str, **kwargs: Any) -> nn.Module:

@@ -6,6 +6,7 @@ from typing import Callable, List, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from slaknet.checkpoints.schema import LARGE_BRANCHES
 from slaknet.errors import ConfigError
 
 __all__ = ["ParamFilter", "select_parameters", "unwrap_model"]
@@ -14,7 +15,7 @@ __all__ = ["ParamFilter", "select_parameters", "unwrap_model"]
 ParamFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module, nn.Parameter], bool]]
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_STRIP_NAMES = ("LoRA1", "LoRA2", "lkb_origin")
+_STRIP_NAMES = LARGE_BRANCHES  # LoRA1, LoRA2, lkb_origin (the shared branch-name schema)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

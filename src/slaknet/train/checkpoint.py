@@ -14,20 +14,17 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from slaknet.checkpoints.reader import first_line
+from slaknet.checkpoints.writer import save_torch, write_safetensors
 from slaknet.errors import CheckpointError
-from slaknet.io import atomic_path
 
 __all__ = ["atomic_save", "load_training_checkpoint", "capture_rng", "restore_rng", "export_safetensors"]
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace`` onto ``path``.
-
-    The previous file at ``path`` stays intact until the new one is completely written, so a crash (or
-    SIGKILL) mid-write never leaves a truncated checkpoint behind.
-    """
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace`` onto ``path``
+    (:func:`slaknet.checkpoints.save_torch`): a crash mid-write never leaves a truncated checkpoint."""
+    save_torch(obj, path)
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
@@ -37,8 +34,7 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable weights-only checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise CheckpointError(f"{path} is not a readable weights-only checkpoint ({first_line(exc)})") from exc
     if not isinstance(obj, dict) or "model" not in obj or "optimizer" not in obj:
         raise CheckpointError(f"{path} is not a slaknet training checkpoint (no model/optimizer state); "
                               "use --finetune to start from plain or official weights")
@@ -76,9 +72,5 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
                        metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a state dict as safetensors (contiguous CPU copies, atomic)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    """Write a state dict as safetensors (contiguous CPU copies, atomic; :func:`slaknet.checkpoints.write_safetensors`)."""
+    write_safetensors(state_dict, path, metadata)

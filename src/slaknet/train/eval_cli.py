@@ -1,8 +1,9 @@
 """``slaknet eval``: top-1 / top-5 / loss / images per second of a checkpoint on a dataset.
 
 Accepts official SLaK checkpoints (raw or EMA weights; the architecture is read from the tensor shapes)
-and slaknet's own (training checkpoints, ``checkpoint-best.pth`` or ``model.safetensors``). ``--data``
-is an image folder (``ROOT/val/CLASS/*.jpg`` or ``ROOT/CLASS/*.jpg``) or ``builtin:insideness``.
+and slaknet's own (training checkpoints, ``checkpoint-best.pth`` or ``model.safetensors``), whose stored
+input size, class names and normalisation are used. ``--data`` is an image folder (``ROOT/val/CLASS/*.jpg``
+or ``ROOT/CLASS/*.jpg``) or ``builtin:insideness``.
 """
 from __future__ import annotations
 
@@ -10,131 +11,153 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 from slaknet.errors import ConfigError
 
-__all__ = ["add_arguments", "run", "load_model_for_inference"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from slaknet.checkpoints.info import TrainingInfo
+
+__all__ = ["add_arguments", "add_checkpoint_arguments", "run", "load_model_for_inference", "normalisation",
+           "inference_transform", "capped_workers"]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BUILTIN_MEAN = BUILTIN_STD = (0.5, 0.5, 0.5)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--ema`` / ``--no-ema`` and ``--device``, shared by eval and predict."""
+    parser.add_argument("--model", default=None,
+                        help="SLaK variant the checkpoint must be (default: read from the checkpoint)")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="use_ema", action="store_const", const=True, default=None,
+                     help="use the EMA weights (default: the raw weights when the file has them, else EMA)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_const", const=False, help="use the raw weights")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="SLaK variant (default: from the checkpoint)")
     parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
                         help="official or slaknet checkpoint (.pth / .safetensors)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--data", "--data-path", "--data_path", dest="data", default=None,
                         help="image folder (ROOT/val/CLASS/*.jpg or ROOT/CLASS/*.jpg) or builtin:insideness "
                              "(default: the checkpoint's training data)")
-    parser.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None)
+    parser.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
+                        help="default: the checkpoint's training input size, else 224")
     parser.add_argument("--crop-pct", "--crop_pct", dest="crop_pct", type=float, default=None)
     parser.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=64)
-    parser.add_argument("--num-workers", "-j", dest="num_workers", type=int, default=4)
-    parser.add_argument("--ema", dest="use_ema", type=_tri, default=None, nargs="?", const=True,
-                        help="evaluate EMA weights (true) or raw ones (false); default raw when present")
+    parser.add_argument("--num-workers", "-j", dest="num_workers", type=int, default=4,
+                        help="data-loader workers (default 4, never more than the CPU cores)")
     parser.add_argument("--reparam", action="store_true",
                         help="fold BN into the kernels first (inference form; same accuracy, faster)")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--val-samples", dest="val_samples", type=int, default=None,
                         help="built-in data: held-out images (default: as trained)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
-def _tri(v: Any) -> Optional[bool]:
-    from slaknet.train.config import str2bool
+def load_model_for_inference(checkpoint: str, model_name: Optional[str] = None, use_ema: Optional[bool] = None
+                             ) -> Tuple["torch.nn.Module", "TrainingInfo", str]:
+    """``(model in eval mode, training info, architecture name)`` for ``checkpoint`` (see
+    :func:`slaknet.models.factory.model_from_checkpoint`: an explicit ``model_name`` must fit the file)."""
+    from slaknet.models.factory import model_from_checkpoint
 
-    return str2bool(v)
+    return model_from_checkpoint(checkpoint, model_name, use_ema)
 
 
-def load_model_for_inference(checkpoint: str, model_name: Optional[str] = None,
-                             use_ema: Optional[bool] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Model built to fit ``checkpoint`` plus what the file says about its training (config, classes)."""
-    import slaknet
-    from slaknet.models.checkpoint import read_checkpoint
+def normalisation(info: "TrainingInfo", builtin: bool) -> Tuple[Sequence[float], Sequence[float]]:
+    """Mean and std the model was trained with: stored in the checkpoint, else the data source's default."""
+    default = (BUILTIN_MEAN, BUILTIN_STD) if builtin else (IMAGENET_MEAN, IMAGENET_STD)
+    return info.mean or default[0], info.std or default[1]
 
-    if not os.path.isfile(checkpoint):
-        raise ConfigError(f"checkpoint {checkpoint!r} does not exist")
-    obj = read_checkpoint(checkpoint)
-    meta: Dict[str, Any] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        meta = dict(obj["config"])
-        if obj.get("classes"):
-            meta["classes"] = list(obj["classes"])
-    if checkpoint.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
 
-            with safe_open(checkpoint, "pt") as f:
-                md = f.metadata() or {}
-            if "classes" in md:
-                meta["classes"] = json.loads(md["classes"])
-            if "model" in md:
-                meta.setdefault("model", md["model"])
-            if "input_size" in md:
-                meta.setdefault("input_size", int(md["input_size"]))
-            if "data" in md:
-                meta.setdefault("data", md["data"])
-            for k, conv in (("difficulty", float), ("data_seed", int), ("val_samples", int)):
-                if md.get(k) not in (None, "None"):
-                    meta.setdefault(k, conv(md[k]))
-        except Exception:
-            pass
-    name = model_name or meta.get("model") or "slak_tiny"
-    model = slaknet.create_model(name, checkpoint=checkpoint, use_ema=use_ema)
-    return model.eval(), meta
+def inference_transform(size: int, crop_pct: Optional[float], mean: Sequence[float], std: Sequence[float],
+                        builtin: bool) -> Any:
+    """Built-in data: resize to ``size`` and normalise; photos: resize + centre crop (timm, bicubic)."""
+    if builtin:
+        from torchvision.transforms import Compose, Normalize, Resize, ToTensor
+
+        return Compose([Resize((size, size)), ToTensor(), Normalize(mean, std)])
+    from timm.data import create_transform
+
+    if crop_pct is None:
+        crop_pct = 0.875 if size < 384 else 1.0
+    return create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
+
+
+def capped_workers(requested: int) -> int:
+    """Data-loader workers, never more than the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, min(int(requested), max(1, cores)))
+
+
+def _dataset(data: str, info: "TrainingInfo", args: argparse.Namespace, size: int) -> Tuple[Any, List[str]]:
+    from slaknet.train.data import InsidenessDataset, SafeImageFolder, parse_data_spec
+
+    kind, what = parse_data_spec(data)
+    mean, std = normalisation(info, kind == "builtin")
+    if kind == "builtin":
+        from torchvision.transforms import Normalize
+
+        ds: Any = InsidenessDataset("val", args.val_samples or int(info.get("val_samples") or 1000), size,
+                                    float(info.get("difficulty", 0.5)), int(info.get("data_seed", 0)),
+                                    transform=Normalize(mean, std))
+        return ds, list(ds.classes)
+    if kind != "folder":
+        raise ConfigError("slaknet eval takes an image folder or builtin:insideness as --data")
+    root = os.path.join(what, "val") if os.path.isdir(os.path.join(what, "val")) else what
+    ds = SafeImageFolder(root, inference_transform(size, args.crop_pct or info.crop_pct, mean, std, False),
+                         report_bad=True)
+    if info.classes and list(info.classes) != list(ds.classes):
+        raise ConfigError(f"class folders of {data} differ from the classes the checkpoint was trained on")
+    return ds, list(ds.classes)
+
+
+def _precision(precision: str, device: "torch.device") -> Optional["torch.dtype"]:
+    import torch
+
+    return None if precision == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from slaknet.train.data import InsidenessDataset, Normalize, SafeImageFolder, parse_data_spec
     from slaknet.train.distributed import init_distributed
-    from slaknet.train.engine import _autocast_dtype, _collate, eval_transform
     from slaknet.train.evaluate import evaluate
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, meta = load_model_for_inference(args.checkpoint, args.model, args.use_ema)
+    model, info, arch = load_model_for_inference(args.checkpoint, args.model, args.use_ema)
     if args.reparam:
         import slaknet
 
         model = slaknet.reparameterize_model(model)
-    data = args.data or meta.get("data")
+    data = args.data or info.data
     if not data:
         raise ConfigError("--data is required for this checkpoint (an image folder or builtin:insideness)")
-    kind, what = parse_data_spec(data)
-    size = args.input_size or int(meta.get("input_size") or 224)
-    if kind == "builtin":
-        ds: Any = InsidenessDataset("val", args.val_samples or int(meta.get("val_samples") or 1000), size,
-                                    float(meta.get("difficulty", 0.5)), int(meta.get("data_seed", 0)),
-                                    transform=Normalize((0.5,) * 3, (0.5,) * 3))
-        classes: List[str] = list(ds.classes)
-    elif kind == "folder":
-        root = os.path.join(what, "val") if os.path.isdir(os.path.join(what, "val")) else what
-        tf = eval_transform(size, args.crop_pct, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        ds = SafeImageFolder(root, tf, report_bad=True)
-        classes = ds.classes
-    else:
-        raise ConfigError("slaknet eval takes an image folder or builtin:insideness as --data")
+    size = args.input_size or info.input_size or 224
+    ds, classes = _dataset(data, info, args, size)
     n_out = getattr(model, "num_classes", None)
     if n_out is not None and n_out != len(classes) and not (n_out == 1000 and len(classes) <= 1000):
         raise ConfigError(f"the checkpoint has {n_out} outputs but {data} has {len(classes)} classes")
-    trained_classes = meta.get("classes")
-    if trained_classes and kind == "folder" and list(trained_classes) != list(classes):
-        raise ConfigError(f"class folders of {data} differ from the classes the checkpoint was trained on")
-    info = init_distributed(args.device)
-    model.to(info.device)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        collate_fn=_collate)
-    res = evaluate(model, loader, info.device, _autocast_dtype(args.precision, info.device),
+    dist = init_distributed(args.device)
+    model.to(dist.device)
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=capped_workers(args.num_workers))
+    res = evaluate(model, loader, dist.device, _precision(args.precision, dist.device),
                    progress=sys.stderr.isatty(), desc="eval")
-    res.update(checkpoint=args.checkpoint, data=data, model=type(model).__name__, reparameterized=bool(args.reparam))
+    res.update(checkpoint=args.checkpoint, data=data, model=arch, input_size=size,
+               reparameterized=bool(args.reparam))
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{args.checkpoint} on {data}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+        top5 = f"  top-5 {res['top5']:.2f}%" if len(classes) > 5 else ""
+        print(f"{args.checkpoint} ({arch}) on {data} at {size} px: top-1 {res['top1']:.2f}%{top5}  "
               f"loss {res['loss']:.4f}  ({res['images']} images, {res['images_per_s']:.1f} img/s"
               + (f", {res['bad_images']} unreadable skipped" if res["bad_images"] else "") + ")")
     return 0
-
