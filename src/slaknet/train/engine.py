@@ -11,16 +11,14 @@ from typing import Any, Dict, Mapping, Sequence
 from slaknet.models.training import fit_kernel_sizes
 from slaknet.train.bn import recalibrate_bn
 from slaknet.train.callbacks import LossCurve
-from slaknet.train.machine import autocast_dtype as _autocast_dtype
 from slaknet.train.machine import resolve_threads, seed_everything
 from slaknet.train.optim import build_optimizer, build_scheduler
-from slaknet.train.tasks.base import collate as _collate
 from slaknet.train.tasks.classification import build_datasets, eval_transform
 from slaknet.train.trainer import Callback, NonFiniteLossError, Trainer
 
 __all__ = ["train", "NonFiniteLossError", "build_datasets", "fit_kernel_sizes", "build_optimizer", "build_scheduler",
            "seed_everything", "recalibrate_bn", "eval_transform", "resolve_threads", "Trainer", "Callback",
-           "LossCurve", "_autocast_dtype", "_collate"]
+           "LossCurve"]
 
 
 def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> Dict[str, Any]:

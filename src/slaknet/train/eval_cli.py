@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from slaknet.checkpoints.info import TrainingInfo
 
 __all__ = ["add_arguments", "add_checkpoint_arguments", "run", "load_model_for_inference", "normalisation",
-           "inference_transform", "capped_workers"]
+           "inference_transform"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BUILTIN_MEAN = BUILTIN_STD = (0.5, 0.5, 0.5)
@@ -81,20 +81,9 @@ def inference_transform(size: int, crop_pct: Optional[float], mean: Sequence[flo
         from torchvision.transforms import Compose, Normalize, Resize, ToTensor
 
         return Compose([Resize((size, size)), ToTensor(), Normalize(mean, std)])
-    from timm.data import create_transform
+    from slaknet.train.tasks.classification import eval_transform
 
-    if crop_pct is None:
-        crop_pct = 0.875 if size < 384 else 1.0
-    return create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std)
-
-
-def capped_workers(requested: int) -> int:
-    """Data-loader workers, never more than the cores this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(0, min(int(requested), max(1, cores)))
+    return eval_transform(size, crop_pct, mean, std)
 
 
 def _dataset(data: str, info: "TrainingInfo", args: argparse.Namespace, size: int) -> Tuple[Any, List[str]]:
@@ -119,17 +108,12 @@ def _dataset(data: str, info: "TrainingInfo", args: argparse.Namespace, size: in
     return ds, list(ds.classes)
 
 
-def _precision(precision: str, device: "torch.device") -> Optional["torch.dtype"]:
-    import torch
-
-    return None if precision == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from slaknet.train.distributed import init_distributed
     from slaknet.train.evaluate import evaluate
+    from slaknet.train.machine import autocast_dtype, cap_workers
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -148,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"the checkpoint has {n_out} outputs but {data} has {len(classes)} classes")
     dist = init_distributed(args.device)
     model.to(dist.device)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=capped_workers(args.num_workers))
-    res = evaluate(model, loader, dist.device, _precision(args.precision, dist.device),
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=cap_workers(args.num_workers))
+    res = evaluate(model, loader, dist.device, autocast_dtype(args.precision, dist.device),
                    progress=sys.stderr.isatty(), desc="eval")
     res.update(checkpoint=args.checkpoint, data=data, model=arch, input_size=size,
                reparameterized=bool(args.reparam))
