@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from slaknet.bench_cli import add_arguments  # noqa: F401  (the flags live in a torch-free module)
 from slaknet.errors import ConfigError
 from slaknet.io import atomic_path
 
@@ -321,27 +322,6 @@ def _branch_macs(model: nn.Module, xs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="slak_tiny",
-                        help="model name (slak_tiny, slak_pico, ...) or 'branches' (SLaK-T large-kernel layers only)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224, help="input resolution")
-    parser.add_argument("--reps", type=int, default=3, help="timed runs per backend (median reported)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--backends", default="official,plain,auto",
-                        help="comma-separated arms: 'official' (plain convs, official NCHW layout) or "
-                             "SLAKNET_DWCONV values; the first is the baseline")
-    parser.add_argument("--workloads", default="forward,train step,reparam inference")
-    parser.add_argument("--channels-last", action="store_true", help="run the models in channels_last")
-    parser.add_argument("--memory", action="store_true", help="also measure peak training memory (subprocesses)")
-    parser.add_argument("--peak-gmacs", type=float, default=None,
-                        help="machine peak in G multiply-adds/s (default: best of a large MKL / oneDNN fp32 GEMM)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
-                        help="run every arm under autocast to this dtype (%% of peak stays relative to fp32)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.size < 32 or args.reps < 1 or args.threads < 1:
         raise ConfigError("--batch, --reps and --threads must be >= 1 and --size >= 32")

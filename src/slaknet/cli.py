@@ -1,7 +1,8 @@
 """The ``slaknet`` command: a thin dispatcher to the sub-commands that live beside the code they drive.
 
-Each sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
-only when their command runs, so ``slaknet --help`` stays fast.
+Each sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only the module of
+the command being run is imported, and only its ``run`` pulls in torch, so ``slaknet --help`` and
+argument errors answer at once. Options are never abbreviated (``--epoch`` is not ``--epochs``).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, Optional
+import traceback
+from typing import List, Optional, Tuple
 
 from slaknet.errors import SlaknetError
 
@@ -18,7 +20,7 @@ COMMANDS = {
     "info": ("slaknet.analysis.counting_cli", "build a model and print dense / non-zero parameters and MACs"),
     "erf": ("slaknet.analysis.erf_cli", "effective receptive field: area ratios, .npy matrices and heatmaps"),
     "kernels": ("slaknet.analysis.kernels_cli", "pictures of learned large kernels and per-layer density bars"),
-    "bench": ("slaknet.bench", "time the fast large-kernel conv vs plain PyTorch (per branch, whole model)"),
+    "bench": ("slaknet.bench_cli", "time the fast large-kernel conv vs plain PyTorch (per branch, whole model)"),
     "train": ("slaknet.train.train_cli", "train a SLaK model (no arguments: built-in CPU demo with dynamic sparsity)"),
     "eval": ("slaknet.train.eval_cli", "top-1/top-5/loss/images-per-s of a checkpoint (official or slaknet) on a dataset"),
     "predict": ("slaknet.train.predict_cli", "top-k labels with probabilities for image files"),
@@ -29,36 +31,56 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slaknet", description="Sparse Large Kernel Networks (SLaK)")
+    """The top-level parser: the command list only (no sub-command module is imported)."""
     from slaknet import __version__
 
+    parser = argparse.ArgumentParser(prog="slaknet", description="Sparse Large Kernel Networks (SLaK)",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"slaknet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_module=module_name)
-        # argument definitions are cheap; only ``run`` pulls in heavy code
-        importlib.import_module(module_name).add_arguments(sp)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def build_command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one sub-command (imports that command's module, which must not import torch)."""
+    module_name, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"slaknet {name}", description=help_text, allow_abbrev=False)
+    importlib.import_module(module_name).add_arguments(parser)
+    return parser
+
+
+def _split_command(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    """``(command, its arguments)``; ``command`` is None when argv names none (top-level options only)."""
+    for i, a in enumerate(argv):
+        if not a.startswith("-"):
+            return a, argv[i + 1:]
+    return None, argv
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = _split_command(argv)
+    if command not in COMMANDS:
+        parser = build_parser()
+        parser.parse_args(argv)  # --help / --version / an unknown command exit here with argparse's message
         parser.print_help()
         return 1
-    module = importlib.import_module(args._module)
+    args = build_command_parser(command).parse_args(rest)
+    args.command = command
+    importlib.import_module("slaknet.models")  # what `import slaknet` does outside the command: timm registration
+    module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.run(args) or 0)
     except (SlaknetError, FileNotFoundError, ValueError) as exc:
-        # user mistakes are one line; SLAKNET_DEBUG=1 shows the traceback
+        # user mistakes are one line (exit 2); SLAKNET_DEBUG=1 adds the traceback, same exit code
         if os.environ.get("SLAKNET_DEBUG"):
-            raise
-        print(f"slaknet {args.command}: error: {exc}", file=sys.stderr)
+            traceback.print_exc()
+        print(f"slaknet {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"slaknet {args.command}: interrupted", file=sys.stderr)
+        print(f"slaknet {command}: interrupted", file=sys.stderr)
         return 130
 
 

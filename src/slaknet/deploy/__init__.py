@@ -1,11 +1,31 @@
 """Deployment: export (ONNX, TorchScript, torch.export, safetensors), compact sparse checkpoints,
 conversion of official release files, and dense-prediction backbones. See docs/deployment.md."""
-from slaknet.deploy.export import (DEFAULT_TOLERANCE, FORMATS, ExportFormat, ExportOptions, ExportResult,
-                                   ExportVerificationError, export_model, get_format, list_formats, load_exported,
-                                   plain_dwconv, register_format, unregister_format, verify_export)
-from slaknet.deploy.metadata import model_metadata, weight_sparsity
-from slaknet.deploy.sparse_format import (SparseCheckpoint, is_sparse_checkpoint, load_sparse_checkpoint,
-                                          save_sparse_checkpoint)
+
+from slaknet.lazy import lazy_exports
+
+_EXPORTS = {
+    "DEFAULT_TOLERANCE": "slaknet.deploy.export",
+    "FORMATS": "slaknet.deploy.export",
+    "ExportFormat": "slaknet.deploy.export",
+    "ExportOptions": "slaknet.deploy.export",
+    "ExportResult": "slaknet.deploy.export",
+    "ExportVerificationError": "slaknet.deploy.export",
+    "export_model": "slaknet.deploy.export",
+    "get_format": "slaknet.deploy.export",
+    "list_formats": "slaknet.deploy.export",
+    "load_exported": "slaknet.deploy.export",
+    "plain_dwconv": "slaknet.deploy.export",
+    "register_format": "slaknet.deploy.export",
+    "unregister_format": "slaknet.deploy.export",
+    "verify_export": "slaknet.deploy.export",
+    "model_metadata": "slaknet.deploy.metadata",
+    "weight_sparsity": "slaknet.deploy.metadata",
+    "SparseCheckpoint": "slaknet.deploy.sparse_format",
+    "is_sparse_checkpoint": "slaknet.deploy.sparse_format",
+    "load_sparse_checkpoint": "slaknet.deploy.sparse_format",
+    "save_sparse_checkpoint": "slaknet.deploy.sparse_format",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["FORMATS", "ExportFormat", "ExportOptions", "register_format", "unregister_format", "list_formats",
            "get_format", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError", "export_model",

@@ -5,9 +5,23 @@ image centre), :mod:`.model` (a single-resolution SLaK-block net that reads its 
 :mod:`.arms` (the ablation arms and budgets), :mod:`.runner` (training, resumable JSON-lines results) and
 :mod:`.report` (mean +- std over seeds, markdown table, plots). See docs/study.md.
 """
-from slaknet.study.arms import ARMS, BUDGETS, Arm, Budget, build_arms, get_budget, select_arms
-from slaknet.study.data import CentreInsideness, render_centre_insideness
-from slaknet.study.model import StudyNet, receptive_radius
+
+from slaknet.lazy import lazy_exports
+
+_EXPORTS = {
+    "ARMS": "slaknet.study.arms",
+    "BUDGETS": "slaknet.study.arms",
+    "Arm": "slaknet.study.arms",
+    "Budget": "slaknet.study.arms",
+    "build_arms": "slaknet.study.arms",
+    "get_budget": "slaknet.study.arms",
+    "select_arms": "slaknet.study.arms",
+    "CentreInsideness": "slaknet.study.data",
+    "render_centre_insideness": "slaknet.study.data",
+    "StudyNet": "slaknet.study.model",
+    "receptive_radius": "slaknet.study.model",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["ARMS", "BUDGETS", "Arm", "Budget", "build_arms", "get_budget", "select_arms", "CentreInsideness",
            "render_centre_insideness", "StudyNet", "receptive_radius"]
