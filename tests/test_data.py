@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slaknet.errors import ConfigError
-from slaknet.train.data import InsidenessDataset, SafeImageFolder, dump_pngs, list_image_files, render_insideness
+from slaknet.data import InsidenessDataset, SafeImageFolder, dump_pngs, list_image_files, render_insideness
 
 
 def _flood_outside(img: np.ndarray) -> tuple[bool, bool]:

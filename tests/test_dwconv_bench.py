@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from slaknet.analysis.counting import conv_tap_coverage
-from slaknet.bench import add_arguments, count_inbounds_macs, run
+from slaknet.bench import count_inbounds_macs
+from slaknet.bench_cli import add_arguments, run
 from slaknet.errors import ConfigError
 from slaknet.layers import LargeKernelConv
 

@@ -221,7 +221,7 @@ def test_sample_photo_views_are_deterministic_and_normalized():
 
 
 def test_benchmark_source_matches_the_training_dataset():
-    data = pytest.importorskip("slaknet.train.data")
+    data = pytest.importorskip("slaknet.data")
     imgs = list(erf.resolve_images("benchmark", size=32, num_images=2, seed=3))
     assert len(imgs) == 4 and all(t.shape == (3, 32, 32) for t in imgs)
     ds = data.InsidenessDataset(split="val", num_samples=4, image_size=32, seed=3)

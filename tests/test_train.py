@@ -175,7 +175,7 @@ def test_builtin_train_then_eval_and_predict(tmp_path, capsys):
     assert res2["top1"] == pytest.approx(lines[-1]["val_top1"])
 
     # predict on dumped PNGs: labels are the dataset's class names, probabilities from the model
-    from slaknet.train.data import InsidenessDataset, dump_pngs
+    from slaknet.data import InsidenessDataset, dump_pngs
 
     ds = InsidenessDataset("val", 2, 32, 0.5, seed=0)
     pngs = dump_pngs(ds, str(tmp_path / "png"), 2)

@@ -29,7 +29,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from slaknet.bench_cli import add_arguments  # noqa: F401  (the flags live in a torch-free module)
 from slaknet.errors import ConfigError
 from slaknet.io import atomic_path
 

@@ -448,15 +448,15 @@ def benchmark_images(size: int = 1024, num_images: int = 50, seed: int = 0,
                      difficulty: float = 0.5) -> Iterator[torch.Tensor]:
     """Images of slaknet's built-in long-range benchmark (the "insideness" task of ``slaknet train``).
 
-    Rendered procedurally from ``(seed, "val", index)`` by :class:`slaknet.train.data.InsidenessDataset`
+    Rendered procedurally from ``(seed, "val", index)`` by :class:`slaknet.data.InsidenessDataset`
     at ``min(size, 512)`` pixels (its largest size), bicubic-resized to ``size`` when larger, and
     normalized with mean = std = 0.5 as in training. Yields up to ``2 * num_images`` images (headroom
     for skipped ones).
     """
     try:
-        from slaknet.train.data import InsidenessDataset
+        from slaknet.data import InsidenessDataset
     except ImportError as exc:  # pragma: no cover - only in trimmed installations
-        raise ConfigError("the built-in benchmark dataset (slaknet.train.data) is not available; "
+        raise ConfigError("the built-in benchmark dataset (slaknet.data) is not available; "
                           "pass --images DIR or use the bundled photo") from exc
     native = max(16, min(int(size), 512))
     dataset = InsidenessDataset(split="val", num_samples=2 * num_images, image_size=native,

@@ -1,6 +1,6 @@
 """A study-specific insideness task: "is the image centre inside the closed contour?".
 
-Why not the training benchmark (:class:`slaknet.train.data.InsidenessDataset`) as is: there the marker
+Why not the training benchmark (:class:`slaknet.data.InsidenessDataset`) as is: there the marker
 dot can sit anywhere and the contour may pass close to it, so the reach a net needs is uncontrolled, and a
 global-average-pool head can read the answer from the contour's size without ever relating it to the dot.
 Here the query point is always the image centre (the model reads its answer at the centre position of its
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from slaknet.errors import ConfigError
-from slaknet.train.data import dihedral
+from slaknet.data import dihedral
 
 __all__ = ["render_centre_insideness", "CentreInsideness"]
 

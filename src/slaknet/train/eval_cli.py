@@ -87,7 +87,7 @@ def inference_transform(size: int, crop_pct: Optional[float], mean: Sequence[flo
 
 
 def _dataset(data: str, info: "TrainingInfo", args: argparse.Namespace, size: int) -> Tuple[Any, List[str]]:
-    from slaknet.train.data import InsidenessDataset, SafeImageFolder, parse_data_spec
+    from slaknet.data import InsidenessDataset, SafeImageFolder, parse_data_spec
 
     kind, what = parse_data_spec(data)
     mean, std = normalisation(info, kind == "builtin")

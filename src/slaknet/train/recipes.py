@@ -87,7 +87,7 @@ class FolderInfo:
 
 def inspect_folder(root: str, sample: int = 8) -> Optional[FolderInfo]:
     """Count ``ROOT/train`` images and classes and read the size of a few files (headers only)."""
-    from slaknet.train.data import IMG_EXTENSIONS
+    from slaknet.data import IMG_EXTENSIONS
 
     train = os.path.join(root, "train")
     if not os.path.isdir(train):
@@ -117,7 +117,7 @@ def _median_side(files: list, sample: int) -> Optional[int]:
 def choose_recipe(data: str, data_set: Optional[str] = None) -> str:
     """``--recipe auto``: demo for the built-in data, imagenet for big folders of big images (and for data
     that cannot be looked at: torchvision sets, missing folders, ``--data-set IMNET``), else small."""
-    from slaknet.train.data import parse_data_spec
+    from slaknet.data import parse_data_spec
 
     kind, what = parse_data_spec(data)
     if kind == "builtin":
@@ -133,7 +133,7 @@ def choose_recipe(data: str, data_set: Optional[str] = None) -> str:
 
 def small_data_overrides(data: str) -> Dict[str, Any]:
     """Values of the small-data recipe that depend on the folder: input size, epochs, batch, workers."""
-    from slaknet.train.data import parse_data_spec
+    from slaknet.data import parse_data_spec
 
     info = inspect_folder(parse_data_spec(data)[1])
     if info is None:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     _apply_yaml(args)
     cfg = resolve_config(args)
     if getattr(args, "dump_samples", None):
-        from slaknet.train.data import InsidenessDataset, dump_pngs, parse_data_spec
+        from slaknet.data import InsidenessDataset, dump_pngs, parse_data_spec
 
         if parse_data_spec(cfg["data"])[0] != "builtin":
             from slaknet.errors import ConfigError

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from slaknet.errors import ConfigError
-from slaknet.train.data import Compose, FlipRot, InsidenessDataset, Normalize, SafeImageFolder, parse_data_spec
+from slaknet.data import Compose, FlipRot, InsidenessDataset, Normalize, SafeImageFolder, parse_data_spec
 from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import Task, TaskData, collate
 
