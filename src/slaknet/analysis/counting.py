@@ -92,6 +92,25 @@ def _kept_mask(weight: torch.Tensor, density: Optional[float], mask: Optional[to
 
 
 @torch.no_grad()
+def _count_parameters(model: nn.Module, density: Optional[float], masks: Mapping[str, torch.Tensor]
+                      ) -> Tuple[int, int, Dict[int, torch.Tensor]]:
+    """``(parameters, non-zero parameters, id(weight) -> mask)``: masked weights count their mask, conv/linear
+    weights ``density`` of their entries when a hypothetical density is given, everything else its non-zeros."""
+    params = params_nz = 0
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    mask_of: Dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        params += p.numel()
+        if name in masks:
+            mask_of[id(p)] = masks[name]
+            params_nz += int(masks[name].sum())
+        elif density is not None and id(p) in weights:
+            params_nz += int(round(density * p.numel()))
+        else:
+            params_nz += int((p != 0).sum())
+    return params, params_nz, mask_of
+
+
 def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, in_chans: int = 3,
                 sparsity: Optional[float] = None, masks: Optional[Mapping[str, torch.Tensor]] = None,
                 example: Optional[torch.Tensor] = None) -> Counts:
@@ -115,19 +134,7 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
     masks = dict(masks or {})
     if masks and density is not None:
         raise ValueError("give either sparsity (hypothetical) or masks (actual), not both")
-    params = params_nz = 0
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    mask_of = {}  # id(weight) -> mask
-    for name, p in model.named_parameters():
-        params += p.numel()
-        if name in masks:
-            mask_of[id(p)] = masks[name]
-            params_nz += int(masks[name].sum())
-        elif density is not None and id(p) in weights:
-            params_nz += int(round(density * p.numel()))
-        else:
-            params_nz += int((p != 0).sum())
-
+    params, params_nz, mask_of = _count_parameters(model, density, masks)
     macs = {"dense": 0, "inbounds": 0, "nonzero": 0, "nonzero_padded": 0}
 
     def conv_hook(mod: nn.Conv2d, inp, out) -> None:
