@@ -161,3 +161,163 @@ def test_drop_path_and_train_step():
     loss = F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 2]))
     loss.backward()
     assert model.stages[0][0].large_kernel.LoRA1.conv.weight.grad is not None
+
+
+# --- timm model interface: grad checkpointing, layer decay, intermediates, pruning, keywords, recipes ----
+def _grads(model, x, seed):
+    model.zero_grad()
+    torch.manual_seed(seed)  # same drop-path draws in both arms (checkpointing restores the RNG on recompute)
+    model(x).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = slaknet.create_model("slak_pico", drop_path_rate=0.2, num_classes=5).train()
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    model.stages[2][1].register_forward_pre_hook(lambda *a: calls.append(1))
+    ref = _grads(model, x, 7)
+    assert len(calls) == 1
+    model.set_grad_checkpointing(True)
+    got = _grads(model, x, 7)
+    assert len(calls) == 3  # + forward, then recomputed in backward: checkpointing really ran
+    assert ref.keys() == got.keys() and len(ref) == len(list(model.parameters()))
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-9 * ref[n].abs().max().item(), msg=n)
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 1  # eval: no checkpointing
+
+
+def _expected_layer_id(name, depths):
+    """Hand-derived layer index: stem 0, block b of stage s is 1 + blocks before s + b (its stage's
+    downsampler goes with block 0); the final norm joins the last block (timm's MATCH_PREV_GROUP), the head
+    comes last."""
+    parts = name.split(".")
+    if parts[0] == "downsample_layers":
+        s = int(parts[1])
+        return 0 if s == 0 else 1 + sum(depths[:s])
+    if parts[0] == "stages":
+        s, b = int(parts[1]), int(parts[2])
+        return 1 + sum(depths[:s]) + b
+    return {"norm": sum(depths), "head": 1 + sum(depths)}[parts[0]]
+
+
+def test_group_matcher_layer_decay():
+    from timm.optim import create_optimizer_v2
+
+    model = slaknet.create_model("slak_pico", num_classes=4)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.9)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    num_layers = sum(model.depths) + 2
+    for name, p in model.named_parameters():
+        want = 0.9 ** (num_layers - 1 - _expected_layer_id(name, model.depths))
+        assert scale[id(p)] == pytest.approx(want), name
+    coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+    assert len(coarse) == 1 + 4 + 1  # stem, one group per stage, the rest (norm, head)
+
+
+def _manual_stages(model, x):
+    outs = []
+    for i in range(len(model.stages)):
+        x = model.downsample_layers[i](x)
+        for block in model.stages[i]:
+            x = block(x)
+        outs.append(x)
+    return outs
+
+
+def test_forward_intermediates_norm_and_head():
+    model = slaknet.create_model("slak_pico", num_classes=6).eval()
+    randomize_bn(model)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(2, 3, 64, 96)
+        ref = _manual_stages(model, x)
+        final, inter = model.forward_intermediates(x)
+        for a, b in zip(inter, ref):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        normed = model.forward_intermediates(x, indices=[0, 3], norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], ref[0])  # no per-stage norms: only the last is normalised
+        last = ref[3]
+        mu, var = last.mean(1, keepdim=True), last.var(1, unbiased=False, keepdim=True)
+        want = (last - mu) / torch.sqrt(var + 1e-6) * model.norm.weight[:, None, None] + model.norm.bias[:, None, None]
+        torch.testing.assert_close(normed[1], want, rtol=1e-5, atol=1e-5)
+        early, got = model.forward_intermediates(x, indices=[1], stop_early=True)
+        torch.testing.assert_close(early, ref[1])
+        torch.testing.assert_close(got[0], ref[1])
+    with pytest.raises(ConfigError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_prune_intermediate_layers():
+    x = torch.randn(1, 3, 64, 64)
+    model = slaknet.create_model("slak_pico").eval()
+    with torch.no_grad():
+        ref = _manual_stages(model, x)
+        kept = model.prune_intermediate_layers(indices=[0, 1])
+        assert kept == [0, 1] and len(model.stages) == 2 and len(model.downsample_layers) == 2
+        assert [f["num_chs"] for f in model.feature_info] == [32, 64] and model.num_features == 64
+        assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.head, torch.nn.Identity)
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[1], ref[1])
+    keep = slaknet.create_model("slak_pico")
+    keep.prune_intermediate_layers(indices=1, prune_norm=False)
+    assert isinstance(keep.norm, torch.nn.LayerNorm) and keep.num_classes == 0 and len(keep.feature_info) == 4
+    drop = slaknet.create_model("slak_pico")
+    drop.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=False)
+    assert isinstance(drop.norm, torch.nn.Identity)
+
+
+def test_builder_keywords():
+    import inspect
+
+    from slaknet.models.slak import BUILDER_KEYS, SLaK
+
+    assert BUILDER_KEYS == set(inspect.signature(SLaK).parameters)  # the explicit list cannot drift
+    with pytest.raises(ConfigError) as err:
+        timm.create_model("slak_pico", depth=(1, 1, 1, 1))
+    msg = str(err.value)
+    assert "\n" not in msg and "depth" in msg and "valid: " in msg
+    assert all(k in msg for k in BUILDER_KEYS)
+
+
+def test_recipe_defaults_apart_from_architecture():
+    from slaknet.models import RECIPE_DEFAULTS, recipe_defaults
+    from slaknet.models.slak import BUILDER_KEYS
+    from slaknet.models.training import recommended_drop_path
+
+    assert set(RECIPE_DEFAULTS) == set(MODEL_SPECS)
+    for spec in MODEL_SPECS.values():
+        assert set(spec) <= BUILDER_KEYS
+    # paper recipes: SLaK-T 0.1, S 0.4, B 0.5 (ConvNeXt / SLaK ImageNet commands)
+    assert [recommended_drop_path(n) for n in ("slak_tiny", "slak_small", "slak_base", "slak_pico")] == [0.1, 0.4, 0.5, 0.0]
+    assert recommended_drop_path("not_a_model") == 0.0
+    recipe_defaults("slak_tiny")["drop_path"] = 9.0  # a copy
+    assert recommended_drop_path("slak_tiny") == 0.1
+    assert timm.create_model("slak_pico").pretrained_cfg["input_size"] == (3, 128, 128)
+    assert timm.create_model("slak_tiny").pretrained_cfg["input_size"] == (3, 224, 224)
+
+
+def test_layernorm2d_matches_reference():
+    from timm.layers import LayerNorm2d as TimmLayerNorm2d
+
+    from slaknet.layers import LayerNorm2d
+
+    ln = LayerNorm2d(12)
+    assert isinstance(ln, TimmLayerNorm2d) and set(ln.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    x = torch.randn(3, 12, 5, 7) * 3 + 1
+    y = ln(x)
+    mu, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+    want = (x - mu) / torch.sqrt(var + 1e-6) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    ref = F.layer_norm(x.permute(0, 2, 3, 1), (12,), ln.weight, ln.bias, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # channels-last layout kept for speed

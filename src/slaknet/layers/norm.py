@@ -1,21 +1,18 @@
-"""LayerNorm over the channel axis of NCHW tensors (ConvNeXt's "channels_first" LayerNorm)."""
+"""LayerNorm over the channel axis of NCHW tensors (ConvNeXt's "channels_first" LayerNorm), from timm."""
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import LayerNorm2d as _TimmLayerNorm2d
+
+__all__ = ["LayerNorm2d"]
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm of each pixel's channel vector for ``[N, C, H, W]`` input.
+class LayerNorm2d(_TimmLayerNorm2d):
+    """timm's ``LayerNorm2d`` (permute to NHWC, ``F.layer_norm``, permute back; parameters ``weight`` and
+    ``bias`` as in ConvNeXt/SLaK checkpoints), unchanged in numbers and keys.
 
-    Parameter names (``weight``, ``bias``) match ConvNeXt/SLaK checkpoints.
+    Why a subclass rather than timm's class itself: its output is the channels-last view of the NHWC
+    result (no copy back to NCHW-contiguous), which is the layout slaknet relies on for speed, and
+    ``slaknet bench``'s "official layout" arm swaps this class's ``forward`` for the channels-first
+    formula while it runs -- patching a slaknet class leaves timm's own ``LayerNorm2d`` (used by other
+    timm models in the same process) untouched.
     """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__(num_channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)

@@ -17,11 +17,13 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
 
 from slaknet.errors import ConfigError
 from slaknet.layers import LargeKernelConv, LayerNorm2d, Linear
 
-__all__ = ["SLaK", "Block", "MODEL_SPECS", "resolve_kernel_sizes"]
+__all__ = ["SLaK", "Block", "MODEL_SPECS", "RECIPE_DEFAULTS", "BUILDER_KEYS", "recipe_defaults",
+           "resolve_kernel_sizes"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +117,7 @@ class SLaK(nn.Module):
         self.small_kernel = small_kernel
         self.decompose = decompose
         self.width_factor = width_factor
+        self.grad_checkpointing = False
 
         self.downsample_layers = nn.ModuleList()
         self.downsample_layers.append(nn.Sequential(
@@ -159,6 +162,35 @@ class SLaK(nn.Module):
         return set()
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for timm's layer-wise lr decay (as ConvNeXt's): stem; then per stage its
+        downsampler (grouped with the stage's first block) and each block; the final norm; the head last
+        (unmatched names get timm's largest ordinal)."""
+        return dict(
+            stem=r"^downsample_layers\.0\.",
+            blocks=r"^(?:downsample_layers|stages)\.(\d+)" if coarse else [
+                (r"^downsample_layers\.(\d+)\.", (0,)),
+                (r"^stages\.(\d+)\.(\d+)\.", None),
+                (r"^norm\.", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (training only): less memory, more time.
+
+        Uses timm's ``checkpoint_seq`` over each stage's blocks. BatchNorm running statistics inside the
+        large-kernel branches are updated twice per step while it is on (forward and recomputation).
+        """
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample_layers[i](x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages[i], x)
+        return self.stages[i](x)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -175,8 +207,8 @@ class SLaK(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages and downsamplers: the final NCHW feature map (stride 32 for 4 stages)."""
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
+        for i in range(len(self.stages)):
+            x = self._run_stage(i, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -192,57 +224,90 @@ class SLaK(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs for dense prediction (strides 4, 8, 16, 32).
 
-        ``indices``: last n stages if int, all if None, else the listed stage indices. Returns the list of
-        intermediates, or ``(final_features, intermediates)`` unless ``intermediates_only``.
+        ``indices``: last n stages if int, all if None, else the listed stage indices. SLaK has no per-stage
+        norms (:class:`slaknet.deploy.SLaKBackbone` adds them), so ``norm=True`` applies the final norm to
+        each pixel of the last stage's output only. ``stop_early`` skips stages after the last one taken.
+        Returns the list of intermediates, or ``(final_features, intermediates)`` unless
+        ``intermediates_only``; the final features are never normalised (they feed :meth:`forward_head`).
         """
         if output_fmt != "NCHW":
             raise ConfigError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
         intermediates = []
-        last = len(self.stages) - 1 if not stop_early else max_index
-        for i in range(last + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
+        for i in range(max_index + 1 if stop_early else len(self.stages)):
+            x = self._run_stage(i, x)
             if i in take_indices:
-                intermediates.append(x)
+                normed = norm and i == last_idx
+                intermediates.append(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if normed else x)
         if intermediates_only:
             return intermediates
         return x, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop stages after the last requested one (and the head), for feature extraction."""
+        """Drop stages after the last requested one, and the head (``prune_head``) or final norm
+        (``prune_norm``; always when the last stage goes, as the norm is sized for it); ``feature_info``
+        then lists the kept stages only."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
         self.downsample_layers = self.downsample_layers[:max_index + 1]
-        if max_index < len(self.dims) - 1 or prune_head:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
 
 
 # --- registered variants ------------------------------------------------------------------------------
-# Paper variants (ImageNet): depths / base widths; width_factor 1.3 and kernels 51/49/47/13 with N=5.
-# ``drop_path_rate`` is the recommended value for ImageNet training (the model default stays 0 as in
-# ConvNeXt; the training recipe applies it).
+# Architecture only: every key is a :class:`SLaK` argument. Paper variants (ImageNet): depths / base
+# widths; width_factor 1.3 and kernels 51/49/47/13 with N=5.
 MODEL_SPECS: Dict[str, Dict[str, Any]] = {
-    "slak_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), recommended_drop_path=0.1),
-    "slak_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), recommended_drop_path=0.4),
-    "slak_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), recommended_drop_path=0.5),
-    "slak_large": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), recommended_drop_path=0.5),
+    "slak_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    "slak_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    "slak_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "slak_large": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
     # Small CPU variants for small images (64-128 px). Kernels are scaled to the feature maps of a
     # 128 px input (stage maps 32/16/8/4), as 51/49/47/13 are to 56/28/14/7 at 224 px. Their ``_k7``
     # twins have identical depth, width and BatchNorm after the depthwise conv, but a single 7x7 kernel.
-    "slak_nano": dict(depths=(2, 2, 4, 2), dims=(48, 96, 192, 384), width_factor=1.0,
-                      kernel_size=(31, 29, 27, 13), input_size=128, recommended_drop_path=0.0),
-    "slak_pico": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), width_factor=1.0,
-                      kernel_size=(31, 29, 27, 13), input_size=128, recommended_drop_path=0.0),
+    "slak_nano": dict(depths=(2, 2, 4, 2), dims=(48, 96, 192, 384), width_factor=1.0, kernel_size=(31, 29, 27, 13)),
+    "slak_pico": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), width_factor=1.0, kernel_size=(31, 29, 27, 13)),
 }
 MODEL_SPECS["slak_nano_k7"] = dict(MODEL_SPECS["slak_nano"], kernel_size=(7, 7, 7, 7), small_kernel=None)
 MODEL_SPECS["slak_pico_k7"] = dict(MODEL_SPECS["slak_pico"], kernel_size=(7, 7, 7, 7), small_kernel=None)
+
+# Recipe defaults, kept apart from the architecture: ``input_size`` (the variant's nominal resolution, in
+# its pretrained_cfg) and ``drop_path`` (stochastic depth of the paper's ImageNet recipe; the model's own
+# default stays 0 as in ConvNeXt, the training recipe applies it).
+RECIPE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "slak_tiny": dict(input_size=224, drop_path=0.1),
+    "slak_small": dict(input_size=224, drop_path=0.4),
+    "slak_base": dict(input_size=224, drop_path=0.5),
+    "slak_large": dict(input_size=224, drop_path=0.5),
+    **{name: dict(input_size=128, drop_path=0.0)
+       for name in ("slak_nano", "slak_nano_k7", "slak_pico", "slak_pico_k7")},
+}
+
+# Keywords the builders accept: SLaK's arguments plus the timm factory's own.
+BUILDER_KEYS = frozenset({
+    "in_chans", "num_classes", "depths", "dims", "width_factor", "kernel_size", "small_kernel", "decompose",
+    "drop_path_rate", "layer_scale_init_value", "head_init_scale", "drop_rate", "global_pool"})
+_TIMM_KEYS = frozenset({
+    "features_only", "out_indices", "feature_cfg", "pretrained_cfg", "pretrained_cfg_overlay",
+    "pretrained_strict", "cache_dir", "output_stride", "feature_cls", "flatten_sequential"})
+
+
+def recipe_defaults(name: str) -> Dict[str, Any]:
+    """A copy of variant ``name``'s recipe defaults (``input_size``, ``drop_path``); empty if unknown."""
+    return dict(RECIPE_DEFAULTS.get(name, {}))
 
 
 def _cfg(input_size: int = 224, **kwargs: Any) -> Dict[str, Any]:
@@ -255,18 +320,14 @@ def _cfg(input_size: int = 224, **kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    name: _cfg(spec.get("input_size", 224)) for name, spec in MODEL_SPECS.items()})
+    name: _cfg(recipe_defaults(name).get("input_size", 224)) for name in MODEL_SPECS})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SLaK:
-    spec = {k: v for k, v in MODEL_SPECS[variant].items() if k not in ("recommended_drop_path", "input_size")}
-    allowed = set(SLaK.__init__.__code__.co_varnames[1:SLaK.__init__.__code__.co_argcount])
-    timm_keys = {"features_only", "out_indices", "feature_cfg", "pretrained_cfg", "pretrained_cfg_overlay",
-                 "pretrained_strict", "cache_dir", "output_stride", "feature_cls", "flatten_sequential"}
-    unknown = set(kwargs) - allowed - timm_keys
+    unknown = set(kwargs) - BUILDER_KEYS - _TIMM_KEYS
     if unknown:
         raise ConfigError(f"unknown argument(s) for {variant}: {', '.join(sorted(unknown))}; "
-                          f"valid: {', '.join(sorted(allowed))}")
+                          f"valid: {', '.join(sorted(BUILDER_KEYS))}")
     if pretrained:
         raise ConfigError("slaknet ships no weights to download; pass checkpoint=PATH to "
                           "slaknet.create_model to load a local (official or slaknet) checkpoint")
@@ -274,7 +335,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SLaK:
         raise ConfigError("SLaK supports output_stride=32 only")
     kwargs.pop("output_stride", None)
     kwargs.pop("cache_dir", None)
-    spec.update(kwargs)
+    spec = dict(MODEL_SPECS[variant], **kwargs)
     return build_model_with_cfg(
         SLaK, variant, pretrained=False,
         feature_cfg=dict(out_indices=tuple(range(len(spec["depths"]))), feature_cls="getter"),

@@ -18,10 +18,6 @@ __all__ = ["fit_kernel_sizes", "recommended_drop_path", "build_training_model", 
 
 log = logging.getLogger("slaknet.train")
 
-# stochastic depth of the paper's recipes (SLaK / ConvNeXt ImageNet commands), used when the model spec
-# itself carries none
-_PAPER_DROP_PATH = {"slak_tiny": 0.1, "slak_small": 0.4, "slak_base": 0.5, "slak_large": 0.5}
-
 
 def fit_kernel_sizes(kernel_sizes: Sequence[int], small_kernel: Optional[int], input_size: int,
                      stem_stride: int = 4) -> Tuple[int, ...]:
@@ -47,14 +43,10 @@ def _spec(name: str) -> dict:
 
 
 def recommended_drop_path(name: str) -> float:
-    """The variant's stochastic-depth rate for ImageNet training (0 where none is known).
+    """The variant's stochastic-depth rate for ImageNet training (0 where none is known)."""
+    from slaknet.models.slak import recipe_defaults
 
-    Read defensively: the spec key may move out of the architecture specs.
-    """
-    spec = _spec(name)
-    if "recommended_drop_path" in spec:
-        return float(spec["recommended_drop_path"])
-    return float(_PAPER_DROP_PATH.get(name, 0.0))
+    return float(recipe_defaults(name).get("drop_path", 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
