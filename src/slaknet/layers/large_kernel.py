@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
-from slaknet.layers.dwconv import depthwise_conv2d
+from slaknet.layers.dwconv import autocast_input, depthwise_conv2d
 
 __all__ = ["DepthwiseConv2d", "ConvBN", "LargeKernelConv", "fuse_conv_bn"]
 
@@ -127,6 +127,7 @@ class LargeKernelConv(nn.Module):
             else "single"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # one cast for all branches (bf16 autocast), not one per conv
         if self.reparameterized == "strips":
             out = depthwise_conv2d(x, self.lkb_strip1.weight, self.lkb_strip1.bias, self.lkb_strip1.padding)
             return out + depthwise_conv2d(x, self.lkb_strip2.weight, None, self.lkb_strip2.padding)
