@@ -122,7 +122,9 @@ def depthwise_conv2d(
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` cast to the active autocast dtype of its device (else unchanged): a layer that feeds one input
     to several depthwise convs casts it once instead of once per conv."""
-    dtype = _autocast_dtype(x.device.type) if x.is_floating_point() and not exporting() else None
+    if exporting() or not x.is_floating_point():  # tracers: no data-dependent checks, plain graph
+        return x
+    dtype = _autocast_dtype(x.device.type)
     return x.to(dtype) if dtype is not None else x
 
 
