@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--workloads", default="train step,reparam inference")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
+    p.add_argument("--arms", default="fp32,bf16 F.linear,bf16")
     args = p.parse_args()
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=1000)
@@ -45,9 +47,13 @@ def main() -> None:
     res = {}
     # arm name -> (autocast dtype, SLAKNET_LINEAR); 'bf16 F.linear' is the bf16 path before oneDNN bf16 Linear
     arms = {"fp32": (None, "auto"), "bf16 F.linear": (torch.bfloat16, "plain"), "bf16": (torch.bfloat16, "auto")}
+    arms = {a: arms[a] for a in args.arms.split(",")}
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     for name, (amp, linear_backend) in arms.items():
         os.environ["SLAKNET_LINEAR"] = linear_backend
-        fns, _ = model_workloads(model, x, lambda: x, lambda out: F.cross_entropy(out.float(), y), amp=amp)
+        fns, _ = model_workloads(model, x, lambda: x, lambda out: F.cross_entropy(out.float(), y), amp=amp,
+                                 channels_last=args.channels_last)
         for work in args.workloads.split(","):
             res[(work, name)] = _time(fns[work], args.reps)
         if args.profile and name == "bf16":
@@ -56,6 +62,7 @@ def main() -> None:
                 fns["train step"]()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     print(f"{args.model} {args.size}px batch {args.batch}, threads {torch.get_num_threads()}, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, "
           f"load avg before {loads[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print("| workload | " + " | ".join(f"{a} s" for a in arms) + " | bf16 speedup vs fp32 |")
     print("| --- |" + " ---: |" * (len(arms) + 1))
