@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from slaknet.layers.dispatch import backend_name, exporting
 
-__all__ = ["depthwise_conv2d", "resolve_backend", "use_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["depthwise_conv2d", "autocast_input", "resolve_backend", "use_backend", "BACKENDS", "ENV_VAR"]
 
 ENV_VAR = "SLAKNET_DWCONV"
 BACKENDS = ("auto", "plain", "fast", "fft", "gemm")
@@ -117,6 +117,15 @@ def depthwise_conv2d(
         with torch.autocast(dev, enabled=False):
             return _apply(x, weight, bias, padding, chosen)
     return _apply(x, weight, bias, padding, chosen)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cast to the active autocast dtype of its device (else unchanged): a layer that feeds one input
+    to several depthwise convs casts it once instead of once per conv."""
+    if exporting() or not x.is_floating_point():  # tracers: no data-dependent checks, plain graph
+        return x
+    dtype = _autocast_dtype(x.device.type)
+    return x.to(dtype) if dtype is not None else x
 
 
 def _autocast_dtype(dev: str) -> Optional[torch.dtype]:

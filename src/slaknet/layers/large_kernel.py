@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
-from slaknet.layers.dwconv import depthwise_conv2d
+from slaknet.layers.dwconv import autocast_input, depthwise_conv2d
 
 __all__ = ["DepthwiseConv2d", "ConvBN", "LargeKernelConv", "fuse_conv_bn"]
 
@@ -127,6 +127,7 @@ class LargeKernelConv(nn.Module):
             else "single"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # one cast for all branches (bf16 autocast), not one per conv
         if self.reparameterized == "strips":
             # module calls (not the functional op) so forward hooks, e.g. MAC counters, see both strips
             return self.lkb_strip1(x) + self.lkb_strip2(x)

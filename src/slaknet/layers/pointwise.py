@@ -10,9 +10,14 @@ that is faster on this machine, and which can fuse the bias and GELU into the GE
 
 Choice (``SLAKNET_LINEAR=auto|plain|onednn``, default ``auto``, or ``backend=`` per call of :func:`linear`): ``auto`` times both GEMMs once per process
 on a SLaK-sized problem and keeps oneDNN only if it is clearly faster (>= 1.15x); the choice is logged once
-on the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32,
-under autocast, while tracing / exporting / compiling, or if the op is missing, ``F.linear`` runs.
-Results equal ``F.linear`` up to fp32 summation order (tested against float64).
+on the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32
+and bf16, under fp16 autocast, while tracing / exporting / compiling, or if the op is missing,
+``F.linear`` runs. Results equal ``F.linear`` up to fp32 summation order (tested against float64).
+
+bf16: under CPU bf16 autocast (and for bf16 tensors) on a CPU with native bf16 (AVX512-BF16 / AMX),
+``auto`` runs oneDNN's bf16 GEMM for all three products: the input, weight and bias are cast to bf16 once
+(as autocast casts them for ``F.linear``), the result is bf16, and the weight / bias gradients flow back
+through the cast into the fp32 parameters, exactly as autocast's ``F.linear`` does (tested against it).
 """
 from __future__ import annotations
 
@@ -99,14 +104,37 @@ def pin_auto_choice(name: str) -> None:
     _auto_choice = "plain" if name == "onednn" and _op() is None else name
 
 
+def bf16_supported() -> bool:
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), so bf16 GEMMs are fast."""
+    fn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+def _cpu_autocast_dtype() -> Optional[torch.dtype]:
+    """The CPU autocast dtype when CPU autocast is on, else None."""
+    if not torch.is_autocast_enabled("cpu"):
+        return None
+    return torch.get_autocast_dtype("cpu")
+
+
 def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
-    """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment)."""
+    """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment).
+
+    Under CPU bf16 autocast the answer is for the bf16 GEMM that :func:`linear` then runs."""
     name = backend_name(backend, ENV_VAR, BACKENDS, "linear")
     if name == "plain" or exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
         return "plain"
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if x.device.type != "cpu" or weight.device.type != "cpu" or _op() is None:
         return "plain"
-    if torch.is_autocast_enabled("cpu") or _op() is None:
+    amp = _cpu_autocast_dtype()
+    dtypes = {amp} if amp is not None else {x.dtype, weight.dtype}
+    if dtypes == {torch.bfloat16}:
+        # bf16 GEMMs: oneDNN if the CPU has native bf16 (measured 1.3x F.linear's bf16 path, docs/speed.md)
+        return "onednn" if bf16_supported() else "plain"
+    if dtypes != {torch.float32}:
         return "plain"
     return auto_choice() if name == "auto" else "onednn"
 
@@ -143,6 +171,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``backend``: 'auto', 'plain' or 'onednn' for this call (default: ``SLAKNET_LINEAR``, else 'auto').
     """
     if linear_backend(x, weight, backend) == "onednn" and x.is_contiguous():
+        if torch.is_autocast_enabled("cpu"):  # bf16 autocast (linear_backend checked): cast once, as autocast
+            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            bias = bias.to(torch.bfloat16) if bias is not None else None
+            with torch.autocast("cpu", enabled=False):
+                return linear(x, weight, bias, gelu, backend)
         x2d = x.reshape(-1, x.shape[-1])
         if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad)):
