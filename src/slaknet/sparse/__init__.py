@@ -17,12 +17,13 @@ from typing import Optional
 
 from slaknet.sparse.density import counts_from_scores, erk_counts, erk_densities, uniform_counts
 from slaknet.sparse.engine import SparseConfig, SparseEngine, SparseLayer
+from slaknet.sparse.growth import GrowthCriterion, growth_names, register_growth
 from slaknet.sparse.selection import parse_filter, select_parameters, unwrap_model
 from slaknet.sparse.counting import sparse_counts
 
 __all__ = ["SparseEngine", "SparseConfig", "SparseLayer", "select_parameters", "unwrap_model",
            "erk_densities", "erk_counts", "uniform_counts", "counts_from_scores", "sparse_counts",
-           "add_sparse_arguments", "config_from_args"]
+           "add_sparse_arguments", "config_from_args", "GrowthCriterion", "register_growth", "growth_names"]
 
 
 def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
                    help="initial prune (= regrow) fraction per update (default 0.3), cosine-decayed")
     g.add_argument("--prune-rate-final", dest="prune_rate_final", type=float, default=0.005,
                    help="prune rate at the end of the cosine schedule (default 0.005)")
-    g.add_argument("--growth", default="random", choices=["random", "gradient", "momentum"],
+    g.add_argument("--growth", default="random", choices=growth_names(),
                    help="regrowth criterion (default random, the paper's)")
     g.add_argument("-u", "--update-frequency", "--update_frequency", dest="update_frequency", type=int,
                    default=100, help="topology update every U optimizer steps (default 100)")

@@ -13,7 +13,19 @@ import torch
 
 from slaknet.errors import ConfigError
 
-__all__ = ["uniform_counts", "erk_densities", "erk_counts", "counts_from_scores", "round_counts"]
+__all__ = ["uniform_counts", "erk_densities", "erk_counts", "counts_from_scores", "round_counts", "add_one_each"]
+
+
+def add_one_each(order: Sequence[str], counts: Dict[str, int], caps: Mapping[str, int], left: int) -> int:
+    """One pass of largest-remainder rounding: one more unit to each name in ``order`` still under its
+    cap, until ``left`` units are handed out; ``counts`` is updated in place, the units left are returned."""
+    for n in order:
+        if left == 0:
+            break
+        if counts[n] < caps[n]:
+            counts[n] += 1
+            left -= 1
+    return left
 
 
 def round_counts(targets: Mapping[str, float], numels: Mapping[str, int], total: int,
@@ -30,16 +42,10 @@ def round_counts(targets: Mapping[str, float], numels: Mapping[str, int], total:
     if diff > 0:
         order = sorted(names, key=lambda n: (-(targets[n] - floors[n]), names.index(n)))
         while diff > 0:
-            progressed = False
-            for n in order:
-                if diff == 0:
-                    break
-                if counts[n] < numels[n]:
-                    counts[n] += 1
-                    diff -= 1
-                    progressed = True
-            if not progressed:
+            left = add_one_each(order, counts, numels, diff)
+            if left == diff:
                 break
+            diff = left
     elif diff < 0:
         order = sorted(names, key=lambda n: (targets[n] - floors[n], -counts[n], names.index(n)))
         while diff < 0:
