@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("slaknet.sparse")
 
 # Adam's denominators: +inf here makes the update of a weight exactly 0 (see ParkingMixin._park)
-_SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 class _Parked(NamedTuple):
@@ -69,7 +69,7 @@ class ParkingMixin:
 
     def _state_slots(self, layer: SparseLayer) -> Tuple[torch.Tensor, ...]:
         st = self.optimizer.state.get(layer.param) or {}
-        return tuple(st[k] for k in _SECOND_MOMENT_KEYS
+        return tuple(st[k] for k in SECOND_MOMENT_KEYS
                      if torch.is_tensor(st.get(k)) and st[k].shape == layer.param.shape)
 
     def _still_parked(self, layer: SparseLayer) -> bool:

@@ -21,7 +21,7 @@ from slaknet.sparse.distributed import dist_world as _dist_world
 from slaknet.sparse.growth import GrowthCriterion, momentum_state
 from slaknet.sparse.kselect import MagnitudeScores, select_k_mask
 from slaknet.sparse.layer import SparseLayer
-from slaknet.sparse.parking import _SECOND_MOMENT_KEYS
+from slaknet.sparse.parking import SECOND_MOMENT_KEYS
 
 logger = logging.getLogger("slaknet.sparse")
 
@@ -210,7 +210,7 @@ class UpdateMixin:
                 v.masked_fill_(~keep, 0)
             elif any(v is t for t in parked):
                 _edit_bits_(v, keep, to_inf=newly_inactive.view(shape))
-            elif k in _SECOND_MOMENT_KEYS and v.dtype in _INF_BITS:
+            elif k in SECOND_MOMENT_KEYS and v.dtype in _INF_BITS:
                 _edit_bits_(v, keep)  # may hold +inf from parking that was switched off: inf * 0 is NaN
             else:
                 _zero_inactive_(v, keep)

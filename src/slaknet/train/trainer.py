@@ -270,8 +270,8 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if engine is not None and (cfg.clip_grad or engine.config.growth == "gradient"):
-            engine.mask_gradients()
+        if engine is not None:
+            engine.before_clip(bool(cfg.clip_grad))  # masks gradients when clipping or the criterion needs it
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         if self.scaler is not None:
