@@ -130,6 +130,8 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 def _autocast_dtype(dev: str) -> Optional[torch.dtype]:
     """The autocast dtype active for this device type, or None (works on torch < 2.4 too)."""
+    if dev not in ("cpu", "cuda", "xpu", "mps"):  # e.g. "meta" (shape-only runs): autocast has no such device
+        return None
     try:
         if torch.is_autocast_enabled(dev):
             return torch.get_autocast_dtype(dev)
