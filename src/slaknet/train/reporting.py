@@ -52,12 +52,28 @@ def header_lines(tr: "Trainer") -> List[str]:
         lines.append(f"  note: the paper ran this recipe at effective batch 4096 ({PAPER_GPUS[cfg.recipe]} GPUs x "
                      f"{cfg.batch_size} x {cfg.update_freq}); here it is {plan.effective_batch} with lr {plan.lr:.3g} "
                      "(pass --lr to rescale, or --update-freq to match)")
+    if tr.engine is not None:
+        lines.append("  " + _sparse_layers_line(tr.engine.density_report()))
     if tr._resumed:
         st = tr.state
         where = (f"epoch {st.epoch + 1}/{cfg.epochs}, batch {st.batch_in_epoch}/{plan.batches_per_epoch}"
                  if st.batch_in_epoch else f"the start of epoch {st.epoch + 1}/{cfg.epochs}")
         lines.append(f"resumed from {tr.resume_path}: continuing at {where} (step {st.step})")
     return lines
+
+
+def _sparse_layers_line(report: Dict[str, Any]) -> str:
+    """How the sparsity is spread: sparse / dense layers, and how many large-kernel weights are sparse."""
+    dens = list(report["layers"].values())
+    n_sparse = sum(1 for v in dens if v < 1.0)
+    lk = report["large_kernel"]
+    lk_total = lk["sparse"] + lk["dense"]
+    line = f"sparse layers: {n_sparse} of {len(dens)} candidate weights sparse"
+    if lk_total:
+        line += f"; large-kernel weights: {lk['sparse']} sparse, {lk['dense']} dense"
+        if lk["sparse"] == 0:
+            line += " (the large kernels are NOT sparse: try --sparse-init snip or --sparse-layers large_kernel)"
+    return line
 
 
 def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
@@ -71,7 +87,7 @@ def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
     if "ema_top1" in rec:
         msg += f", EMA top-1 {rec['ema_top1']:.2f}%"
     if tr.engine is not None:
-        msg += f", density {rec['density']:.3f}, ITOP {rec['itop_rate']:.3f}"
+        msg += f", sparsity {1 - rec['density']:.3f}, ITOP {rec['itop_rate']:.3f}"
     return msg + f" ({rec['epoch_time']:.0f}s, {rec['train_images_per_s']:.0f} img/s)"
 
 
@@ -131,7 +147,7 @@ def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
     lines = [head]
     if "nonzero_params" in s:
         lines.append(f"  params {s.get('params', 0):,}, non-zero {s['nonzero_params']:,}"
-                     + (f", density {s['density']:.3f} of sparse layers, ITOP {s['itop_rate']:.3f}"
+                     + (f", sparsity {1 - s['density']:.3f} of sparse layers, ITOP {s['itop_rate']:.3f}"
                         if tr.engine is not None else ""))
     if st.bad_files:
         lines.append(f"  skipped {_plural(len(st.bad_files), 'unreadable file')} (listed in summary.json): "
