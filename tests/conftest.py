@@ -27,3 +27,22 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(c, generator=g) * 2 - 1)
+
+
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test (the CI machine is shared: two OpenMP threads competing with other
+    processes are many times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def subprocess_env() -> dict:
+    """Environment for a `python -m slaknet` child: this checkout's src first, one OpenMP thread."""
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env

@@ -15,18 +15,15 @@ import torch
 import torch.nn as nn
 
 import slaknet
+from conftest import subprocess_env
 from slaknet.cli import main as cli_main
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.train.engine import (NonFiniteLossError, build_optimizer, build_scheduler, fit_kernel_sizes, train)
 from slaknet.train.train_cli import config_from_argv
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI machine is shared: two OpenMP threads competing with other processes are many times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-b", "16", "--epochs", "2",
@@ -34,11 +31,7 @@ TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-
 
 
 def _env():
-    env = dict(os.environ)
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return subprocess_env()
 
 
 # ------------------------------------------------------------------------------------------- recipe ----

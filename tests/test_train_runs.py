@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import subprocess_env
 from slaknet.cli import main as cli_main
 from slaknet.errors import ConfigError
 from slaknet.train.engine import train
@@ -20,20 +21,13 @@ TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-
         "-u", "2", "--progress", "false", "--tensorboard", "false", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _env():
-    env = dict(os.environ)
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return subprocess_env()
 
 
 def _log(out):
