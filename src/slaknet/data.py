@@ -30,6 +30,8 @@ from torch.utils.data import Dataset
 
 from slaknet.errors import ConfigError
 
+BUILTIN_MEAN = BUILTIN_STD = (0.5, 0.5, 0.5)  # the built-in insideness images are normalised to [-1, 1]
+
 __all__ = ["InsidenessDataset", "SafeImageFolder", "render_insideness", "dump_pngs", "BUILTIN_TASKS",
            "IMG_EXTENSIONS", "parse_data_spec", "list_image_files"]
 

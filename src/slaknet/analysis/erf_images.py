@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slaknet.data import BUILTIN_MEAN, BUILTIN_STD
 from slaknet.errors import ConfigError
+from slaknet.models.slak import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -127,7 +127,7 @@ def benchmark_images(size: int = 1024, num_images: int = 50, seed: int = 0,
         if image.shape[-2:] != (size, size):
             image = F.interpolate(image.unsqueeze(0), size=(size, size), mode="bicubic",
                                   align_corners=False).squeeze(0).clamp_(0.0, 1.0)
-        yield _normalize(image, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        yield _normalize(image, BUILTIN_MEAN, BUILTIN_STD)
 
 
 def resolve_images(source: Optional[str], size: int = 1024, num_images: int = 50, seed: int = 0,

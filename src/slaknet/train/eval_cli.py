@@ -23,10 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["add_arguments", "add_checkpoint_arguments", "run", "load_model_for_inference", "normalisation",
            "inference_transform"]
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BUILTIN_MEAN = BUILTIN_STD = (0.5, 0.5, 0.5)
-
-
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--ema`` / ``--no-ema`` and ``--device``, shared by eval and predict."""
     parser.add_argument("--model", default=None,
@@ -70,6 +66,9 @@ def load_model_for_inference(checkpoint: str, model_name: Optional[str] = None, 
 
 def normalisation(info: "TrainingInfo", builtin: bool) -> Tuple[Sequence[float], Sequence[float]]:
     """Mean and std the model was trained with: stored in the checkpoint, else the data source's default."""
+    from slaknet.data import BUILTIN_MEAN, BUILTIN_STD
+    from slaknet.models.slak import IMAGENET_MEAN, IMAGENET_STD
+
     default = (BUILTIN_MEAN, BUILTIN_STD) if builtin else (IMAGENET_MEAN, IMAGENET_STD)
     return info.mean or default[0], info.std or default[1]
 

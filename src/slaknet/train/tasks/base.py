@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from slaknet.data import BUILTIN_MEAN, BUILTIN_STD
+
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
@@ -29,8 +31,8 @@ class TaskData:
     train: Any
     val: Any
     classes: List[str]
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
+    mean: Sequence[float] = BUILTIN_MEAN
+    std: Sequence[float] = BUILTIN_STD
     description: str = ""
 
 

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from slaknet.data import (BUILTIN_MEAN, BUILTIN_STD, Compose, FlipRot, InsidenessDataset, Normalize, SafeImageFolder,
+                          parse_data_spec)
 from slaknet.errors import ConfigError
-from slaknet.data import Compose, FlipRot, InsidenessDataset, Normalize, SafeImageFolder, parse_data_spec
+from slaknet.models.slak import IMAGENET_MEAN, IMAGENET_STD
 from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import Task, TaskData, collate
 
@@ -17,7 +19,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ClassificationTask", "build_datasets", "eval_transform"]
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def eval_transform(size: int, crop_pct: Optional[float], mean: Sequence[float], std: Sequence[float]) -> Any:
@@ -75,7 +76,7 @@ def build_datasets(cfg: Any) -> TaskData:
     kind, what = parse_data_spec(cfg.data)
     size = int(cfg.input_size)
     if kind == "builtin":
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        mean, std = BUILTIN_MEAN, BUILTIN_STD
         norm = Normalize(mean, std)
         common = dict(image_size=size, difficulty=cfg.difficulty, seed=cfg.data_seed)
         train_ds = InsidenessDataset("train", cfg.train_samples, transform=Compose([FlipRot(), norm]), **common)
