@@ -219,6 +219,9 @@ class TrainConfig:
     # run
     recipe: str = "demo"
     task: str = "classification"
+    # task-specific settings (e.g. segmentation crop and auxiliary weight), plain JSON-able values; each
+    # task reads and validates its own keys and documents them
+    task_options: Optional[Dict[str, Any]] = None
     config: Optional[str] = None
     # data
     data: str = "builtin:insideness"
@@ -448,7 +451,9 @@ def config_keys_for_yaml(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in cfg.items():
         if isinstance(v, tuple):
             v = list(v)
-        if isinstance(v, (str, int, float, bool, list, type(None))):
+        if isinstance(v, dict):
+            v = config_keys_for_yaml(v)
+        if isinstance(v, (str, int, float, bool, list, dict, type(None))):
             out[k] = v
         else:
             out[k] = str(v)

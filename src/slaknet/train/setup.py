@@ -23,7 +23,7 @@ from slaknet.train.samplers import train_sampler
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
-__all__ = ["setup_trainer", "load_finetune"]
+__all__ = ["setup_trainer", "load_finetune", "make_scheduler"]
 
 log = logging.getLogger("slaknet.train")
 
@@ -148,9 +148,9 @@ def _setup_model(tr: "Trainer", resumed: Optional[Dict[str, Any]]) -> None:
         elif tr.dist.is_main:
             log.warning("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); BatchNorm stays per-process")
     tr.model = model
-    tr.optimizer = build_optimizer(model, cfg, lr=tr.plan.lr)
-    tr.scheduler = build_scheduler(tr.optimizer, dict(lr=tr.plan.lr, min_lr=cfg.min_lr), tr.plan.total_steps,
-                                   tr.plan.warmup)
+    tr.extra_modules = {k: m.to(tr.device) for k, m in tr.task.extra_modules(tr).items()}
+    tr.optimizer = _build_optimizer(tr)
+    tr.scheduler = make_scheduler(tr)
     tr.scaler = torch.amp.GradScaler(tr.device.type) if tr.autocast == torch.float16 else None
     tr.engine = None
     tr.sparse_config = tr.task.sparse_config(tr, tr.plan.total_steps)
@@ -167,6 +167,31 @@ def _setup_model(tr: "Trainer", resumed: Optional[Dict[str, Any]]) -> None:
         if tr.engine is not None:
             tr.engine.apply_masks()
         tr.ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+
+
+def _build_optimizer(tr: "Trainer") -> torch.optim.Optimizer:
+    """The model's parameter groups (the task's, or weight decay on >= 2-D weights), plus the task's extra
+    modules (same rule), in one optimizer."""
+    groups = tr.task.param_groups(tr, tr.model)
+    if not tr.extra_modules:
+        return build_optimizer(tr.model, tr.cfg, lr=tr.plan.lr, param_groups=groups)
+    if groups is None:
+        holder = nn.ModuleDict({"model": tr.model, **tr.extra_modules})
+        return build_optimizer(holder, tr.cfg, lr=tr.plan.lr)
+    from timm.optim import param_groups_weight_decay
+
+    extra = nn.ModuleDict(tr.extra_modules)
+    return build_optimizer(tr.model, tr.cfg, lr=tr.plan.lr,
+                           param_groups=list(groups) + param_groups_weight_decay(extra, float(tr.cfg.weight_decay)))
+
+
+def make_scheduler(tr: "Trainer") -> Any:
+    """The task's lr schedule, or warm-up + cosine to ``min_lr``, over the plan's steps."""
+    plan = tr.plan
+    sched = tr.task.build_scheduler(tr, tr.optimizer, plan.total_steps, plan.warmup)
+    if sched is None:
+        sched = build_scheduler(tr.optimizer, dict(lr=plan.lr, min_lr=tr.cfg.min_lr), plan.total_steps, plan.warmup)
+    return sched
 
 
 def _setup_logging(tr: "Trainer") -> None:

@@ -30,7 +30,6 @@ from slaknet.train import checkpoint as ckpt_io
 from slaknet.train.distributed import all_reduce_sum, barrier
 from slaknet.train.logs import StepProgress
 from slaknet.train.machine import seed_everything
-from slaknet.train.optim import build_scheduler
 from slaknet.train.rundir import CKPT_BEST, CKPT_LAST, remove_created_dir, resume_command
 
 __all__ = ["Trainer", "TrainState", "RunPlan", "Callback", "NonFiniteLossError"]
@@ -134,6 +133,7 @@ class Trainer:
         self.stop = False
         self.stop_reason = ""
         self._interrupt = _Interrupt()
+        self.extra_modules: Dict[str, nn.Module] = {}
         self._created_dir = False
         self._started = False
 
@@ -164,9 +164,10 @@ class Trainer:
 
     def replan(self, total_steps: int, warmup: int) -> None:
         """Re-plan the schedule for ``total_steps`` (e.g. a time budget measured after the first steps)."""
+        from slaknet.train.setup import make_scheduler
+
         self.plan = dataclasses.replace(self.plan, total_steps=int(total_steps), warmup=int(warmup))
-        self.scheduler = build_scheduler(self.optimizer, dict(lr=self.plan.lr, min_lr=self.cfg.min_lr),
-                                         self.plan.total_steps, self.plan.warmup)
+        self.scheduler = make_scheduler(self)
         self.scheduler.step_update(self.state.step)
 
     @property
@@ -227,7 +228,7 @@ class Trainer:
                 lv = self._forward_backward(batch, accum_end, epoch, bi)
                 st.batch_in_epoch += 1
                 st.loss_sum, st.loss_n = st.loss_sum + lv, st.loss_n + 1
-                st.seen += int(batch[0].shape[0])
+                st.seen += len(batch[0])
                 if accum_end:
                     self._optimizer_step()
                     bar.set(loss=f"{st.loss_sum / st.loss_n:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
@@ -242,17 +243,17 @@ class Trainer:
 
     def _forward_backward(self, batch: Sequence[torch.Tensor], accum_end: bool, epoch: int, bi: int) -> float:
         dev, uf = self.device, int(self.cfg.update_freq)
-        x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
-        if len(batch) > 3:  # (x, y, unreadable count, index of the first unreadable file)
+        x, y = self.task.move_batch(self, batch)
+        if len(batch) > 3 and isinstance(batch[3], torch.Tensor):  # (x, y, unreadable count, first bad index)
             self._new_bad.update(int(i) for i in batch[3].tolist() if int(i) >= 0)
         if self.mix is not None:
             x, y = self.mix(x, y)
-        if self.cfg.channels_last:
+        if self.cfg.channels_last and isinstance(x, torch.Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
         no_sync = self.dist.distributed and not accum_end
         with (self.model_ddp.no_sync() if no_sync else nullcontext()):
             with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
-                loss = self.criterion(self.model_ddp(x), y)
+                loss = self.task.training_loss(self, self.model_ddp, x, y)
             lv = float(loss.detach())
             flags = torch.tensor([0.0 if math.isfinite(lv) else 1.0, 1.0 if self._interrupt.requested else 0.0])
             if self.dist.distributed:
@@ -273,7 +274,7 @@ class Trainer:
         if engine is not None:
             engine.before_clip(bool(cfg.clip_grad))  # masks gradients when clipping or the criterion needs it
         if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -414,6 +415,8 @@ class Trainer:
             obj["scaler"] = self.scaler.state_dict()
         if self.engine is not None:
             obj["sparse"] = self.engine.state_dict()
+        if self.extra_modules:
+            obj["task_modules"] = {k: m.state_dict() for k, m in self.extra_modules.items()}
         ckpt_io.atomic_save(obj, os.path.join(self.out_dir, CKPT_LAST))
 
     def restore(self, obj: Dict[str, Any]) -> None:
@@ -430,6 +433,11 @@ class Trainer:
             if "sparse" not in obj:
                 raise CheckpointError("the checkpoint was trained dense, but --sparse is on; resume with the same settings")
             self.engine.load_state_dict(obj["sparse"])
+        for k, m in self.extra_modules.items():
+            if k not in obj.get("task_modules", {}):
+                raise CheckpointError(f"the checkpoint has no state for the task's module {k!r}; resume with the "
+                                      "same task settings")
+            m.load_state_dict(obj["task_modules"][k])
         if self.ema is not None and "model_ema" in obj:
             self.ema.module.load_state_dict(obj["model_ema"])
         st = self.state

@@ -88,6 +88,43 @@ class Task:
         xb, yb = collate([ds[i] for i in range(min(trainer.batch_size, len(ds)))])[:2]
         return xb, yb
 
+    def collate(self, batch: List[Tuple[Any, ...]]) -> Tuple[Any, ...]:
+        """How the default :meth:`train_batches` stacks samples (detection keeps per-image target lists)."""
+        return collate(batch)
+
+    def move_batch(self, trainer: "Trainer", batch: Sequence[Any]) -> Tuple[Any, Any]:
+        """``(inputs, targets)`` of a training batch on the trainer's device."""
+        dev = trainer.device
+        return batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+
+    def training_loss(self, trainer: "Trainer", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        """The scalar loss of one (already mixed) batch, inside autocast. ``model`` is the DDP-wrapped model.
+
+        Override when the loss needs more than ``criterion(model(x), y)``: a teacher (distillation), a
+        model that computes its own losses (torchvision detection), auxiliary heads (segmentation).
+        """
+        return trainer.criterion(model(x), y)
+
+    def extra_modules(self, trainer: "Trainer") -> Dict[str, nn.Module]:
+        """Trainable modules outside the model (e.g. a feature-distillation projection).
+
+        The trainer moves them to the device, optimizes their parameters with the model's (optimizer
+        group ``extra``: same lr, same weight-decay rule), stores their state in ``checkpoint-last.pth``
+        (``task_modules``) and restores it on resume. They are not part of the exported model.
+        """
+        return {}
+
+    def param_groups(self, trainer: "Trainer", model: nn.Module) -> Optional[List[Dict[str, Any]]]:
+        """Optimizer parameter groups of ``model`` (None: the trainer's weight-decay groups). A group may carry
+        ``lr_scale`` (timm's schedulers multiply the scheduled lr by it), e.g. layer-wise lr decay."""
+        return None
+
+    def build_scheduler(self, trainer: "Trainer", optimizer: torch.optim.Optimizer, total_steps: int,
+                        warmup: int) -> Any:
+        """The per-step lr schedule (None: the trainer's warm-up + cosine). Must have ``step_update(step)``
+        and ``state_dict()``, like timm's schedulers."""
+        return None
+
     def num_train_samples(self, trainer: "Trainer") -> int:
         return len(trainer.data.train)
 
@@ -102,7 +139,7 @@ class Task:
         return DataLoader(trainer.data.train, batch_size=trainer.batch_size,
                           sampler=SkipSampler(sampler, skip_batches * trainer.batch_size),
                           num_workers=trainer.workers, pin_memory=trainer.pin_memory, drop_last=True,
-                          collate_fn=collate, generator=gen, persistent_workers=False)
+                          collate_fn=self.collate, generator=gen, persistent_workers=False)
 
     def describe(self) -> str:
         """Extra header words (e.g. the augmentation used)."""
