@@ -26,6 +26,7 @@ COMMANDS = {
     "predict": ("slaknet.train.predict_cli", "top-k labels with probabilities for image files"),
     "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
+    "distill": ("slaknet.distill.cli", "distil a frozen teacher into a student (no arguments: CPU demo, teacher -> 7x7 twin vs alone)"),
     "study": ("slaknet.study.cli", "miniature SLaK ablations (kernel size, sparsity, masks, growth, ERF): table + plots"),
 }
 

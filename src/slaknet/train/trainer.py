@@ -421,6 +421,7 @@ class Trainer:
 
     def restore(self, obj: Dict[str, Any]) -> None:
         """Load a training checkpoint into model, optimizer, schedule, scaler, sparse engine, EMA and state."""
+        self.task.check_resume(self, obj)
         try:
             self.model.load_state_dict(obj["model"], strict=True)
         except RuntimeError as exc:

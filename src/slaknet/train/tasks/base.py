@@ -125,6 +125,10 @@ class Task:
         and ``state_dict()``, like timm's schedulers."""
         return None
 
+    def check_resume(self, trainer: "Trainer", checkpoint: Dict[str, Any]) -> None:
+        """Refuse (one-line CheckpointError) a training checkpoint this task cannot continue, e.g. one made
+        with another teacher. Called before any state is loaded."""
+
     def num_train_samples(self, trainer: "Trainer") -> int:
         return len(trainer.data.train)
 

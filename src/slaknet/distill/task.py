@@ -1,0 +1,104 @@
+"""Distillation as a task of the shared trainer: the classification task plus a frozen teacher.
+
+Everything ``slaknet train`` does (data, recipes, mixup / cutmix, EMA, AMP, DDP, sparse engine, exact
+resume, NaN stop, logs) comes from :class:`~slaknet.train.tasks.classification.ClassificationTask` and the
+Trainer; this task adds the teacher and the distillation loss. The teacher sees exactly the student's
+(possibly mixed) batch, under the same autocast, without gradients. Its identity (a hash of its weights
+and settings) is stored with the run and checked on resume.
+
+Settings live in ``cfg.task_options`` (the keys of :data:`slaknet.distill.args.DISTILL_DEFAULTS` plus
+``teacher``, ``teacher_checkpoint``, ``teacher_reparam``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from slaknet.distill.args import resolve_distill_config
+from slaknet.distill.losses import build_distill_loss
+from slaknet.distill.teacher import FeatureTap, build_student, last_stage_module, load_teacher
+from slaknet.errors import CheckpointError
+from slaknet.train.tasks import register_task
+from slaknet.train.tasks.classification import ClassificationTask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slaknet.train.trainer import Trainer
+
+__all__ = ["DistillTask", "TEACHER_KEYS"]
+
+TEACHER_KEYS = ("teacher", "teacher_checkpoint", "teacher_reparam")
+
+
+@register_task("distillation")
+class DistillTask(ClassificationTask):
+    """Train the student on ``loss(student, target, teacher)``; the student is evaluated and saved as usual."""
+
+    best_metric = "val_top1"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        opts = dict(cfg.task_options or {})
+        self.options = resolve_distill_config(opts)
+        self.teacher_options = {k: opts.get(k) for k in TEACHER_KEYS}
+        self.teacher: Optional[nn.Module] = None
+        self._taps: Optional[Tuple[FeatureTap, FeatureTap]] = None
+
+    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+        from slaknet.distill.cache import teacher_identity
+
+        student, resolved = build_student(self.cfg, num_classes)
+        t = self.teacher_options
+        self.teacher, info = load_teacher(t["teacher"], t["teacher_checkpoint"], num_classes,
+                                          bool(t["teacher_reparam"]), device=trainer.device)
+        info["teacher_id"] = teacher_identity(self.teacher, reparameterized=bool(t["teacher_reparam"]))
+        s_ch = t_ch = 0
+        if self.options["feature_loss"] is not None:
+            s_ch, t_ch = last_stage_module(student)[1], last_stage_module(self.teacher)[1]
+        base = super().criterion()
+        self._criterion = build_distill_loss(self.options, base_criterion=base, student_channels=s_ch,
+                                             teacher_channels=t_ch)
+        if self._criterion.needs_features:
+            self._taps = (FeatureTap(student), FeatureTap(self.teacher))
+        self.teacher_info = info
+        return student, {**resolved, **info, "distill_type": self.options["distill_type"]}
+
+    def extra_modules(self, trainer: "Trainer") -> Dict[str, nn.Module]:
+        fd = self._criterion.feature_loss
+        return {"feature_projection": fd} if fd is not None and any(True for _ in fd.parameters()) else {}
+
+    def criterion(self) -> nn.Module:
+        return self._criterion
+
+    def training_loss(self, trainer: "Trainer", model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+            t_feat = self._taps[1].pop() if self._taps else None
+        s_logits = model(x)
+        s_feat = self._taps[0].pop() if self._taps else None
+        return self._criterion(s_logits, y, t_logits.float(), s_feat, t_feat)
+
+    def check_resume(self, trainer: "Trainer", checkpoint: Dict[str, Any]) -> None:
+        old = checkpoint.get("config") or {}  # the plan (with the teacher record) is stored flat in it
+        if old.get("teacher_id") and old["teacher_id"] != self.teacher_info["teacher_id"]:
+            raise CheckpointError(f"resume: the run was distilled from another teacher ({old.get('teacher')} "
+                                  f"{old.get('teacher_checkpoint')}); this teacher's weights or settings differ "
+                                  f"({self.teacher_info['teacher']} {self.teacher_info['teacher_checkpoint']})")
+
+    def describe(self) -> str:
+        t = self.teacher_info if hasattr(self, "teacher_info") else {}
+        o = self.options
+        loss = o["distill_type"]
+        if o["logit_loss"] == "KD":
+            loss += f" (alpha {o['distill_alpha']:g}, T {o['distill_T']:g}{', hard' if o['distill_hard'] else ''})"
+        elif o["logit_loss"] == "NKD":
+            loss += f" (T {o['nkd_T']:g}, alpha {o['nkd_alpha']:g})"
+        if o["feature_loss"]:
+            loss += f" + {o['lr_fd']:g} x {o['fd_loss']} features"
+        teacher = f"teacher {t.get('teacher', '?')}" + (" (reparameterized)" if t.get("teacher_reparam") else "")
+        return f"{super().describe()}; distilling from {teacher}, loss {loss}"
+
+    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+        t = getattr(self, "teacher_info", {})
+        return {"distilled_from": str(t.get("teacher", "")), "distill_type": str(self.options["distill_type"])}

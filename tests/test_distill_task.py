@@ -1,0 +1,190 @@
+"""``slaknet distill`` as a task of the shared trainer (issue 15): teacher -> student runs, resume, errors.
+
+Tiny runs: a slak_pico teacher trained for a few steps at 32 px, a slak_pico_k7 student.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slaknet.cli import main as cli_main
+from slaknet.errors import CheckpointError, ConfigError
+from slaknet.train.engine import train
+from slaknet.train.train_cli import config_from_argv
+
+TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-b", "16", "--epochs", "1",
+        "--progress", "false", "--tensorboard", "false", "--threads", "1", "--no-sparse"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("teacher") / "t")
+    torch.set_num_threads(1)
+    train(config_from_argv(TINY + ["--model", "slak_pico", "-o", out]))
+    return os.path.join(out, "model.safetensors")
+
+
+def distill_cfg(argv):
+    from slaknet.distill.cli import add_arguments, distill_config
+
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    add_arguments(p)
+    return distill_config(p.parse_args(argv))
+
+
+def _student(teacher, out, *extra):
+    return TINY + ["--model", "slak_pico_k7", "--teacher-checkpoint", teacher, "-o", out, *extra]
+
+
+def _log(out):
+    return [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_distilled_student_is_a_normal_model_for_eval_predict_export(teacher_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "s")
+    train(distill_cfg(_student(teacher_ckpt, out, "--distill-type", "KD", "--alpha", "0.5", "--T", "2")))
+    header = capsys.readouterr().out
+    assert "distilling from teacher slak_pico" in header and "loss KD (alpha 0.5, T 2)" in header
+    weights = os.path.join(out, "model.safetensors")
+    assert cli_main(["eval", "--checkpoint", weights, "--data", "builtin:insideness", "--val-samples", "16",
+                     "--input-size", "32"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    onnx = str(tmp_path / "s.onnx")
+    assert cli_main(["export", "--checkpoint", weights, "--format", "onnx", "-o", onnx, "--input-size", "32"]) == 0
+    assert os.path.getsize(onnx) > 0
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert not any(k.startswith("teacher") for k in keys)  # only the student is saved
+    assert meta.get("distilled_from", "").startswith("slak_pico")
+
+
+def test_kd_loss_in_the_run_equals_an_independent_computation(teacher_ckpt, tmp_path):
+    """The first step's logged loss is alpha*T^2*KL + (1-alpha)*CE computed here from the two models."""
+    from slaknet.distill.task import DistillTask
+    from slaknet.train.trainer import Callback, Trainer
+
+    cfg = distill_cfg(_student(teacher_ckpt, str(tmp_path / "s"), "--distill-type", "KD", "--alpha", "0.3",
+                               "--T", "3", "--max-steps", "1"))
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_start(self, tr):
+            original = tr.task.training_loss
+
+            def training_loss(trainer, model, x, y):
+                if "expected" not in seen:
+                    with torch.no_grad():
+                        s, t = model(x), tr.task.teacher(x)
+                    kl = F.kl_div(F.log_softmax(s / 3, 1), F.softmax(t / 3, 1), reduction="batchmean")
+                    seen["expected"] = float(0.3 * 9 * kl + 0.7 * F.cross_entropy(s, y))
+                return original(trainer, model, x, y)
+
+            tr.task.training_loss = training_loss
+
+        def on_step_end(self, tr, loss):
+            seen["loss"] = loss
+
+    tr = Trainer(cfg, callbacks=[Spy()])
+    assert isinstance(tr.task, DistillTask)
+    tr.fit()
+    assert seen["loss"] == pytest.approx(seen["expected"], rel=1e-4)
+    assert not tr.task.teacher.training and not any(p.requires_grad for p in tr.task.teacher.parameters())
+
+
+def test_teacher_sees_the_same_mixed_batch(teacher_ckpt, tmp_path):
+    from slaknet.train.trainer import Trainer
+
+    cfg = distill_cfg(_student(teacher_ckpt, str(tmp_path / "s"), "--mixup", "0.8", "--max-steps", "2"))
+    tr = Trainer(cfg)
+    inputs = {"student": [], "teacher": []}
+    orig = tr.task.build_model
+
+    def build_model(trainer, n):
+        model, res = orig(trainer, n)
+        model.register_forward_pre_hook(lambda m, a: inputs["student"].append(a[0].clone()))
+        tr.task.teacher.register_forward_pre_hook(lambda m, a: inputs["teacher"].append(a[0].clone()))
+        return model, res
+
+    tr.task.build_model = build_model
+    tr.fit()
+    train_inputs = inputs["student"][:2]  # later student forwards are evaluations
+    assert len(inputs["teacher"]) == 2
+    for s, t in zip(train_inputs, inputs["teacher"]):
+        assert torch.equal(s, t)
+    raw = tr.task.move_batch(tr, next(iter(tr.task.train_batches(tr, 0, 0))))[0]
+    assert not torch.equal(raw, inputs["teacher"][0])  # mixup did change the batch
+
+
+def test_resume_after_stop_equals_uninterrupted_with_feature_projection(teacher_ckpt, tmp_path):
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    args = ["--distill-type", "KD+FD", "--lr-fd", "0.5", "--epochs", "2", "--width-factor", "0.5"]
+    train(distill_cfg(_student(teacher_ckpt, ref, *args)))
+    train(distill_cfg(_student(teacher_ckpt, cut, *args, "--max-steps", "3")))  # stops inside epoch 1
+    ck = torch.load(os.path.join(cut, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+    proj = ck["task_modules"]["feature_projection"]
+    assert any(tuple(v.shape[:2]) == (256, 128) for v in proj.values())  # the student's 128 -> teacher's 256
+    train(distill_cfg(["--resume", os.path.join(cut, "checkpoint-last.pth")]))
+    a, b = _log(ref), _log(cut)
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_another_teacher_is_refused(teacher_ckpt, tmp_path):
+    cut = str(tmp_path / "cut")
+    train(distill_cfg(_student(teacher_ckpt, cut, "--max-steps", "1")))
+    other = str(tmp_path / "t2")
+    train(config_from_argv(TINY + ["--model", "slak_pico", "-o", other, "--seed", "3", "--max-steps", "1"]))
+    with pytest.raises(CheckpointError, match="another teacher"):
+        train(distill_cfg(["--resume", os.path.join(cut, "checkpoint-last.pth"), "--teacher-checkpoint",
+                           os.path.join(other, "model.safetensors")]))
+
+
+def test_teacher_checkpoint_that_does_not_fit_is_one_line(teacher_ckpt, tmp_path, capsys):
+    code = cli_main(["distill", *_student(teacher_ckpt, str(tmp_path / "s")), "--teacher", "slak_nano"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("slaknet distill: error:") and len(err.splitlines()) == 1
+    assert "slak_nano" in err
+    code = cli_main(["distill", *_student(str(tmp_path / "missing.pth"), str(tmp_path / "s2"))])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_timm_student_and_bad_options(teacher_ckpt, tmp_path):
+    out = str(tmp_path / "r")
+    s = train(distill_cfg(TINY + ["--model", "resnet10t", "--teacher-checkpoint", teacher_ckpt, "-o", out,
+                                  "--distill-type", "NKD", "--max-steps", "2"]))
+    from safetensors.torch import load_file
+
+    assert "conv1.0.weight" in load_file(os.path.join(out, "model.safetensors"))  # timm's resnet10t keys
+    assert s["final_top1"] is None  # stopped by --max-steps before the first evaluation
+    with pytest.raises(ConfigError, match="--alpha"):
+        distill_cfg(_student(teacher_ckpt, str(tmp_path / "x"), "--alpha", "2"))
+    with pytest.raises(ConfigError, match="unknown --distill-type"):
+        distill_cfg(_student(teacher_ckpt, str(tmp_path / "y"), "--distill-type", "XYZ"))
+
+
+def test_demo_tiny_budget_writes_the_table(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert cli_main(["distill", "--budget", "tiny", "-o", out, "--threads", "1", "--progress", "false"]) == 0
+    text = open(os.path.join(out, "results.md")).read()
+    assert "student 7x7, alone" in text and "student 7x7, distilled" in text and "teacher slak_pico" in text
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert len(res["alone"]) == len(res["distilled"]) == 1
+    capsys.readouterr()
+    assert cli_main(["distill", "--budget", "tiny", "-o", out, "--threads", "1"]) == 0  # finished runs reused
+    assert "== distill demo" not in capsys.readouterr().out
