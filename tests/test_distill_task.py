@@ -188,3 +188,47 @@ def test_demo_tiny_budget_writes_the_table(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["distill", "--budget", "tiny", "-o", out, "--threads", "1"]) == 0  # finished runs reused
     assert "== distill demo" not in capsys.readouterr().out
+
+
+def test_teacher_cache_built_once_matches_the_teacher_and_is_reused(teacher_ckpt, tmp_path, capsys):
+    from slaknet.distill.teacher import load_teacher
+    from slaknet.train.tasks.classification import build_datasets
+
+    cache_dir = str(tmp_path / "cache")
+    args = ["--teacher-cache", cache_dir, "--distill-type", "KD", "--alpha", "0.5"]
+    train(distill_cfg(_student(teacher_ckpt, str(tmp_path / "a"), *args)))
+    assert "running the teacher once over 64 training images" in capsys.readouterr().err
+    train(distill_cfg(_student(teacher_ckpt, str(tmp_path / "b"), *args)))
+    assert "running the teacher once" not in capsys.readouterr().err
+    assert [r["train_loss"] for r in _log(str(tmp_path / "a"))] == [r["train_loss"] for r in _log(str(tmp_path / "b"))]
+    # the cached logits are the teacher's on the fixed (unaugmented) training images
+    from slaknet.distill.cache import TeacherCache
+    import glob
+
+    cfg = distill_cfg(_student(teacher_ckpt, str(tmp_path / "c"), *args))
+    ds = build_datasets(cfg, fixed_train_transform=True).train
+    teacher, _ = load_teacher(None, teacher_ckpt, 2)
+    x = torch.stack([ds[i][0] for i in (0, 5, 63)])
+    with torch.no_grad():
+        ref = teacher(x)
+    meta = json.load(open(os.path.join(cache_dir, "meta.json")))
+    cache = TeacherCache(cache_dir, meta)
+    assert glob.glob(os.path.join(cache_dir, "logits-*.npy"))
+    torch.testing.assert_close(cache.get([0, 5, 63])[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_cache_refuses_mixup(teacher_ckpt, tmp_path, capsys):
+    code = cli_main(["distill", *_student(teacher_ckpt, str(tmp_path / "s")), "--teacher-cache",
+                     str(tmp_path / "c"), "--mixup", "0.8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "mixup" in err and len(err.splitlines()) == 1
+
+
+def test_yaml_config_holds_distillation_options_and_research_names(tmp_path):
+    f = tmp_path / "kd.yaml"
+    f.write_text("distill_type: NKDFD\nlr_fd: 3.0e-5\nT: 3.0\nepochs: 4\nteacher_checkpoint: t.pth\n")
+    cfg = distill_cfg(["--config", str(f), "--alpha", "0.2"])
+    o = cfg.task_options
+    assert cfg.task == "distillation" and cfg.epochs == 4
+    assert o["distill_type"] == "NKDFD" and o["lr_fd"] == 3e-5 and o["distill_T"] == 3.0
+    assert o["distill_alpha"] == 0.2 and o["teacher_checkpoint"] == "t.pth"

@@ -108,6 +108,11 @@ class WithIndex(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def __getattr__(self, name: str) -> Any:  # samples, known_bad, describe() ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
     def __getitem__(self, index: int) -> Tuple[Any, ...]:
         item = self.dataset[index]
         return (*item, index) if isinstance(item, tuple) else (item, index)

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def distill_config(args: argparse.Namespace) -> "object":
     """The resolved :class:`~slaknet.train.config.TrainConfig` of a distillation run (task ``distillation``)."""
     from slaknet.train.config import resolve_config
+    from slaknet.train.train_cli import apply_yaml
 
+    apply_yaml(args, add_arguments)
     cfg = resolve_config(args)
     opts = dict(cfg.task_options or {}) if cfg.task == "distillation" else {}
     for key in (*DISTILL_DEFAULTS, *_TEACHER_KEYS):

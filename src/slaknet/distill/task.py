@@ -21,12 +21,13 @@ from slaknet.distill.losses import build_distill_loss
 from slaknet.distill.teacher import FeatureTap, build_student, last_stage_module, load_teacher
 from slaknet.errors import CheckpointError
 from slaknet.train.tasks import register_task
+from slaknet.train.tasks.base import TaskData, collate
 from slaknet.train.tasks.classification import ClassificationTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
-__all__ = ["DistillTask", "TEACHER_KEYS"]
+__all__ = ["DistillTask", "TEACHER_KEYS", "open_or_build_cache"]
 
 TEACHER_KEYS = ("teacher", "teacher_checkpoint", "teacher_reparam")
 
@@ -44,6 +45,19 @@ class DistillTask(ClassificationTask):
         self.teacher_options = {k: opts.get(k) for k in TEACHER_KEYS}
         self.teacher: Optional[nn.Module] = None
         self._taps: Optional[Tuple[FeatureTap, FeatureTap]] = None
+        self.cache: Any = None
+        self._batch_index: Optional[torch.Tensor] = None
+        # a teacher cache is valid only when an image index always gives the same input tensor
+        self.fixed_train_transform = bool(self.options["teacher_cache"])
+
+    def build_data(self, trainer: "Trainer") -> TaskData:
+        data = super().build_data(trainer)
+        if self.options["teacher_cache"]:
+            from slaknet.distill.cache import WithIndex, check_cache_allowed
+
+            check_cache_allowed(random_augmentation=False, mixup=self._mixing())
+            data.train = WithIndex(data.train)  # batches end with the image indices
+        return data
 
     def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.distill.cache import teacher_identity
@@ -62,6 +76,12 @@ class DistillTask(ClassificationTask):
         if self._criterion.needs_features:
             self._taps = (FeatureTap(student), FeatureTap(self.teacher))
         self.teacher_info = info
+        if self.options["teacher_cache"]:
+            self.cache = open_or_build_cache(trainer, self.teacher, info["teacher_id"], self.options,
+                                             self._taps[1] if self._taps else None)
+            if self._taps:
+                self._taps[1].remove()
+            self.teacher = None  # its outputs are on disk: free its memory
         return student, {**resolved, **info, "distill_type": self.options["distill_type"]}
 
     def extra_modules(self, trainer: "Trainer") -> Dict[str, nn.Module]:
@@ -71,10 +91,18 @@ class DistillTask(ClassificationTask):
     def criterion(self) -> nn.Module:
         return self._criterion
 
+    def move_batch(self, trainer: "Trainer", batch: Any) -> Tuple[Any, Any]:
+        if self.cache is not None:
+            self._batch_index = batch[-1]
+        return super().move_batch(trainer, batch)
+
     def training_loss(self, trainer: "Trainer", model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-            t_feat = self._taps[1].pop() if self._taps else None
+        if self.cache is not None:
+            t_logits, t_feat = self.cache.get(self._batch_index, device=x.device)
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+                t_feat = self._taps[1].pop() if self._taps else None
         s_logits = model(x)
         s_feat = self._taps[0].pop() if self._taps else None
         return self._criterion(s_logits, y, t_logits.float(), s_feat, t_feat)
@@ -102,3 +130,52 @@ class DistillTask(ClassificationTask):
     def metadata(self, trainer: "Trainer") -> Dict[str, str]:
         t = getattr(self, "teacher_info", {})
         return {"distilled_from": str(t.get("teacher", "")), "distill_type": str(self.options["distill_type"])}
+
+
+def open_or_build_cache(trainer: "Trainer", teacher: nn.Module, teacher_id: str, options: Dict[str, Any],
+                        feature_tap: Optional[FeatureTap]) -> Any:
+    """The run's teacher cache: opened when ``--teacher-cache DIR`` holds one for this teacher and data, else
+    built once (rank 0, in index order, under the run's autocast) while the other ranks wait."""
+    import sys
+
+    from torch.utils.data import DataLoader
+
+    from slaknet.distill.cache import TeacherCache, TeacherCacheWriter, dataset_identity
+    from slaknet.train.distributed import barrier
+
+    cfg, ds, path = trainer.cfg, trainer.data.train, options["teacher_cache"]
+    data_id = dataset_identity(ds.dataset, data=cfg.data, input_size=cfg.input_size, data_seed=cfg.data_seed,
+                               train_samples=cfg.train_samples, difficulty=cfg.difficulty)
+    teacher_id = f"{teacher_id}:{trainer.autocast}"
+    keys = dict(dataset_id=data_id, teacher_id=teacher_id, random_augmentation=False)
+    cache = TeacherCache.open(path, **keys)
+    if cache is None and trainer.dist.is_main:
+        n, dev = len(ds), trainer.device
+        print(f"teacher cache: running the teacher once over {n} training images -> {path}", file=sys.stderr,
+              flush=True)
+        loader = DataLoader(ds, batch_size=max(trainer.batch_size, 64), shuffle=False, collate_fn=collate,
+                            num_workers=trainer.workers)
+        writer = None
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    x = batch[0].to(dev)
+                    with torch.autocast(dev.type, dtype=trainer.autocast, enabled=trainer.autocast is not None):
+                        logits = teacher(x).float()
+                    feats = feature_tap.pop().float() if feature_tap is not None else None
+                    if writer is None:
+                        writer = TeacherCacheWriter(path, num_items=n, num_classes=logits.shape[1],
+                                                    feature_shape=tuple(feats.shape[1:]) if feats is not None else None,
+                                                    dtype=options["teacher_cache_dtype"], **keys)
+                    writer.write(batch[-1], logits, feats)
+            writer.commit()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+    barrier()
+    cache = cache or TeacherCache.open(path, **keys)
+    if feature_tap is not None and not cache.has_features:
+        raise CheckpointError(f"teacher cache {path} holds logits only, but feature distillation needs features; "
+                              "use another --teacher-cache folder")
+    return cache

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Callable
 
 from slaknet.train.config import TrainConfig, add_train_arguments, load_yaml_defaults, resolve_config
 
-__all__ = ["add_arguments", "run", "config_from_argv"]
+__all__ = ["add_arguments", "run", "config_from_argv", "apply_yaml"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,12 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved configuration (recipe defaults filled in) as YAML and exit")
 
 
-def _apply_yaml(args: argparse.Namespace) -> None:
-    """Fill options the command line left at their defaults from ``--config`` (YAML)."""
+def apply_yaml(args: argparse.Namespace, add: Callable[[argparse.ArgumentParser], None] = add_arguments) -> None:
+    """Fill options the command line left at their defaults from ``--config`` (YAML); ``add`` builds the
+    command's parser (``slaknet distill`` passes its own, so its file may hold distillation options)."""
     if not getattr(args, "config", None):
         return
     fresh = argparse.ArgumentParser(add_help=False)
-    add_arguments(fresh)
+    add(fresh)
     defaults = vars(fresh.parse_args([]))
     for dest, value in load_yaml_defaults(args.config, fresh).items():
         if getattr(args, dest, None) == defaults.get(dest):
@@ -50,13 +52,13 @@ def config_from_argv(argv: list) -> TrainConfig:
     p = argparse.ArgumentParser(prog="slaknet train", allow_abbrev=False)
     add_arguments(p)
     args = p.parse_args(argv)
-    _apply_yaml(args)
+    apply_yaml(args)
     return resolve_config(args)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _apply_yaml(args)
+    apply_yaml(args)
     cfg = resolve_config(args)
     if getattr(args, "dump_samples", None):
         from slaknet.data import InsidenessDataset, dump_pngs, parse_data_spec

@@ -71,18 +71,24 @@ def _folder(cfg: Any, root: str, train_tf: Any, eval_tf: Any) -> Tuple[Any, Any,
     return train_ds, val_ds, list(train_ds.classes)
 
 
-def build_datasets(cfg: Any) -> TaskData:
-    """Train / val datasets, class names and normalisation for the configured data source."""
+def build_datasets(cfg: Any, fixed_train_transform: bool = False) -> TaskData:
+    """Train / val datasets, class names and normalisation for the configured data source.
+
+    ``fixed_train_transform``: training images go through the deterministic evaluation transform (no random
+    augmentation), e.g. for a teacher-output cache.
+    """
     kind, what = parse_data_spec(cfg.data)
     size = int(cfg.input_size)
     if kind == "builtin":
         mean, std = BUILTIN_MEAN, BUILTIN_STD
         norm = Normalize(mean, std)
         common = dict(image_size=size, difficulty=cfg.difficulty, seed=cfg.data_seed)
-        train_ds = InsidenessDataset("train", cfg.train_samples, transform=Compose([FlipRot(), norm]), **common)
+        train_tf = norm if fixed_train_transform else Compose([FlipRot(), norm])
+        train_ds = InsidenessDataset("train", cfg.train_samples, transform=train_tf, **common)
         val_ds = InsidenessDataset("val", cfg.val_samples, transform=norm, **common)
         return TaskData(train_ds, val_ds, list(train_ds.classes), mean, std, train_ds.describe())
-    train_tf, eval_tf = _train_transform(cfg), eval_transform(size, cfg.crop_pct, IMAGENET_MEAN, IMAGENET_STD)
+    eval_tf = eval_transform(size, cfg.crop_pct, IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = eval_tf if fixed_train_transform else _train_transform(cfg)
     if kind == "torchvision":
         tr, va, classes = _torchvision(cfg, what, train_tf, eval_tf)
         desc = f"torchvision:{what}: {len(tr)} training images, {len(classes)} classes"
@@ -98,8 +104,10 @@ class ClassificationTask(Task):
 
     best_metric = "val_top1"
 
+    fixed_train_transform = False  # subclasses (a teacher cache) may need deterministic training inputs
+
     def build_data(self, trainer: "Trainer") -> TaskData:
-        data = build_datasets(self.cfg)
+        data = build_datasets(self.cfg, self.fixed_train_transform)
         self._val_loader: Optional[DataLoader] = None
         return data
 
