@@ -128,12 +128,41 @@ def test_teacher_sees_the_same_mixed_batch(teacher_ckpt, tmp_path):
     assert not torch.equal(raw, inputs["teacher"][0])  # mixup did change the batch
 
 
-def test_resume_after_stop_equals_uninterrupted_with_feature_projection(teacher_ckpt, tmp_path):
+_KILL_AT_STEP_3 = """
+import argparse, os, signal, sys
+from slaknet.distill.cli import add_arguments, distill_config
+from slaknet.train.engine import Callback, train
+
+class Kill(Callback):
+    def on_step_end(self, trainer, loss):
+        if trainer.state.step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+p = argparse.ArgumentParser()
+add_arguments(p)
+train(distill_config(p.parse_args(sys.argv[1:])), callbacks=[Kill()])
+"""
+
+
+def test_sigkill_then_resume_equals_uninterrupted_with_feature_projection(teacher_ckpt, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same 1x1 GEMM in this process and the child
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    args = ["--distill-type", "KD+FD", "--lr-fd", "0.5", "--epochs", "2", "--width-factor", "0.5"]
+    args = ["--distill-type", "KD+FD", "--lr-fd", "0.5", "--epochs", "2", "--width-factor", "0.5",
+            "--ckpt-every-steps", "2"]
     train(distill_cfg(_student(teacher_ckpt, ref, *args)))
-    train(distill_cfg(_student(teacher_ckpt, cut, *args, "--max-steps", "3")))  # stops inside epoch 1
+    env = subprocess_env()
+    env["SLAKNET_LINEAR"] = "onednn"
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_3, *_student(teacher_ckpt, cut, *args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ck = torch.load(os.path.join(cut, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+    assert ck["step"] == 2
     proj = ck["task_modules"]["feature_projection"]
     assert any(tuple(v.shape[:2]) == (256, 128) for v in proj.values())  # the student's 128 -> teacher's 256
     train(distill_cfg(["--resume", os.path.join(cut, "checkpoint-last.pth")]))
@@ -143,6 +172,31 @@ def test_resume_after_stop_equals_uninterrupted_with_feature_projection(teacher_
 
     wa, wb = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    fa = torch.load(os.path.join(ref, "checkpoint-last.pth"), weights_only=True)["task_modules"]
+    fb = torch.load(os.path.join(cut, "checkpoint-last.pth"), weights_only=True)["task_modules"]
+    for k, v in fa["feature_projection"].items():
+        assert torch.equal(v, fb["feature_projection"][k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_teacher_cache(teacher_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out, cache = str(tmp_path / "ddp"), str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slaknet",
+           "distill", *_student(teacher_ckpt, out, "--teacher-cache", cache, "--distill-type", "KD+FD",
+                                "--width-factor", "0.5")]
+    env = subprocess_env()
+    env["MASTER_ADDR"] = "127.0.0.1"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("running the teacher once") == 1  # rank 0 built it, rank 1 waited and opened it
+    rec = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    assert len(rec) == 1 and rec[0]["step"] == 2  # 64 images / (16 x 2 processes)
+    assert json.load(open(os.path.join(cache, "meta.json")))["feature_shape"][0] == 256
 
 
 def test_resume_with_another_teacher_is_refused(teacher_ckpt, tmp_path):
