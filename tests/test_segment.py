@@ -292,3 +292,25 @@ def test_sliding_window_equals_whole_image_for_a_pixelwise_net():
 
     slide_logits(spy, x, 4, crop=32, stride=21)
     assert seen == [(32, 32)] * 6  # 2 rows (0, 13) x 3 columns (0, 21, 38)
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_eager(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli_main(["segment", "train", *TINY, "-o", out, "--max-steps", "1", "--epochs", "1"]) == 0
+    onnx_path = str(tmp_path / "seg.onnx")
+    assert cli_main(["segment", "export", "--checkpoint", os.path.join(out, "model.safetensors"),
+                     "-o", onnx_path]) == 0
+    assert "max |diff| vs eager" in capsys.readouterr().out
+    import onnxruntime as ort
+
+    from slaknet.segment.infer import image_tensor, load_segmentation_checkpoint
+
+    net, spec = load_segmentation_checkpoint(os.path.join(out, "model.safetensors"))
+    img, _ = render_contours(0, "val", 0, 32)
+    x = image_tensor(img, spec["mean"], spec["std"])
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert got.shape == (1, 2, 32, 32) and np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

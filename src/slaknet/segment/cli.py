@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", dest="demo_train_samples", type=int, default=None,
                         help="demo: training images (default: seg_demo recipe)")
     parser.add_argument("--threads", dest="demo_threads", default=None, help="demo: torch threads (default auto)")
-    sub = parser.add_subparsers(dest="seg_command", metavar="{train,eval,predict}")
+    sub = parser.add_subparsers(dest="seg_command", metavar="{train,eval,predict,export}")
     add_seg_train_arguments(sub.add_parser("train", help="train (all `slaknet train` flags + segmentation options)",
                                     allow_abbrev=False))
     ev = sub.add_parser("eval", help="mIoU / pixel accuracy / loss of a checkpoint on a dataset", allow_abbrev=False)
@@ -74,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--count", type=int, default=4)
     pr.add_argument("--output-dir", "-o", dest="output_dir", default="predictions")
     pr.add_argument("--device", default=None)
+    ex = sub.add_parser("export", help="reparameterize and export to ONNX (or another slaknet export format), "
+                                       "verified against eager", allow_abbrev=False)
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--output", "-o", required=True, help="file to write (e.g. seg.onnx)")
+    ex.add_argument("--format", default="onnx", help="export format (see `slaknet export --help`; default onnx)")
+    ex.add_argument("--input-size", dest="input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="fixed input height and width (default: the training crop / input size)")
+    ex.add_argument("--reparam", default="strips", choices=["strips", "dense", "none"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return _eval(args)
     if cmd == "predict":
         return _predict(args)
+    if cmd == "export":
+        return _export(args)
     from slaknet.segment.demo import run_demo
 
     return run_demo(args.demo_dir, args.demo_epochs, args.demo_train_samples, args.demo_threads)
@@ -245,4 +255,12 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"wrote {len(written)} colourised masks (NAME_mask.png; class indices in NAME_labels.png)"
           + (f" and {with_gt} image | truth | prediction pictures (NAME_side.png)" if with_gt else "")
           + f" to {os.path.abspath(args.output_dir)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from slaknet.segment.infer import export_segmentation
+
+    res = export_segmentation(args.checkpoint, args.output, args.format, args.input_size, args.reparam)
+    print(res.summary())
     return 0

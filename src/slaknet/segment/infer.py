@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from slaknet.errors import CheckpointError
 
 __all__ = ["build_from_spec", "load_segmentation_checkpoint", "slide_logits", "predict_logits", "colorize",
-           "side_by_side", "palette", "confusion_over", "image_tensor", "save_png"]
+           "side_by_side", "palette", "confusion_over", "image_tensor", "save_png", "export_segmentation"]
 
 
 def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
@@ -178,3 +178,19 @@ def save_png(array: np.ndarray, path: str) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def export_segmentation(checkpoint: str, path: str, fmt: str = "onnx", input_size: Optional[Sequence[int]] = None,
+                        reparameterize: str = "strips", tolerance: float = 1e-4) -> Any:
+    """Export a segmentation checkpoint with :func:`slaknet.deploy.export_model` (reparameterized, verified
+    against eager). The spatial size is fixed (default: the training crop / input size; the batch stays
+    dynamic): the PSP module's adaptive pooling to 1/2/3/6 cells is not shape-generic in ONNX."""
+    from slaknet.deploy.export import export_model
+
+    net, spec = load_segmentation_checkpoint(checkpoint)
+    side = int(spec.get("crop") or spec.get("input_size") or 512)
+    h, w = (int(v) for v in input_size) if input_size else (side, side)
+    meta = {"task": "segmentation", "classes": list(spec.get("classes") or []), "mean": list(spec["mean"]),
+            "std": list(spec["std"])}
+    return export_model(net, path, fmt, reparameterize=reparameterize, input_size=(3, h, w), dynamic_spatial=False,
+                        tolerance=tolerance, metadata=meta)
