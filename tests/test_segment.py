@@ -314,3 +314,11 @@ def test_onnx_export_matches_eager(tmp_path, capsys):
     with torch.no_grad():
         ref = net(x).numpy()
     assert got.shape == (1, 2, 32, 32) and np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_sparse_snip_training_through_the_shared_engine(tmp_path):
+    out = str(tmp_path / "run")
+    assert cli_main(["segment", "train", *TINY, "-o", out, "--epochs", "1", "--sparse", "--sparsity", "0.5",
+                     "--sparse-init", "snip", "--sparse-layers", "large_kernel", "-u", "2"]) == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["density"] == pytest.approx(0.5, abs=0.01) and s["nonzero_params"] < s["params"]

@@ -120,7 +120,8 @@ class SegmentationTask(Task):
     def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
         ds = trainer.data.train
         xb, yb = collate_segmentation([ds[i] for i in range(min(trainer.batch_size, len(ds)))])[:2]
-        return xb, yb
+        # SNIP scores with F.cross_entropy's default ignore index (-100): the ignored pixels stay ignored
+        return xb, yb.masked_fill(yb == IGNORE_INDEX, -100)
 
     # ---- model
     def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
