@@ -322,3 +322,29 @@ def test_sparse_snip_training_through_the_shared_engine(tmp_path):
                      "--sparse-init", "snip", "--sparse-layers", "large_kernel", "-u", "2"]) == 0
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["density"] == pytest.approx(0.5, abs=0.01) and s["nonzero_params"] < s["params"]
+
+
+def test_folder_training_with_layer_decay_poly_and_a_corrupt_file(tmp_path, capsys):
+    root, out = str(tmp_path / "data"), str(tmp_path / "run")
+    for split, n in (("train", 12), ("val", 2)):
+        for i in range(n):
+            mask = np.zeros((40, 44), np.uint8)
+            mask[:, i % 4 * 10:] = 1 + i % 2
+            _write_pair(f"{root}/{split}/images/{i:02d}.png", f"{root}/{split}/masks/{i:02d}.png", mask, i)
+    with open(f"{root}/train/images/03.png", "wb") as f:
+        f.write(b"broken")
+    with open(f"{root}/classes.txt", "w") as f:
+        f.write("a\nb\nc\n")
+    args = ["segment", "train", "--data", root, "--model", "slak_pico", "--kernel-size", "7", "7", "7", "7", "5",
+            "--width-factor", "1.0", "--drop-path", "0", "--crop", "32", "--slide-stride", "16", "-b", "4", "--update-freq", "1",
+            "--epochs", "1", "--num-workers", "0", "--progress", "false", "--tensorboard", "false", "--threads", "1",
+            "--decoder-channels", "16", "--aux-channels", "8", "--lr", "1e-3", "--warmup-steps", "1", "-o", out]
+    with pytest.warns(UserWarning, match="skipping unreadable pair"):
+        assert cli_main(args) == 0  # ade20k recipe (auto for folders): layer decay 0.9 + poly schedule
+    cfg = json.load(open(os.path.join(out, "summary.json")))
+    assert cfg["recipe"] == "ade20k" and cfg["bad_images"] == 1 and cfg["bad_files"][0].endswith("03.png")
+    ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ck["classes"] == ["a", "b", "c"] and ck["config"]["task_options"]["layer_decay"] == 0.9
+    scales = sorted({round(g["lr_scale"], 6) for g in ck["optimizer"]["param_groups"]})
+    assert scales == sorted({round(0.9 ** k, 6) for k in range(8) if k not in (1, 2)})  # ids 0, 1..4, 7
+    assert "val miou" in capsys.readouterr().out
