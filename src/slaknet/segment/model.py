@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -125,9 +125,11 @@ def build_segmentation_model(model_name: str, num_classes: int, arch: str = "upe
                              encoder_options: Optional[Dict[str, Any]] = None) -> SegmentationNet:
     """A SLaK ``model_name`` encoder (options ``encoder_options``) in smp's ``arch`` with ``num_classes`` outputs,
     plus the FCN auxiliary head on stage 3 when ``aux_weight > 0``."""
+    import importlib
+
     import segmentation_models_pytorch as smp
 
-    import slaknet.models  # noqa: F401  (registers the SLaK variants with timm)
+    importlib.import_module("slaknet.models")  # registers the SLaK variants with timm (tu-slak_*)
 
     if arch.lower() not in SMP_ARCHS:
         raise ConfigError(f"unknown segmentation architecture {arch!r}; choose from {', '.join(SMP_ARCHS)}")
@@ -173,9 +175,9 @@ def load_backbone(net: SegmentationNet, path: str, use_ema: Optional[bool] = Non
 
 
 def stage_wise_layer_id(name: str, num_layers: int) -> int:
-    """Layer id of parameter ``name`` (relative to the SLaK backbone, e.g. ``stages.2.0.pwconv1.weight``;
-    non-backbone parameters pass ``None``-prefixed names such as ``decoder.x``) under mmseg's ``stage_wise``
-    rule with ``num_layers + 2`` ids: stem and downsamplers 0, stage i -> i + 1, everything else the last."""
+    """Layer id of parameter ``name`` (named relative to the SLaK backbone, e.g. ``stages.2.0.pwconv1.weight``;
+    anything else, e.g. ``head:decoder.x``, is not backbone) under mmseg's ``stage_wise`` rule with
+    ``num_layers + 2`` ids: stem and downsamplers 0, stage i -> i + 1, everything else the last id."""
     top = num_layers + 2
     if name.startswith("downsample_layers."):
         return 0
