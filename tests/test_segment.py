@@ -348,3 +348,12 @@ def test_folder_training_with_layer_decay_poly_and_a_corrupt_file(tmp_path, caps
     scales = sorted({round(g["lr_scale"], 6) for g in ck["optimizer"]["param_groups"]})
     assert scales == sorted({round(0.9 ** k, 6) for k in range(8) if k not in (1, 2)})  # ids 0, 1..4, 7
     assert "val miou" in capsys.readouterr().out
+    # eval of the best checkpoint on the run's own folder (sliding window 32 / 16 over 40 x 44) = the trainer's record
+    log = _log(out)
+    assert cli_main(["segment", "eval", "--checkpoint", os.path.join(out, "checkpoint-best.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(log[-1]["val_miou"], abs=1e-6)
+    pred = str(tmp_path / "pred")
+    assert cli_main(["segment", "predict", f"{root}/val/images/00.png", "--masks", f"{root}/val/masks",
+                     "--checkpoint", os.path.join(out, "model.safetensors"), "-o", pred]) == 0
+    assert sorted(os.listdir(pred)) == ["00_labels.png", "00_mask.png", "00_side.png"]
+    assert np.asarray(Image.open(os.path.join(pred, "00_side.png"))).shape == (40, 3 * 44 + 8, 3)
