@@ -81,16 +81,17 @@ def render_contours(seed: int, split: str, index: int, size: int = 64) -> Tuple[
     closed = rng.random(n) < 0.5
     if not closed.any() and rng.random() < 0.7:  # most images have at least one enclosed region
         closed[int(rng.integers(n))] = True
-    near = np.zeros((size, size), bool)  # strokes so far, widened: curves never touch or cross
+    placed: List[Tuple[float, float, float]] = []  # (cx, cy, outer radius): curves never touch or cross
     for is_closed in closed:
         for _ in range(30):
             c = _star_curve(rng, size)
-            t, d, off = _radial(c, xx, yy)
-            if not (near & (d < width + 2.0)).any():
+            reach = c["r0"] * (1 + c["a"].sum())
+            if all(math.hypot(c["cx"] - x, c["cy"] - y) > reach + r + width + 2 for x, y, r in placed):
                 break
         else:
             continue  # no room left for this curve
-        near |= d < width + 2.0
+        placed.append((c["cx"], c["cy"], reach))
+        t, d, off = _radial(c, xx, yy)
         line = np.clip(width / 2 + 0.5 - d, 0.0, 1.0)
         if is_closed:
             label[off < 0] = 1
@@ -131,11 +132,15 @@ class ContourSegmentation(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.augment = augment
-        self.cache = True
         self._cache = _RENDERED  # shared by all instances: the demo's two runs render each image once
 
     def __len__(self) -> int:
         return self.num_samples
+
+    @property
+    def cache(self) -> bool:
+        """True while images remain to be rendered (the trainer then says the first epoch renders them)."""
+        return any((self.seed, self.split, self.image_size, i) not in self._cache for i in (0, self.num_samples - 1))
 
     def raw(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_samples:
