@@ -357,3 +357,19 @@ def test_folder_training_with_layer_decay_poly_and_a_corrupt_file(tmp_path, caps
                      "--checkpoint", os.path.join(out, "model.safetensors"), "-o", pred]) == 0
     assert sorted(os.listdir(pred)) == ["00_labels.png", "00_mask.png", "00_side.png"]
     assert np.asarray(Image.open(os.path.join(pred, "00_side.png"))).shape == (40, 3 * 44 + 8, 3)
+
+
+def test_yaml_config_and_recipe_choice(tmp_path):
+    import argparse
+
+    from slaknet.segment.cli import add_seg_train_arguments, train_config
+
+    yml = tmp_path / "seg.yaml"
+    yml.write_text("crop: 256\nlayer-decay: 0.8\nepochs: 3\n")
+    p = argparse.ArgumentParser()
+    add_seg_train_arguments(p)
+    cfg = train_config(p.parse_args(["--config", str(yml), "--data", str(tmp_path), "--epochs", "5"]))
+    assert cfg.recipe == "ade20k" and cfg.task == "segmentation" and cfg.epochs == 5  # the command line wins
+    assert cfg.task_options["crop"] == 256 and cfg.task_options["layer_decay"] == 0.8
+    assert cfg.task_options["slide_stride"] == 341 and cfg.lr == 1e-4 and cfg.warmup_steps == 1500
+    assert train_config(p.parse_args([])).recipe == "seg_demo"
