@@ -27,7 +27,7 @@ COMMANDS = {
     "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
     "study": ("slaknet.study.cli", "miniature SLaK ablations (kernel size, sparsity, masks, growth, ERF): table + plots"),
-    "segment": ("slaknet.segment.cli", "semantic segmentation: SLaK + UperNet train / eval / predict (no arguments: CPU demo)"),
+    "segment": ("slaknet.segment.cli", "semantic segmentation: SLaK + UperNet train / eval / predict / export (no arguments: CPU demo)"),
 }
 
 
