@@ -28,6 +28,7 @@ COMMANDS = {
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
     "distill": ("slaknet.distill.cli", "distil a frozen teacher into a student (no arguments: CPU demo, teacher -> 7x7 twin vs alone)"),
     "study": ("slaknet.study.cli", "miniature SLaK ablations (kernel size, sparsity, masks, growth, ERF): table + plots"),
+    "segment": ("slaknet.segment.cli", "semantic segmentation: SLaK + UperNet train / eval / predict / export (no arguments: CPU demo)"),
 }
 
 

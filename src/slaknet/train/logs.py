@@ -113,12 +113,12 @@ def plot_curves(history: List[Dict[str, Any]], path: str) -> None:
     a.set_ylabel("loss")
     a.legend()
     a.grid(alpha=0.3)
-    for key, lab in (("val_top1", "val top-1"), ("ema_top1", "EMA top-1")):
+    for key, lab in (("val_top1", "val top-1"), ("ema_top1", "EMA top-1"), ("val_miou", "val mIoU")):
         pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]
         if pts:
             b.plot(*zip(*pts), "o-", label=lab)
     b.set_xlabel("epoch")
-    b.set_ylabel("accuracy (%)")
+    b.set_ylabel("accuracy / mIoU (%)")
     b.legend()
     b.grid(alpha=0.3)
     fig.tight_layout()

@@ -59,6 +59,22 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "slak_t": _paper("slak_tiny", u=2000, prune_rate=0.5, drop_path=0.1, batch=128),
     "slak_s": _paper("slak_small", u=100, prune_rate=0.3, drop_path=0.4, batch=64),
     "slak_b": _paper("slak_base", u=100, prune_rate=0.3, drop_path=0.5, batch=32),
+    # segmentation (slaknet segment; docs/segmentation.md): the CPU demo on the built-in contours set, and
+    # the paper's ADE20K UperNet recipe (official SLaK mmseg config; batch 16 = 4 per GPU x 4 GPUs there)
+    "seg_demo": dict(_COMMON, task="segmentation", data="builtin:contours", input_size=64, epochs=6, batch_size=16,
+                     lr=2e-3, warmup_epochs=0.5, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
+                     model_ema=False, drop_path=0.0, num_workers=0, sparse=False, fit_kernels=True, threads="auto",
+                     bn_recalibrate=0, train_samples=1200, val_samples=200,
+                     task_options=dict(arch="upernet", decoder_channels=64, aux_weight=0.4, aux_channels=32,
+                                       crop=None, schedule="cosine")),
+    "ade20k": dict(_COMMON, task="segmentation", model="slak_tiny", input_size=512, epochs=127, batch_size=4,
+                   update_freq=4, lr=1e-4, weight_decay=0.05, warmup_steps=1500, warmup_epochs=0, min_lr=0.0,
+                   smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, model_ema=False, drop_path=0.4,
+                   layer_scale_init_value=1.0, width_factor=1.3, kernel_size=[51, 49, 47, 13, 5], decompose=True,
+                   num_workers=4, sparse=False, fit_kernels=False, sync_bn=True, bn_recalibrate=0,
+                   task_options=dict(arch="upernet", decoder_channels=512, aux_weight=0.4, aux_channels=256,
+                                     crop=512, scale=[0.5, 2.0], slide_stride=341, layer_decay=0.9, num_layers=6,
+                                     schedule="poly", poly_power=1.0, warmup_ratio=1e-6)),
 }
 # GPUs the paper's commands ran on (for the header's effective-batch note and docs/training.md)
 PAPER_GPUS = {"slak_t": 4, "slak_s": 8, "slak_b": 16}

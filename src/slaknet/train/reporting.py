@@ -84,6 +84,10 @@ def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
         if "val_top5" in rec:
             msg += f" top-5 {rec['val_top5']:.2f}%"
         msg += f" loss {rec['val_loss']:.4f}"
+    elif tr.task.best_metric in rec:  # other tasks: their deciding metric (e.g. val_miou) and loss
+        msg += f", {tr.task.best_metric.replace('_', ' ')} {rec[tr.task.best_metric]:.2f}"
+        if "val_loss" in rec:
+            msg += f" loss {rec['val_loss']:.4f}"
     if "ema_top1" in rec:
         msg += f", EMA top-1 {rec['ema_top1']:.2f}%"
     if tr.engine is not None:
@@ -139,7 +143,9 @@ def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
     head = f"done in {s['train_seconds']:.0f}s"
     if tr.stop_reason:
         head += f" (stopped by {tr.stop_reason} at step {st.step}, epoch {min(st.epoch + 1, tr.cfg.epochs)}/{tr.cfg.epochs})"
-    if s["best_top1"] is not None:
+    if s["best_top1"] is not None and tr.task.best_metric != "val_top1":
+        head += f": best {tr.task.best_metric.replace('_', ' ')} {s['best_top1']:.2f} at epoch {s['best_epoch']}"
+    elif s["best_top1"] is not None:
         head += (f": final top-1 {s['final_top1']:.2f}% " if s["final_top1"] is not None else ": ") + (
             f"(best {s['best_top1']:.2f}% at epoch {s['best_epoch']}; chance {s['chance_top1']:.1f}%)")
     else:

@@ -1,0 +1,283 @@
+"""``slaknet segment``: train / evaluate / run a SLaK segmentation model (no arguments: the CPU demo).
+
+Examples::
+
+    slaknet segment                                    # demo: SLaK vs its 7x7 twin on the built-in contours set
+    slaknet segment train --data /data/ADEChallengeData2016 --pretrained slak_tiny_300epochs.pth
+    slaknet segment eval --checkpoint runs/slak_tiny-ADEChallengeData2016/checkpoint-best.pth
+    slaknet segment predict photo.jpg --checkpoint runs/.../model.safetensors -o masks/
+
+``train`` takes every ``slaknet train`` flag (progress, JSON lines, TensorBoard, resume, ``--sparse``,
+torchrun...) plus the segmentation options below; its recipes are ``seg_demo`` (built-in data) and
+``ade20k`` (folders: the paper's UperNet recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, List
+
+from slaknet.errors import ConfigError
+
+__all__ = ["add_arguments", "run", "SEG_OPTION_FLAGS", "train_config", "add_seg_train_arguments"]
+
+# task option -> (flag, type, help)
+SEG_OPTION_FLAGS = {
+    "arch": ("--arch", str, "smp architecture around the SLaK encoder (upernet; fpn, deeplabv3plus, unet...)"),
+    "decoder_channels": ("--decoder-channels", int, "decoder width (paper UperNet: 512; demo 64)"),
+    "aux_weight": ("--aux-weight", float, "weight of the FCN auxiliary head on stage 3 (paper 0.4; 0 = no aux head)"),
+    "aux_channels": ("--aux-channels", int, "auxiliary head width (paper 256)"),
+    "crop": ("--crop", int, "training crop of folder data and evaluation window (paper 512)"),
+    "slide_stride": ("--slide-stride", int, "sliding-window stride at evaluation (paper 341)"),
+    "layer_decay": ("--layer-decay", float, "stage-wise layer-wise lr decay rate (paper 0.9; ade20k recipe)"),
+    "schedule": ("--schedule", str, "poly (paper) or cosine"),
+    "pretrained": ("--pretrained", str, "SLaK classification checkpoint (official .pth or slaknet) for the encoder"),
+}
+
+
+def add_seg_train_arguments(p: argparse.ArgumentParser) -> None:
+    from slaknet.train.config import add_train_arguments
+
+    add_train_arguments(p)
+    g = p.add_argument_group("segmentation")
+    for key, (flag, kind, text) in SEG_OPTION_FLAGS.items():
+        g.add_argument(flag, dest=f"seg_{key}", type=kind, default=None, help=text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sub-commands train / eval / predict; none: the demo (options below)."""
+    parser.add_argument("--output-dir", "-o", dest="demo_dir", default="runs/seg-demo",
+                        help="demo: folder for both runs, the table and the pictures (default runs/seg-demo)")
+    parser.add_argument("--epochs", dest="demo_epochs", type=int, default=None, help="demo: epochs per model (default: seg_demo recipe)")
+    parser.add_argument("--train-samples", dest="demo_train_samples", type=int, default=None,
+                        help="demo: training images (default: seg_demo recipe)")
+    parser.add_argument("--threads", dest="demo_threads", default=None, help="demo: torch threads (default auto)")
+    sub = parser.add_subparsers(dest="seg_command", metavar="{train,eval,predict,export}")
+    add_seg_train_arguments(sub.add_parser("train", help="train (all `slaknet train` flags + segmentation options)",
+                                    allow_abbrev=False))
+    ev = sub.add_parser("eval", help="mIoU / pixel accuracy / loss of a checkpoint on a dataset", allow_abbrev=False)
+    ev.add_argument("--checkpoint", required=True, help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
+    ev.add_argument("--data", default=None, help="builtin:contours or a folder (default: the checkpoint's data)")
+    ev.add_argument("--val-samples", dest="val_samples", type=int, default=None, help="built-in data: images")
+    ev.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=16, help="built-in data batch size")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    pr = sub.add_parser("predict", help="colourised mask PNGs (+ image | truth | prediction pictures)",
+                        allow_abbrev=False)
+    pr.add_argument("images", nargs="*", help="image files")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--masks", default=None, help="folder of ground-truth masks (same stem, .png) for the images")
+    pr.add_argument("--reduce-zero-label", dest="reduce_zero_label", action="store_true",
+                    help="ground-truth masks use ADE20K's labels (0 ignored, others minus one)")
+    pr.add_argument("--data", default=None, help="builtin:contours: predict its first --count validation images")
+    pr.add_argument("--count", type=int, default=4)
+    pr.add_argument("--output-dir", "-o", dest="output_dir", default="predictions")
+    pr.add_argument("--device", default=None)
+    ex = sub.add_parser("export", help="reparameterize and export to ONNX (or another slaknet export format), "
+                                       "verified against eager", allow_abbrev=False)
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--output", "-o", required=True, help="file to write (e.g. seg.onnx)")
+    ex.add_argument("--format", default="onnx", help="export format (see `slaknet export --help`; default onnx)")
+    ex.add_argument("--input-size", dest="input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="fixed input height and width (default: the training crop / input size)")
+    ex.add_argument("--reparam", default="strips", choices=["strips", "dense", "none"])
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = getattr(args, "seg_command", None)
+    if cmd == "train":
+        return _train(args)
+    if cmd == "eval":
+        return _eval(args)
+    if cmd == "predict":
+        return _predict(args)
+    if cmd == "export":
+        return _export(args)
+    from slaknet.segment.demo import run_demo
+
+    return run_demo(args.demo_dir, args.demo_epochs, args.demo_train_samples, args.demo_threads)
+
+
+def _apply_yaml(args: argparse.Namespace) -> None:
+    """Fill options the command line left unset from ``--config`` (YAML; flag names, e.g. ``crop: 512``)."""
+    if not getattr(args, "config", None):
+        return
+    from slaknet.train.config import load_yaml_defaults
+
+    fresh = argparse.ArgumentParser(add_help=False)
+    add_seg_train_arguments(fresh)
+    defaults = vars(fresh.parse_args([]))
+    for dest, value in load_yaml_defaults(args.config, fresh).items():
+        if getattr(args, dest, None) == defaults.get(dest):
+            if dest == "kernel_size" and isinstance(value, (int, str)):
+                value = [int(v) for v in str(value).split()]
+            setattr(args, dest, value)
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The resolved TrainConfig of ``slaknet segment train`` (task segmentation, seg recipe, task options)."""
+    from slaknet.train.config import resolve_config
+    from slaknet.train.recipes import RECIPES
+
+    _apply_yaml(args)
+    args.task = "segmentation"
+    opts: Dict[str, Any] = {}
+    if args.resume:
+        from slaknet.train.checkpoint import load_training_checkpoint
+
+        opts = dict((load_training_checkpoint(args.resume).get("config") or {}).get("task_options") or {})
+    else:
+        if args.recipe == "auto":
+            builtin = args.data is None or str(args.data).startswith("builtin:")
+            args.recipe = "seg_demo" if builtin else "ade20k"
+        opts = dict(RECIPES[args.recipe].get("task_options") or {})
+    given = {k: getattr(args, f"seg_{k}") for k in SEG_OPTION_FLAGS if getattr(args, f"seg_{k}", None) is not None}
+    opts.update(given)
+    args.task_options = opts if (given or not args.resume) else None
+    if args.finetune and not args.resume:
+        raise ConfigError("--finetune: use --pretrained CKPT for the encoder's classification weights")
+    return resolve_config(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from slaknet.train.engine import train
+
+    cfg = train_config(args)
+    try:
+        train(cfg)
+    finally:
+        from slaknet.train.distributed import cleanup
+
+        cleanup()
+    return 0
+
+
+def _device(name: Any) -> Any:
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _eval_dataset(data: str, spec: Dict[str, Any], val_samples: Any) -> Any:
+    from slaknet.segment.data import ContourSegmentation, PairedTransform, SegmentationFolder, parse_seg_data
+
+    kind, root = parse_seg_data(data)
+    if kind == "builtin":
+        return ContourSegmentation("val", int(val_samples or spec.get("val_samples") or 200),
+                                   int(spec.get("input_size", 64)), int(spec.get("data_seed", 0)),
+                                   spec["mean"], spec["std"])
+    ds = SegmentationFolder(root, "val", PairedTransform(spec["mean"], spec["std"]), classes=spec.get("classes"),
+                            report_bad=True)
+    return ds
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from slaknet.segment.data import ContourSegmentation
+    from slaknet.segment.infer import confusion_over, load_segmentation_checkpoint
+    from slaknet.segment.metrics import scores
+    from slaknet.segment.task import collate_segmentation
+
+    net, spec = load_segmentation_checkpoint(args.checkpoint)
+    data = args.data or spec.get("data")
+    if not data:
+        raise ConfigError("--data is required for this checkpoint")
+    ds = _eval_dataset(data, spec, args.val_samples)
+    dev = _device(args.device)
+    net.to(dev)
+    bs = max(1, int(args.batch_size)) if isinstance(ds, ContourSegmentation) else 1
+    loader = DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=collate_segmentation)
+    k = int(spec["num_classes"])
+    t0 = time.perf_counter()
+    cm, loss_sum, n_pix, bad = confusion_over(net, loader, k, dev, spec.get("crop"), spec.get("stride"))
+    s = scores(cm)
+    res = {"checkpoint": args.checkpoint, "data": data, "images": len(ds), "miou": s["miou"],
+           "pixel_acc": s["pixel_acc"], "loss": loss_sum / max(n_pix, 1.0), "bad_images": bad,
+           "seconds": round(time.perf_counter() - t0, 2),
+           "iou": dict(zip(spec.get("classes") or [str(i) for i in range(k)], s["iou"]))}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{args.checkpoint} on {data}: mIoU {res['miou']:.2f}  pixel acc {res['pixel_acc']:.2f}%  "
+              f"loss {res['loss']:.4f}  ({len(ds)} images, {res['seconds']:.1f}s"
+              + (f", {bad} unreadable skipped" if bad else "") + ")")
+    return 0
+
+
+def _predict_inputs(args: argparse.Namespace, spec: Dict[str, Any]) -> List[Any]:
+    """``[(name, uint8 image, ground truth or None)]`` from the image files or the built-in data."""
+    import numpy as np
+
+    from slaknet.segment.data import IGNORE_INDEX, parse_seg_data, render_contours
+
+    items: List[Any] = []
+    if args.data:
+        if parse_seg_data(args.data)[0] != "builtin":
+            raise ConfigError("predict --data takes builtin:contours; pass image files (and --masks) for folders")
+        for i in range(max(1, args.count)):
+            img, lab = render_contours(int(spec.get("data_seed", 0)), "val", i, int(spec.get("input_size", 64)))
+            items.append((f"val_{i:05d}", img, lab.astype(np.int64)))
+    from PIL import Image
+
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise ConfigError(f"image {path!r} does not exist")
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except Exception as exc:
+            raise ConfigError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        gt = None
+        stem = os.path.splitext(os.path.basename(path))[0]
+        mpath = os.path.join(args.masks, stem + ".png") if args.masks else None
+        if mpath and os.path.isfile(mpath):
+            with Image.open(mpath) as im:
+                gt = np.asarray(im).astype(np.int64)
+            if args.reduce_zero_label:
+                gt = np.where(gt == 0, IGNORE_INDEX, gt - 1)
+                gt[gt == IGNORE_INDEX - 1] = IGNORE_INDEX
+        items.append((stem, img, gt))
+    if not items:
+        raise ConfigError("nothing to predict: give image files or --data builtin:contours")
+    return items
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from slaknet.segment.infer import colorize, image_tensor, load_segmentation_checkpoint, predict_logits, save_png
+    from slaknet.segment.infer import side_by_side
+
+    net, spec = load_segmentation_checkpoint(args.checkpoint)
+    dev = _device(args.device)
+    net.to(dev)
+    k = int(spec["num_classes"])
+    written, with_gt = [], 0
+    for name, img, gt in _predict_inputs(args, spec):
+        x = image_tensor(img, spec["mean"], spec["std"]).to(dev)
+        with torch.no_grad():
+            pred = predict_logits(net, x, k, spec.get("crop"), spec.get("stride"))[0].argmax(0).cpu().numpy()
+        out = os.path.join(args.output_dir, f"{name}_mask.png")
+        save_png(colorize(pred, k), out)
+        save_png(pred.astype("uint8"), os.path.join(args.output_dir, f"{name}_labels.png"))
+        written.append(out)
+        if gt is not None:
+            with_gt += 1
+            save_png(side_by_side(img, colorize(pred, k), colorize(gt, k)),
+                     os.path.join(args.output_dir, f"{name}_side.png"))
+    print(f"wrote {len(written)} colourised masks (NAME_mask.png; class indices in NAME_labels.png)"
+          + (f" and {with_gt} image | truth | prediction pictures (NAME_side.png)" if with_gt else "")
+          + f" to {os.path.abspath(args.output_dir)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from slaknet.segment.infer import export_segmentation
+
+    res = export_segmentation(args.checkpoint, args.output, args.format, args.input_size, args.reparam)
+    print(res.summary())
+    return 0
