@@ -2,7 +2,7 @@
 
 Examples::
 
-    slaknet distill                                  # demo: teacher -> 7x7 twin vs the twin alone, 3 seeds
+    slaknet distill                                  # demo: teacher -> 7x7 twin vs the twin alone, 3 seeds (~16 min)
     slaknet distill --teacher-checkpoint runs/teacher/model.safetensors --model slak_pico_k7 \\
         --distill-type NKD -o runs/student
     slaknet distill --teacher slak_tiny --teacher-checkpoint SLaK_tiny_checkpoint.pth \\
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_distill_arguments(parser)
     g = parser.add_argument_group("demo (used when no --teacher-checkpoint is given)")
     g.add_argument("--budget", default="default", choices=["tiny", "short", "default", "large"],
-                   help="demo size: tiny (seconds, a smoke test), short (2 seeds), default (3 seeds, about 10 "
-                        "minutes on 2 quiet CPU cores), large (5 seeds, 2000 held-out images)")
+                   help="demo size: tiny (seconds, a smoke test), short (2 seeds), default (3 seeds, about 16 "
+                        "minutes on one idle CPU core), large (5 seeds, 2000 held-out images)")
     g.add_argument("--seeds", type=int, default=None, help="demo: seeds per arm (default: the budget's)")
 
 
