@@ -18,6 +18,7 @@ ALLOWED = {
     "train": BASE | {"models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "study": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "distill": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
+    "detect": BASE | {"train", "models", "deploy", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
 }
 
 

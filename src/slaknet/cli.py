@@ -27,6 +27,7 @@ COMMANDS = {
     "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
     "study": ("slaknet.study.cli", "miniature SLaK ablations (kernel size, sparsity, masks, growth, ERF): table + plots"),
+    "detect": ("slaknet.detect.cli", "object detection / instance masks with a SLaK backbone (no arguments: CPU demo)"),
 }
 
 

@@ -15,7 +15,8 @@ __all__ = ["register_task", "get_task_class", "available_tasks", "TASKS"]
 
 TASKS: Dict[str, Type] = {}
 # built-in tasks, imported on first use (keeps `slaknet --help` and config validation light)
-_LAZY = {"classification": "slaknet.train.tasks.classification", "study": "slaknet.study.task"}
+_LAZY = {"classification": "slaknet.train.tasks.classification", "study": "slaknet.study.task",
+         "detection": "slaknet.detect.task"}
 
 
 def register_task(name: str) -> Callable[[Type], Type]:
