@@ -61,10 +61,10 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "slak_b": _paper("slak_base", u=100, prune_rate=0.3, drop_path=0.5, batch=32),
     # detection (slaknet.detect, `slaknet detect train`; docs/detection.md). det_demo: the CPU demo's settings
     # (measured on 2 cores); coco: the paper's COCO fine-tuning (Mask R-CNN instead of Cascade Mask R-CNN)
-    "det_demo": dict(_COMMON, task="detection", data="builtin:contours", input_size=96, epochs=6, batch_size=8,
+    "det_demo": dict(_COMMON, task="detection", data="builtin:contours", input_size=96, epochs=5, batch_size=8,
                      lr=1e-3, warmup_epochs=0.5, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
                      model_ema=False, drop_path=0.0, num_workers=0, sparse=False, fit_kernels=True, threads="auto",
-                     bn_recalibrate=0, train_samples=400, val_samples=100, clip_grad=5.0,
+                     bn_recalibrate=0, train_samples=320, val_samples=100, clip_grad=5.0,
                      task_options=dict(fpn_channels=64, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch=64, roi_batch=64,
                                        rpn_pre_nms_train=300, rpn_post_nms_train=100, rpn_pre_nms_test=300,
                                        rpn_post_nms_test=100, box_head_size=128, mask_channels=64, mask_layers=2,
