@@ -14,7 +14,7 @@ without knowing how its backbone was first initialised.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -152,12 +152,3 @@ def set_test_size(model: nn.Module, size: int, max_size: Optional[int] = None) -
     if max_size is not None:
         model.transform.max_size = int(max_size)
 
-
-def trainable_summary(model: nn.Module) -> List[str]:
-    """Parameter counts of backbone / FPN / heads (for the run header)."""
-    def count(prefix: str) -> int:
-        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
-
-    body, fpn = count("backbone.body."), count("backbone.fpn.")
-    total = sum(p.numel() for p in model.parameters())
-    return [f"backbone {body / 1e6:.2f}M", f"FPN {fpn / 1e6:.2f}M", f"heads {(total - body - fpn) / 1e6:.2f}M"]

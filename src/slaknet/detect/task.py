@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -132,8 +132,3 @@ class DetectionTask(Task):
         return {"task": "detection", "detector": str(self.opts["detector"]),
                 "detection_options": json.dumps(self.opts)}
 
-
-def options_of_checkpoint(config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The detection options a training checkpoint's stored config resolves to."""
-    config = dict(config or {})
-    return resolve_options(config.get("task_options"), int(config.get("input_size") or 800))
