@@ -303,3 +303,27 @@ def test_train_on_coco_folder_keeps_class_names(tmp_path, capsys):
     assert "multi-scale shorter side 48-64" in text
     ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
     assert ck["classes"] == ["ring", "disc"] and ck["bad_images"] == 1
+
+
+def test_recipes_and_yaml_options(tmp_path):
+    import argparse
+
+    from slaknet.detect.cli import add_arguments, train_config
+
+    def cfg_of(argv):
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        return train_config(p.parse_args(["train"] + argv))
+
+    demo = cfg_of([])
+    assert demo.recipe == "det_demo" and demo.task == "detection" and demo.data == "builtin:contours"
+    (tmp_path / "coco").mkdir()
+    coco = cfg_of(["--data", str(tmp_path / "coco")])
+    assert coco.recipe == "coco" and coco.lr == 1e-4 and coco.weight_decay == 0.05 and coco.epochs == 36
+    assert coco.opt == "adamw" and coco.task_options["train_sizes"] == list(range(480, 801, 32))
+    (tmp_path / "c.yaml").write_text('epochs: 2\ntask-option: ["fpn_channels=16", "mask_layers=1"]\n')
+    cfg = cfg_of(["--config", str(tmp_path / "c.yaml"), "--task-option", "mask_layers=3", "--detector", "fcos"])
+    assert cfg.epochs == 2 and cfg.task_options["fpn_channels"] == 16 and cfg.task_options["mask_layers"] == 3
+    assert cfg.task_options["detector"] == "fcos"
+    with pytest.raises(ConfigError, match="classification recipe"):
+        cfg_of(["--recipe", "imagenet"])

@@ -98,7 +98,10 @@ def _apply_yaml(args: argparse.Namespace) -> None:
     _detection_train_arguments(fresh)
     defaults = vars(fresh.parse_args([]))
     for dest, value in load_yaml_defaults(args.config, fresh).items():
-        if getattr(args, dest, None) == defaults.get(dest):
+        if dest == "task_option_list":  # the file's options first, the command line's after (they win)
+            value = [value] if isinstance(value, str) else list(value)
+            args.task_option_list = value + list(args.task_option_list or [])
+        elif getattr(args, dest, None) == defaults.get(dest):
             setattr(args, dest, value)
 
 
