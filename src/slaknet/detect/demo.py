@@ -88,6 +88,9 @@ def run_demo(out_root: str = "runs/detect-demo", epochs: Optional[int] = None, t
     for r in runs:
         print(f"{r['label']:36s} {r['map']:7.1f} {r['map50']:6.1f} {r['mask_map']:8.1f} {r['params'] / 1e6:7.2f}M "
               f"{r['steps']:6d} {r['wall']:6.0f}s")
+    print("one seed, 100 held-out images: differences of a few AP points are within seed noise here. At 96 px the "
+          "7x7 twin's receptive field already spans the image by stage 3 and Mask R-CNN's RoI head sees each "
+          "candidate curve whole, so this demo shows the pipeline working, not the paper's COCO gain.")
     pic = os.path.join(out_root, "predictions.png")
     _picture(runs, pic)
     try:
