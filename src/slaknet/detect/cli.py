@@ -188,9 +188,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from torchvision.io import write_png
-
-    from slaknet.detect.inference import draw_detections, load_detector, predict_images, read_image
+    from slaknet.detect.inference import draw_detections, load_detector, predict_images, read_image, save_png
     from slaknet.io import atomic_path
 
     dev = _device(args.device)
@@ -201,8 +199,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         img = read_image(path)
         rec = predict_images(det, [img], args.score_thresh, dev)[0]
         png = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        with atomic_path(png) as tmp:
-            write_png(draw_detections(img, rec), tmp)
+        save_png(draw_detections(img, rec), png)
         rec.pop("_masks", None)
         records.append(dict(image=path, drawn=png, **rec))
         print(f"{path}: {len(rec['boxes'])} detections -> {png}")

@@ -39,12 +39,10 @@ def demo_config(model: str, out: str, epochs: Optional[int] = None, train_sample
 
 
 def _picture(runs: List[Dict[str, Any]], path: str, n: int = 4) -> None:
-    from torchvision.io import write_png
     from torchvision.utils import make_grid
 
     from slaknet.detect.data import ContourDetection
-    from slaknet.detect.inference import LoadedDetector, draw_detections, predict_images
-    from slaknet.io import atomic_path
+    from slaknet.detect.inference import LoadedDetector, draw_detections, predict_images, save_png
 
     ds = ContourDetection("val", n, runs[0]["cfg"].input_size, runs[0]["cfg"].data_seed)
     tiles = []
@@ -58,8 +56,7 @@ def _picture(runs: List[Dict[str, Any]], path: str, n: int = 4) -> None:
             row.append(draw_detections(x, predict_images(det, [x], 0.5)[0], "red"))
         tiles += row
     grid = make_grid(torch.stack(tiles), nrow=2 + len(runs), padding=2, pad_value=255)
-    with atomic_path(path) as tmp:
-        write_png(grid, tmp)
+    save_png(grid, path)
 
 
 def run_demo(out_root: str = "runs/detect-demo", epochs: Optional[int] = None, train_samples: Optional[int] = None,

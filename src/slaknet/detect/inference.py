@@ -17,7 +17,7 @@ import torch.nn as nn
 from slaknet.detect.options import resolve_options
 from slaknet.errors import CheckpointError, ConfigError
 
-__all__ = ["LoadedDetector", "load_detector", "predict_images", "draw_detections", "read_image"]
+__all__ = ["LoadedDetector", "load_detector", "predict_images", "draw_detections", "read_image", "save_png"]
 
 
 @dataclass
@@ -122,3 +122,13 @@ def draw_detections(image: torch.Tensor, rec: Dict[str, Any], colour: str = "red
         labels = [f"{n} {s:.2f}" for n, s in zip(rec["names"], rec["scores"])] if image.shape[-1] >= 200 else None
         im = draw_bounding_boxes(im, torch.tensor(rec["boxes"]), labels=labels, colors=colour, width=1)
     return im
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """Write a uint8 [3, H, W] tensor as PNG atomically (PIL; torchvision's image encoders are deprecated)."""
+    from PIL import Image
+
+    from slaknet.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
