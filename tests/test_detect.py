@@ -111,14 +111,15 @@ def _opts(**kw):
     return resolve_options(given, 64)
 
 
-@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+@pytest.mark.parametrize("kind", ["mask_rcnn", "faster_rcnn", "retinanet", "fcos"])
 def test_detector_takes_any_input_size(kind):
     from slaknet.deploy.backbone import SLaKBackbone
     from slaknet.detect.model import build_detector
 
     torch.manual_seed(0)
     body = SLaKBackbone("slak_pico", norm_outputs=True, kernel_size=(7, 7, 7, 7))
-    model = build_detector(body, 1, _opts(detector=kind, score_thresh=0.0), (0.5,) * 3, (0.25,) * 3).eval()
+    extra = dict(fpn_channels=32) if kind == "fcos" else {}  # FCOS's head: GroupNorm(32)
+    model = build_detector(body, 1, _opts(detector=kind, score_thresh=0.0, **extra), (0.5,) * 3, (0.25,) * 3).eval()
     assert model.transform.size_divisible == 32
     with torch.no_grad():
         out = model([torch.rand(3, 50, 70), torch.rand(3, 64, 64)])
@@ -128,6 +129,11 @@ def test_detector_takes_any_input_size(kind):
         assert b.numel() == 0 or (b[:, 2].max() <= w + 1e-4 and b[:, 3].max() <= h + 1e-4)
         if kind == "mask_rcnn":
             assert o["masks"].shape[-2:] == (h, w)
+    ds = ContourDetection("train", 2, 64)
+    images, targets, _, _ = detection_collate([ds[0], ds[1]])
+    losses = model.train()(images, targets)  # train mode: torchvision's loss dict
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    assert ("loss_mask" in losses) == (kind == "mask_rcnn")
 
 
 def test_backbone_from_classification_checkpoint(tmp_path):
@@ -230,10 +236,12 @@ def test_bad_options_are_one_line(tmp_path, capsys):
     rc, _, err = _run(["detect", "train", "-o", str(tmp_path / "x")] + TINY + ["--task-option", "anchor_sizes=8,16"],
                       capsys)
     assert rc == 2 and "anchor_sizes needs 5 values" in err
-    with pytest.raises(ConfigError, match="unknown detection option"):
-        from slaknet.detect.options import parse_option
+    from slaknet.detect.options import parse_option, resolve_options
 
+    with pytest.raises(ConfigError, match="unknown detection option"):
         parse_option("nonsense=1")
+    with pytest.raises(ConfigError, match="fcos needs fpn_channels divisible by 32"):
+        resolve_options({"detector": "fcos", "fpn_channels": 48}, 64)
 
 
 # ------------------------------------------------------------------------------------------------ COCO ----

@@ -101,6 +101,9 @@ def resolve_options(given: Optional[Mapping[str, Any]], input_size: int) -> Dict
     for k in _LISTS:
         if not opts[k] or any(float(v) <= 0 for v in opts[k]):
             raise ConfigError(f"detection option {k} must be a non-empty list of positive numbers, got {opts[k]}")
+    if opts["detector"] == "fcos" and int(opts["fpn_channels"]) % 32:
+        raise ConfigError(f"fcos needs fpn_channels divisible by 32 (its head uses GroupNorm(32)), "
+                          f"got {opts['fpn_channels']}")
     if len(opts["anchor_sizes"]) != 5:
         raise ConfigError(f"detection option anchor_sizes needs 5 values (FPN levels at strides 4-64), "
                           f"got {opts['anchor_sizes']}")
