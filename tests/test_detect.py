@@ -335,3 +335,23 @@ def test_recipes_and_yaml_options(tmp_path):
     assert cfg.task_options["detector"] == "fcos"
     with pytest.raises(ConfigError, match="classification recipe"):
         cfg_of(["--recipe", "imagenet"])
+
+
+def test_train_from_classification_checkpoint_then_eval(tmp_path, capsys):
+    import slaknet
+
+    torch.manual_seed(2)
+    clf = slaknet.create_model("slak_pico", num_classes=5, kernel_size=(9, 9, 7, 7))
+    torch.save({"model": clf.state_dict()}, tmp_path / "clf.pth")
+    out = str(tmp_path / "run")
+    argv = ["detect", "train", "-o", out, "--backbone-checkpoint", str(tmp_path / "clf.pth"), "--max-steps", "1"]
+    rc, text, err = _run(argv + TINY + ["--lr", "0"], capsys)  # lr 0: the backbone keeps the file's weights
+    assert rc == 0, err
+    assert "kernels 9 9 7 7" in text
+    sd = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["model"]
+    for k, v in clf.state_dict().items():
+        if k.startswith(("stages.", "downsample_layers.")) and not k.endswith("num_batches_tracked") \
+                and "running_" not in k:
+            assert torch.equal(sd["backbone.body." + k], v), k
+    rc, text, err = _run(["detect", "eval", "--checkpoint", os.path.join(out, "model.safetensors")], capsys)
+    assert rc == 0 and "box AP" in text, err
