@@ -330,9 +330,9 @@ def test_recipes_and_yaml_options(tmp_path):
     assert coco.recipe == "coco" and coco.lr == 1e-4 and coco.weight_decay == 0.05 and coco.epochs == 36
     assert coco.opt == "adamw" and coco.task_options["train_sizes"] == list(range(480, 801, 32))
     (tmp_path / "c.yaml").write_text('epochs: 2\ntask-option: ["fpn_channels=16", "mask_layers=1"]\n')
-    cfg = cfg_of(["--config", str(tmp_path / "c.yaml"), "--task-option", "mask_layers=3", "--detector", "fcos"])
+    cfg = cfg_of(["--config", str(tmp_path / "c.yaml"), "--task-option", "mask_layers=3", "--detector", "retinanet"])
     assert cfg.epochs == 2 and cfg.task_options["fpn_channels"] == 16 and cfg.task_options["mask_layers"] == 3
-    assert cfg.task_options["detector"] == "fcos"
+    assert cfg.task_options["detector"] == "retinanet"
     with pytest.raises(ConfigError, match="classification recipe"):
         cfg_of(["--recipe", "imagenet"])
 
