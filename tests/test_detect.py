@@ -355,3 +355,47 @@ def test_train_from_classification_checkpoint_then_eval(tmp_path, capsys):
             assert torch.equal(sd["backbone.body." + k], v), k
     rc, text, err = _run(["detect", "eval", "--checkpoint", os.path.join(out, "model.safetensors")], capsys)
     assert rc == 0 and "box AP" in text, err
+
+
+
+_KILL_AT_STEP_3 = """
+import argparse, os, signal, sys
+from slaknet.detect.cli import add_arguments, train_config
+from slaknet.train.trainer import Callback, Trainer
+
+class Kill(Callback):
+    def on_step_end(self, trainer, loss):
+        if trainer.state.step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+p = argparse.ArgumentParser()
+add_arguments(p)
+Trainer(train_config(p.parse_args(["train"] + sys.argv[1:])), callbacks=[Kill()]).fit()
+"""
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, capsys, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    # the reference runs here, the killed run in a child: pin the 1x1 GEMM so that both use the same one
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    args = TINY + ["--epochs", "3", "--seed", "4", "--ckpt-every-steps", "1"]
+    assert _run(["detect", "train", "-o", ref] + args, capsys)[0] == 0
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_3, *args, "-o", cut], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ck = os.path.join(cut, "checkpoint-last.pth")
+    mid = torch.load(ck, weights_only=True)
+    assert mid["step"] == 3 and mid["epoch"] == 1 and mid["batch_in_epoch"] == 1  # mid-epoch 2 of 3
+    assert _run(["detect", "train", "--resume", ck], capsys)[0] == 0
+    a = torch.load(os.path.join(ref, "checkpoint-last.pth"), weights_only=True)
+    b = torch.load(ck, weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [h["val_map"] for h in a["history"]] == [h["val_map"] for h in b["history"]]
