@@ -19,6 +19,7 @@ ALLOWED = {
     "study": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "distill": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "segment": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "deploy", "(root)"},
+    "detect": BASE | {"train", "models", "deploy", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
 }
 
 

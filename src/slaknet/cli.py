@@ -29,6 +29,7 @@ COMMANDS = {
     "distill": ("slaknet.distill.cli", "distil a frozen teacher into a student (no arguments: CPU demo, teacher -> 7x7 twin vs alone)"),
     "study": ("slaknet.study.cli", "miniature SLaK ablations (kernel size, sparsity, masks, growth, ERF): table + plots"),
     "segment": ("slaknet.segment.cli", "semantic segmentation: SLaK + UperNet train / eval / predict / export (no arguments: CPU demo)"),
+    "detect": ("slaknet.detect.cli", "object detection / instance masks with a SLaK backbone (no arguments: CPU demo)"),
 }
 
 

@@ -75,6 +75,24 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                    task_options=dict(arch="upernet", decoder_channels=512, aux_weight=0.4, aux_channels=256,
                                      crop=512, scale=[0.5, 2.0], slide_stride=341, layer_decay=0.9, num_layers=6,
                                      schedule="poly", poly_power=1.0, warmup_ratio=1e-6)),
+    # detection (slaknet.detect, `slaknet detect train`; docs/detection.md). det_demo: the CPU demo's settings
+    # (measured on 2 cores); coco: the paper's COCO fine-tuning (Mask R-CNN instead of Cascade Mask R-CNN)
+    "det_demo": dict(_COMMON, task="detection", data="builtin:contours", input_size=96, epochs=5, batch_size=8,
+                     lr=1e-3, warmup_epochs=0.5, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
+                     model_ema=False, drop_path=0.0, num_workers=0, sparse=False, fit_kernels=True, threads="auto",
+                     bn_recalibrate=0, train_samples=320, val_samples=100, clip_grad=5.0,
+                     task_options=dict(fpn_channels=64, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch=64, roi_batch=64,
+                                       rpn_pre_nms_train=300, rpn_post_nms_train=100, rpn_pre_nms_test=300,
+                                       rpn_post_nms_test=100, box_head_size=128, mask_channels=64, mask_layers=2,
+                                       detections=20, max_size=96)),
+    # ConvNeXt's mask_rcnn_convnext_tiny_patch4_window7_mstrain_480-800_adamw_3x_coco_in1k.py (which SLaK's
+    # detection code follows): AdamW lr 1e-4, wd 0.05, 36 epochs (3x), batch 16 = 8 GPUs x 2, 500 warm-up
+    # iterations, drop path 0.4 (SLaK-T), multi-scale shorter side 480-800 (step 32), longer side <= 1333
+    "coco": dict(_COMMON, task="detection", model="slak_tiny", input_size=800, epochs=36, batch_size=2, lr=1e-4,
+                 weight_decay=0.05, warmup_steps=500, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
+                 model_ema=False, drop_path=0.4, layer_scale_init_value=1.0, num_workers=4, sparse=False,
+                 fit_kernels=False, bn_recalibrate=0,
+                 task_options=dict(train_sizes=list(range(480, 801, 32)), test_size=800, max_size=1333)),
 }
 # GPUs the paper's commands ran on (for the header's effective-batch note and docs/training.md)
 PAPER_GPUS = {"slak_t": 4, "slak_s": 8, "slak_b": 16}

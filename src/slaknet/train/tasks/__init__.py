@@ -16,7 +16,8 @@ __all__ = ["register_task", "get_task_class", "available_tasks", "TASKS"]
 TASKS: Dict[str, Type] = {}
 # built-in tasks, imported on first use (keeps `slaknet --help` and config validation light)
 _LAZY = {"classification": "slaknet.train.tasks.classification", "study": "slaknet.study.task",
-         "distillation": "slaknet.distill.task", "segmentation": "slaknet.segment.task"}
+         "distillation": "slaknet.distill.task", "segmentation": "slaknet.segment.task",
+         "detection": "slaknet.detect.task"}
 
 
 def register_task(name: str) -> Callable[[Type], Type]:

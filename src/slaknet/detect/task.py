@@ -1,0 +1,134 @@
+"""The ``detection`` training task: a torchvision detector on a SLaK backbone, for the shared Trainer.
+
+Batches are ``(list of images, list of target dicts, ...)`` (:func:`slaknet.detect.data.detection_collate`);
+the model computes its own losses in train mode (torchvision's loss dict, summed); evaluation is COCO
+box / mask AP (:mod:`slaknet.detect.metrics`); ``val_map`` decides ``checkpoint-best.pth``. Settings
+beyond ``slaknet train``'s flags live in ``cfg.task_options`` (:mod:`slaknet.detect.options`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from slaknet.detect.data import BUILTIN_DETECTION, ContourDetection, detection_collate
+from slaknet.detect.options import resolve_options
+from slaknet.errors import ConfigError
+from slaknet.models.slak import IMAGENET_MEAN, IMAGENET_STD
+from slaknet.train.tasks import register_task
+from slaknet.train.tasks.base import Task, TaskData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slaknet.train.trainer import Trainer
+
+__all__ = ["DetectionTask", "build_detection_data"]
+
+
+def build_detection_data(cfg: Any, opts: Dict[str, Any]) -> TaskData:
+    """Train / val sets for ``cfg.data``: ``builtin:contours`` or a COCO folder (see :mod:`slaknet.detect.coco`)."""
+    if cfg.data in (BUILTIN_DETECTION, "contours"):
+        size = int(cfg.input_size)
+        tr = ContourDetection("train", int(cfg.train_samples), size, int(cfg.data_seed), flip=bool(opts["hflip"]))
+        va = ContourDetection("val", int(cfg.val_samples), size, int(cfg.data_seed))
+        return TaskData(tr, va, list(tr.classes), IMAGENET_MEAN, IMAGENET_STD, tr.describe())
+    if str(cfg.data).startswith("builtin:"):
+        raise ConfigError(f"unknown built-in detection data {cfg.data!r}; available: {BUILTIN_DETECTION}")
+    from slaknet.detect.coco import coco_splits
+
+    tr, va = coco_splits(cfg.data, cfg.eval_data, flip=bool(opts["hflip"]))
+    return TaskData(tr, va, list(tr.classes), IMAGENET_MEAN, IMAGENET_STD, tr.describe())
+
+
+@register_task("detection")
+class DetectionTask(Task):
+    """Mask R-CNN (default), Faster R-CNN, RetinaNet or FCOS with a SLaK + FPN backbone; box AP decides best."""
+
+    best_metric = "val_map"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.opts = resolve_options(cfg.task_options, int(cfg.input_size))
+
+    def build_data(self, trainer: "Trainer") -> TaskData:
+        return build_detection_data(self.cfg, self.opts)
+
+    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+        from slaknet.detect.model import backbone_from_config, build_detector
+
+        if self.cfg.finetune:
+            raise ConfigError("detection: give the backbone's classification checkpoint as --backbone-checkpoint "
+                              "(task option backbone_checkpoint), not --finetune")
+        body = backbone_from_config(self.cfg, self.opts["backbone_checkpoint"])
+        model = build_detector(body, num_classes, self.opts, trainer.data.mean, trainer.data.std)
+        self._masks = self.opts["detector"] == "mask_rcnn"
+        ks = [int(k) for k in (body.kernel_sizes or [])]
+        return model, {"kernels": ks, "small_kernel": body.small_kernel, "resolved_kernel_size": ks,
+                       "detector": self.opts["detector"], "detection_options": dict(self.opts)}
+
+    def check(self, trainer: "Trainer") -> None:
+        c = self.cfg
+        if c.mixup or c.cutmix:
+            raise ConfigError("detection has no mixup / cutmix; leave --mixup / --cutmix at 0")
+        if c.bn_recalibrate:
+            raise ConfigError("--bn-recalibrate needs classification batches; detection runs with it off (0)")
+        if c.channels_last:
+            raise ConfigError("--channels-last is not supported by the detection task (image lists)")
+
+    def criterion(self) -> nn.Module:
+        return nn.Identity()  # unused: torchvision detectors compute their own losses
+
+    def sparse_config(self, trainer: "Trainer", total_steps: int) -> Any:
+        sc = super().sparse_config(trainer, total_steps)
+        if sc is None:
+            return None
+        if sc.sparse_init == "snip":
+            raise ConfigError("--sparse-init snip needs a classification batch; detection supports ERK and "
+                              "uniform initial masks (e.g. --sparse-init ERK)")
+        if self.cfg.sparse_exclude is None and self.cfg.sparse_include is None:
+            from slaknet.detect.model import HEAD_PATTERNS
+
+            sc = dataclasses.replace(sc, exclude=list(HEAD_PATTERNS))  # the backbone is sparse, FPN and heads dense
+        return sc
+
+    def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
+        raise ConfigError("--sparse-init snip needs a classification batch; use --sparse-init ERK for detection")
+
+    def collate(self, batch: List[Tuple[Any, ...]]) -> Tuple[Any, ...]:
+        return detection_collate(batch)
+
+    def move_batch(self, trainer: "Trainer", batch: Sequence[Any]) -> Tuple[Any, Any]:
+        dev = trainer.device
+        images = [im.to(dev, non_blocking=True) for im in batch[0]]
+        targets = [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in batch[1]]
+        return images, targets
+
+    def training_loss(self, trainer: "Trainer", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        losses = model(x, y)
+        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+        return sum(losses.values())
+
+    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
+        from slaknet.detect.metrics import evaluate_detector
+        from slaknet.detect.model import set_test_size
+
+        train_sizes, max_size = model.transform.min_size, model.transform.max_size
+        set_test_size(model, int(self.opts["test_size"]))
+        try:
+            return evaluate_detector(model, trainer.data.val, trainer.device, int(self.opts["eval_batch"]),
+                                     masks=self.opts["detector"] == "mask_rcnn")
+        finally:
+            model.transform.min_size, model.transform.max_size = train_sizes, max_size
+
+    def describe(self) -> str:
+        o = self.opts
+        sizes = o["train_sizes"]
+        scale = f"shorter side {sizes[0]}" if len(sizes) == 1 else f"multi-scale shorter side {min(sizes)}-{max(sizes)}"
+        return f"{o['detector']} + FPN, {scale}" + (", flips" if o["hflip"] else "")
+
+    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+        return {"task": "detection", "detector": str(self.opts["detector"]),
+                "detection_options": json.dumps(self.opts)}
+
