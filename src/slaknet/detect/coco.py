@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from slaknet.errors import ConfigError
+from slaknet.errors import ConfigError, import_optional
 
 __all__ = ["CocoDetection", "coco_splits", "find_split"]
 
@@ -54,8 +54,7 @@ class CocoDetection(Dataset):
 
     def __init__(self, ann_file: str, image_dir: str, classes: Optional[List[str]] = None, train: bool = False,
                  flip: bool = False) -> None:
-        from pycocotools.coco import COCO
-
+        COCO = import_optional("pycocotools.coco", "dense", "the COCO reader").COCO
         if not os.path.isfile(ann_file):
             raise ConfigError(f"COCO annotation file {ann_file!r} does not exist")
         import contextlib

@@ -18,7 +18,10 @@ class DetectionMeter:
     with masks, ``mask_map``, ``mask_map50`` (percent)."""
 
     def __init__(self, masks: bool) -> None:
-        from torchmetrics.detection import MeanAveragePrecision
+        from slaknet.errors import import_optional
+
+        import_optional("pycocotools", "dense", "COCO AP")
+        MeanAveragePrecision = import_optional("torchmetrics.detection", "dense", "COCO AP").MeanAveragePrecision
 
         self.masks = bool(masks)
         iou = ("bbox", "segm") if self.masks else "bbox"

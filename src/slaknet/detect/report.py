@@ -1,10 +1,8 @@
 """What a detection run prints beside the trainer's lines: box / mask AP after each evaluation."""
 from __future__ import annotations
 
-import os
 from typing import Any, Dict
 
-from slaknet.train.rundir import CKPT_BEST
 from slaknet.train.trainer import Callback
 
 __all__ = ["APLines", "ap_text"]
@@ -33,7 +31,3 @@ class APLines(Callback):
         if trainer.dist.is_main and st.best_epoch >= 0:
             trainer.logger.print(f"  best val box AP {st.best_metric:.1f} at epoch {st.best_epoch + 1} "
                                  "(COCO AP@[.50:.95], percent)")
-        if trainer.dist.is_main and trainer.out_dir:
-            best = os.path.join(trainer.out_dir, CKPT_BEST)
-            trainer.logger.print(f"  detection: slaknet detect eval --checkpoint {best}   |   slaknet detect predict "
-                                 f"IMAGE --checkpoint {best} -o predictions/")

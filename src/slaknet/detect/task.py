@@ -47,6 +47,7 @@ class DetectionTask(Task):
     """Mask R-CNN (default), Faster R-CNN, RetinaNet or FCOS with a SLaK + FPN backbone; box AP decides best."""
 
     best_metric = "val_map"
+    command, eval_command, predict_command = "slaknet detect train", "slaknet detect eval", "slaknet detect predict"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

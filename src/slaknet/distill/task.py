@@ -37,6 +37,7 @@ class DistillTask(ClassificationTask):
     """Train the student on ``loss(student, target, teacher)``; the student is evaluated and saved as usual."""
 
     best_metric = "val_top1"
+    command = "slaknet distill"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

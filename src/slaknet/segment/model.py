@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slaknet.errors import CheckpointError, ConfigError
+from slaknet.errors import CheckpointError, ConfigError, import_optional
 
 __all__ = ["SegmentationNet", "FCNAuxHead", "build_segmentation_model", "encoder_kwargs", "load_backbone",
            "layer_decay_groups", "stage_wise_layer_id", "SMP_ARCHS"]
@@ -127,8 +127,7 @@ def build_segmentation_model(model_name: str, num_classes: int, arch: str = "upe
     plus the FCN auxiliary head on stage 3 when ``aux_weight > 0``."""
     import importlib
 
-    import segmentation_models_pytorch as smp
-
+    smp = import_optional("segmentation_models_pytorch", "dense", "slaknet segment")
     importlib.import_module("slaknet.models")  # registers the SLaK variants with timm (tu-slak_*)
 
     if arch.lower() not in SMP_ARCHS:

@@ -90,6 +90,7 @@ class SegmentationTask(Task):
     """Semantic segmentation (module docstring); ``val_miou`` decides checkpoint-best.pth."""
 
     best_metric = "val_miou"
+    command, eval_command, predict_command = "slaknet segment train", "slaknet segment eval", "slaknet segment predict"
     init_seed_key = 0x5E6
 
     def __init__(self, cfg: Any) -> None:

@@ -32,7 +32,7 @@ def header_lines(tr: "Trainer") -> List[str]:
     if m.get("kernels"):
         arch = f"; kernels {' '.join(str(k) for k in m['kernels'])}" + (
             f", small kernel N={m['small_kernel']}" if m.get("small_kernel") is not None else "")
-    lines = [f"slaknet train: {cfg.model} ({n_params / 1e6:.2f}M params{arch}) on {tr.data.description or cfg.data}"]
+    lines = [f"{tr.task.command}: {cfg.model} ({n_params / 1e6:.2f}M params{arch}) on {tr.data.description or cfg.data}"]
     sc = tr.sparse_config
     sparse = (f"sparsity {sc.sparsity:.2f} (u={sc.update_frequency}, {sc.sparse_init}, growth {sc.growth})"
               if sc is not None else "dense")
@@ -161,8 +161,8 @@ def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
     if out:
         lines.append(f"  outputs in {out}: model.safetensors (last weights), {CKPT_BEST} (best), {CKPT_LAST} "
                      "(resume), log.jsonl, curves.png, summary.json, config.yaml")
-        lines.append(f"  next: slaknet eval --checkpoint {os.path.join(out, CKPT_BEST)}   |   slaknet predict IMAGE "
-                     f"--checkpoint {os.path.join(out, 'model.safetensors')}")
+        lines.append(f"  next: {tr.task.eval_command} --checkpoint {os.path.join(out, CKPT_BEST)}   |   "
+                     f"{tr.task.predict_command} IMAGE --checkpoint {os.path.join(out, 'model.safetensors')}")
     return lines
 
 

@@ -49,6 +49,9 @@ class Task:
     name = "task"
     best_metric = "val_top1"   # key of the evaluation record that decides checkpoint-best.pth (higher wins)
     init_seed_key = 0x5EED     # seed_everything(seed, key) before data and model are built
+    command = "slaknet train"  # the command that trains it (run header); eval / predict: "<this> -> next" lines
+    eval_command = "slaknet eval"
+    predict_command = "slaknet predict"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
