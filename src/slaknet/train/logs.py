@@ -97,7 +97,7 @@ class StepProgress:
 
 
 def plot_curves(history: List[Dict[str, Any]], path: str) -> None:
-    """Learning curves (train / val loss, val top-1) as a PNG."""
+    """Learning curves (train / val loss; val top-1, mIoU or AP, whichever the task reports) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,13 +113,15 @@ def plot_curves(history: List[Dict[str, Any]], path: str) -> None:
     a.set_ylabel("loss")
     a.legend()
     a.grid(alpha=0.3)
-    for key, lab in (("val_top1", "val top-1"), ("ema_top1", "EMA top-1"), ("val_miou", "val mIoU")):
+    for key, lab in (("val_top1", "val top-1"), ("ema_top1", "EMA top-1"), ("val_miou", "val mIoU"),
+                     ("val_map", "val box AP"), ("val_mask_map", "val mask AP")):
         pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]
         if pts:
             b.plot(*zip(*pts), "o-", label=lab)
     b.set_xlabel("epoch")
-    b.set_ylabel("accuracy / mIoU (%)")
-    b.legend()
+    b.set_ylabel("accuracy / mIoU / AP (%)")
+    if b.get_legend_handles_labels()[0]:
+        b.legend()
     b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
