@@ -99,28 +99,13 @@ def run(args: argparse.Namespace) -> int:
     return run_demo(args.demo_dir, args.demo_epochs, args.demo_train_samples, args.demo_threads)
 
 
-def _apply_yaml(args: argparse.Namespace) -> None:
-    """Fill options the command line left unset from ``--config`` (YAML; flag names, e.g. ``crop: 512``)."""
-    if not getattr(args, "config", None):
-        return
-    from slaknet.train.config import load_yaml_defaults
-
-    fresh = argparse.ArgumentParser(add_help=False)
-    add_seg_train_arguments(fresh)
-    defaults = vars(fresh.parse_args([]))
-    for dest, value in load_yaml_defaults(args.config, fresh).items():
-        if getattr(args, dest, None) == defaults.get(dest):
-            if dest == "kernel_size" and isinstance(value, (int, str)):
-                value = [int(v) for v in str(value).split()]
-            setattr(args, dest, value)
-
-
 def train_config(args: argparse.Namespace) -> Any:
     """The resolved TrainConfig of ``slaknet segment train`` (task segmentation, seg recipe, task options)."""
     from slaknet.train.config import resolve_config
     from slaknet.train.recipes import RECIPES
+    from slaknet.train.train_cli import apply_yaml
 
-    _apply_yaml(args)
+    apply_yaml(args, add_seg_train_arguments)
     args.task = "segmentation"
     opts: Dict[str, Any] = {}
     if args.resume:
