@@ -279,6 +279,10 @@ def export_int8(model: nn.Module, path: str, calibration: str, *, input_size: Op
     Raises :class:`QuantizationCheckError` when the top-1 agreement is below ``min_agreement``.
     """
     _require_onnxruntime()
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"--min-agreement must be in [0, 1], got {min_agreement}")
+    if held_out < 0:
+        raise ConfigError(f"--held-out-images must be >= 0, got {held_out}")
     from slaknet.deploy.export import export_model
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
