@@ -189,7 +189,8 @@ def large_kernel_nodes(onnx_path: str) -> List[str]:
 
 def quantize_onnx(fp32_path: str, out_path: str, calibration: torch.Tensor, *, exclude: str = "none",
                   method: str = "minmax", per_channel: bool = True, reduce_range: bool = False,
-                  batch_size: int = 8, progress: Progress = None) -> List[str]:
+                  batch_size: int = 8, op_types: Optional[Sequence[str]] = None,
+                  progress: Progress = None) -> List[str]:
     """Static QDQ int8 quantization of ``fp32_path`` into ``out_path`` (onnxruntime), calibrated on
     ``calibration`` (``[N, C, H, W]``, normalised). Returns the names of the nodes left in fp32."""
     _require_onnxruntime()
@@ -231,7 +232,8 @@ def quantize_onnx(fp32_path: str, out_path: str, calibration: torch.Tensor, *, e
                  "percentile": CalibrationMethod.Percentile}[method]
         quantize_static(pre, out_path, _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=excluded or None, calibrate_method=calib)
+                        nodes_to_exclude=excluded or None, calibrate_method=calib,
+                        op_types_to_quantize=list(op_types) if op_types else None)
     return excluded
 
 
