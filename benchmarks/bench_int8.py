@@ -85,7 +85,7 @@ def main() -> None:
         fp32 = os.path.join(tmp, "fp32.onnx")
         t0 = time.perf_counter()
         export_model(model, fp32, "onnx", input_size=(args.size, args.size))
-        print(f"fp32 export {time.perf_counter() - t0:.1f}s")
+        print(f"fp32 export {time.perf_counter() - t0:.1f}s", flush=True)
         for arm in arms:
             if arm == "fp32 eager":
                 runners[arm] = lambda x: deploy(x)
@@ -100,12 +100,13 @@ def main() -> None:
                 path = os.path.join(tmp, f"{len(runners)}.onnx")
                 t0 = time.perf_counter()
                 quantize_onnx(fp32, path, cal, exclude="large_kernel" if "lk fp32" in arm else "none")
-                print(f"{arm}: quantized in {time.perf_counter() - t0:.1f}s, {os.path.getsize(path) / 2**20:.1f} MiB")
+                print(f"{arm}: quantized in {time.perf_counter() - t0:.1f}s, {os.path.getsize(path) / 2**20:.1f} MiB", flush=True)
                 runners[arm] = onnx_runner(path, args.threads)
         for arm, run in runners.items():
             if arm != "fp32 eager":
                 with torch.no_grad():
                     agree[arm] = compare_outputs(lambda x: run(x).float(), deploy, held)
+                print(f"{arm}: top-1 agreement {agree[arm]['top1_agreement']:.1%}", flush=True)
         times = {(arm, b): [] for arm in arms for b in args.batches}
         with torch.no_grad():
             for b in args.batches:
@@ -117,6 +118,8 @@ def main() -> None:
                         t0 = time.perf_counter()
                         run(x)
                         times[(arm, b)].append(time.perf_counter() - t0)
+                print(f"batch {b}: " + ", ".join(f"{a} {statistics.median(times[(a, b)]) * 1000:.1f} ms" for a in arms),
+                      flush=True)
     print(f"{args.model} {args.size}px, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}, "
           f"threads {args.threads}, reps {args.reps}, torch {torch.__version__}; CPU: {_cpu_flags()}; "
           f"load avg before {loads[0]:.2f}, after {os.getloadavg()[0]:.2f}")

@@ -19,6 +19,7 @@ fp32 (their inputs and outputs are still int8-rounded where neighbours are quant
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -169,10 +170,11 @@ def _normalizer(mean: Sequence[float], std: Sequence[float]) -> Callable[[torch.
 
 # ----------------------------------------------------------------------------------------- quantization --
 def _require_onnxruntime() -> None:
+    import importlib
+
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxruntime.quantization  # noqa: F401
+        for name in ("onnx", "onnxruntime", "onnxruntime.quantization"):
+            importlib.import_module(name)
     except ImportError as exc:
         raise ConfigError("int8 quantization needs onnx and onnxruntime: pip install 'slaknet[export]'") from exc
 
@@ -230,10 +232,16 @@ def quantize_onnx(fp32_path: str, out_path: str, calibration: torch.Tensor, *, e
         excluded = large_kernel_nodes(pre) if exclude == "large_kernel" else []
         calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
-        quantize_static(pre, out_path, _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=excluded or None, calibrate_method=calib,
-                        op_types_to_quantize=list(op_types) if op_types else None)
+        root = logging.getLogger()
+        level = root.level  # onnxruntime warns on the root logger per LayerNorm weight (per-tensor fallback)
+        root.setLevel(max(level, logging.ERROR))
+        try:
+            quantize_static(pre, out_path, _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded or None, calibrate_method=calib,
+                            op_types_to_quantize=list(op_types) if op_types else None)
+        finally:
+            root.setLevel(level)
     return excluded
 
 
