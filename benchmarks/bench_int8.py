@@ -60,7 +60,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and onnxruntime threads (default 1: on a shared 2-core machine 2 threads swing 10-50x)")
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--check-images", type=int, default=256)
     p.add_argument("--layer-scale", type=float, default=0.5)
@@ -95,13 +96,13 @@ def main() -> None:
                         return deploy(x)
                 runners[arm] = bf16
             elif arm == "ort fp32":
-                runners[arm] = onnx_runner(fp32, args.threads)
+                runners[arm] = onnx_runner(fp32, args.threads, spin=False)
             else:
                 path = os.path.join(tmp, f"{len(runners)}.onnx")
                 t0 = time.perf_counter()
                 quantize_onnx(fp32, path, cal, exclude="large_kernel" if "lk fp32" in arm else "none")
                 print(f"{arm}: quantized in {time.perf_counter() - t0:.1f}s, {os.path.getsize(path) / 2**20:.1f} MiB", flush=True)
-                runners[arm] = onnx_runner(path, args.threads)
+                runners[arm] = onnx_runner(path, args.threads, spin=False)
         for arm, run in runners.items():
             if arm != "fp32 eager":
                 with torch.no_grad():

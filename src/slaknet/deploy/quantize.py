@@ -245,13 +245,16 @@ def quantize_onnx(fp32_path: str, out_path: str, calibration: torch.Tensor, *, e
     return excluded
 
 
-def onnx_runner(path: str, threads: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function ``tensor -> logits`` running ``path`` in onnxruntime on the CPU."""
+def onnx_runner(path: str, threads: Optional[int] = None, spin: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function ``tensor -> logits`` running ``path`` in onnxruntime on the CPU. ``spin=False`` stops
+    onnxruntime's idle threads from spinning (when torch runs in the same process, e.g. in benchmarks)."""
     _require_onnxruntime()
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     in_name = session.get_inputs()[0].name
