@@ -53,6 +53,25 @@ def _randomize(model: torch.nn.Module, layer_scale: float) -> None:
                 m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
 
 
+def _print_table(args: argparse.Namespace, arms, times, agree, loads) -> None:
+    """The markdown table: median time per arm and batch, ratio to fp32 eager, agreement figures."""
+    print(f"{args.model} {args.size}px, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}, "
+          f"threads {args.threads}, reps {args.reps}, torch {torch.__version__}; CPU: {_cpu_flags()}; "
+          f"load avg before {loads[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print("| arm | " + " | ".join(f"batch {b}" for b in args.batches) + " | top-1 agreement vs fp32 eager | max abs logit diff |")
+    print("| --- |" + " ---: |" * (len(args.batches) + 2))
+    for arm in arms:
+        cells = []
+        for b in args.batches:
+            t, t32 = statistics.median(times[(arm, b)]), statistics.median(times[("fp32 eager", b)])
+            cells.append(f"{t * 1000:.1f} ms ({t32 / t:.2f}x)")
+        a = agree.get(arm)
+        extra = (f"{a['top1_agreement']:.1%} of {int(a['images'])} | {a['max_abs_diff']:.3g} (max abs logit "
+                 f"{a['ref_max_abs']:.3g})") if a else "- | -"
+        print(f"| {arm} | " + " | ".join(cells) + f" | {extra} |")
+
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="slak_tiny")
@@ -121,21 +140,7 @@ def main() -> None:
                         times[(arm, b)].append(time.perf_counter() - t0)
                 print(f"batch {b}: " + ", ".join(f"{a} {statistics.median(times[(a, b)]) * 1000:.1f} ms" for a in arms),
                       flush=True)
-    print(f"{args.model} {args.size}px, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}, "
-          f"threads {args.threads}, reps {args.reps}, torch {torch.__version__}; CPU: {_cpu_flags()}; "
-          f"load avg before {loads[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print("| arm | " + " | ".join(f"batch {b}" for b in args.batches) + " | top-1 agreement vs fp32 eager | max abs logit diff |")
-    print("| --- |" + " ---: |" * (len(args.batches) + 2))
-    for arm in arms:
-        cells = []
-        for b in args.batches:
-            t, t32 = statistics.median(times[(arm, b)]), statistics.median(times[("fp32 eager", b)])
-            cells.append(f"{t * 1000:.1f} ms ({t32 / t:.2f}x)")
-        a = agree.get(arm)
-        extra = (f"{a['top1_agreement']:.1%} of {int(a['images'])} | {a['max_abs_diff']:.3g} (max abs logit "
-                 f"{a['ref_max_abs']:.3g})") if a else "- | -"
-        print(f"| {arm} | " + " | ".join(cells) + f" | {extra} |")
-
+    _print_table(args, arms, times, agree, loads)
 
 if __name__ == "__main__":
     main()
