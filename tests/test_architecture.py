@@ -14,7 +14,7 @@ ALLOWED = {
     "models": BASE | {"layers", "checkpoints", "(root)"},
     "analysis": BASE | {"models", "checkpoints", "data", "layers", "(root)"},
     "sparse": BASE | {"layers", "checkpoints", "analysis"},
-    "deploy": BASE | {"models", "layers", "checkpoints", "(root)"},
+    "deploy": BASE | {"models", "layers", "checkpoints", "data", "(root)"},
     "train": BASE | {"models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "study": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "distill": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},

@@ -1,9 +1,11 @@
-"""``slaknet export``: reparameterize, export (ONNX / TorchScript / torch.export / safetensors), verify."""
+"""``slaknet export``: reparameterize, export (ONNX / TorchScript / torch.export / safetensors), verify;
+optionally quantize the ONNX file to int8 (``--quantize int8 --calibration DIR``, see slaknet.deploy.quantize)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from typing import Any, Dict, List, Optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm-outputs", dest="norm_outputs", action="store_const", const=True, default=None,
                         help="backbone with LayerNorms norm0..norm3 on the outputs (default: when the "
                              "checkpoint has them)")
+    q = parser.add_argument_group("int8 quantization (ONNX only, onnxruntime static quantization)")
+    q.add_argument("--quantize", default=None, choices=["int8"],
+                   help="post-training static int8 quantization (QDQ, per-channel weights) of the ONNX file; "
+                        "verified by top-1 agreement with the fp32 eager model instead of --tolerance")
+    q.add_argument("--calibration", default=None, metavar="DIR",
+                   help="image folder for calibration (searched recursively), or 'builtin' (the demo data)")
+    q.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="images used to calibrate activation ranges (default 256)")
+    q.add_argument("--held-out-images", type=int, default=128, metavar="N",
+                   help="further images of the folder (builtin: val split) for the agreement check (default 128)")
+    q.add_argument("--quantize-exclude", default="none", choices=["none", "large_kernel"],
+                   help="keep the large-kernel depthwise convs in fp32 (default none: all int8)")
+    q.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="activation range calibration (default minmax)")
+    q.add_argument("--min-agreement", type=float, default=0.9,
+                   help="smallest accepted top-1 agreement with fp32 on held-out images (default 0.9)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -74,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
             previous = load_converted_metadata(args.checkpoint)
             metadata.update({k: previous[k] for k in ("class_names", "source") if previous.get(k)})
+    if args.quantize:
+        _check_quantize_args(args)
     output = args.output or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
                              else args.model or "slak_tiny") + ("_backbone" if args.backbone else "") + default_suffix(args.fmt)
+    if args.quantize:
+        return _run_quantize(args, model, output if args.output else output[:-5] + "_int8.onnx", size,
+                             info if args.checkpoint else None, metadata)
     result = export_model(model, output, args.fmt, reparameterize=args.reparameterize, input_size=size,
                           batch_size=args.batch_size, dynamic_batch=not args.static_batch,
                           dynamic_spatial=not args.static_spatial, opset=args.opset, verify=not args.no_verify,
@@ -89,4 +112,51 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(result.summary() if not args.no_verify else
               f"{result.format} -> {result.path} ({result.file_bytes / 2**20:.1f} MiB; not verified)")
+    return 0
+
+
+def _check_quantize_args(args: argparse.Namespace) -> None:
+    from slaknet.errors import ConfigError
+
+    if args.fmt != "onnx":
+        raise ConfigError(f"--quantize int8 needs --format onnx (got --format {args.fmt})")
+    if args.backbone:
+        raise ConfigError("--quantize int8 is for classifiers (its check compares top-1 predictions); drop --backbone")
+    if not args.calibration:
+        raise ConfigError("--quantize int8 needs --calibration DIR (an image folder) or --calibration builtin")
+    if args.no_verify:
+        raise ConfigError("--quantize int8 always checks agreement with fp32; use --min-agreement 0 to accept any")
+
+
+def _run_quantize(args: argparse.Namespace, model: Any, output: str, size: Optional[List[int]], info: Any,
+                  metadata: Optional[Dict[str, Any]]) -> int:
+    """Export the int8 ONNX file (normalisation and built-in data settings from the checkpoint if any)."""
+    import sys
+
+    from slaknet.deploy.quantize import export_int8
+
+    builtin = args.calibration in ("builtin", "builtin:insideness")
+    mean = std = None
+    if info is not None and info.mean and info.std:  # what the checkpoint was trained with
+        mean, std = info.mean, info.std
+    elif builtin or (info is not None and str(info.data or "").startswith("builtin")):
+        from slaknet.data import BUILTIN_MEAN, BUILTIN_STD
+
+        mean, std = BUILTIN_MEAN, BUILTIN_STD
+    opts = {k: info.get(k) for k in ("difficulty", "data_seed") if info.get(k) is not None} if info else {}
+    result = export_int8(model, output, args.calibration, input_size=size, mean=mean, std=std,
+                         count=args.calibration_images, held_out=args.held_out_images,
+                         exclude=args.quantize_exclude, method=args.calibration_method,
+                         reparameterize=args.reparameterize, batch_size=args.batch_size,
+                         dynamic_batch=not args.static_batch, dynamic_spatial=not args.static_spatial,
+                         opset=args.opset, min_agreement=args.min_agreement, builtin_options=opts,
+                         metadata=metadata, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        out = {k: getattr(result, k) for k in ("path", "exclude", "calibration_method", "calibration_images",
+                                                "held_out_images", "min_agreement", "metrics", "fp32_export",
+                                                "quantize_seconds", "file_bytes", "fp32_file_bytes")}
+        out.update(format="onnx", quantize="int8", agreement=result.agreement, passed=result.passed)
+        print(json.dumps(out, indent=2))
+    else:
+        print(result.summary())
     return 0

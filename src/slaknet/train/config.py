@@ -167,8 +167,9 @@ def _augment_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-decay", "--model_ema_decay", dest="model_ema_decay", type=float, default=None)
     _bool_flag(g, "--model-ema-eval", "--model_ema_eval", dest="model_ema_eval",
                help="also evaluate the EMA each epoch")
-    g.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="autocast precision (default fp32; --amp = bf16 on CPU, fp16 + GradScaler on GPU)")
+    g.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "auto"],
+                   help="autocast precision (default fp32; --amp = bf16 on CPU, fp16 + GradScaler on GPU; "
+                        "auto = bf16 on CPUs with AMX, else fp32)")
     g.add_argument("--amp", "--use_amp", dest="amp", type=str2bool, nargs="?", const=True, default=None,
                    help="mixed precision (official --use_amp true)")
     _bool_flag(g, "--channels-last", "--channels_last", dest="channels_last", help="channels_last memory format")

@@ -23,6 +23,14 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _precision(name: str, dtype: Any) -> str:
+    """The precision setting and, for ``auto`` / ``amp``, what it chose on this machine."""
+    if name not in ("auto", "amp"):
+        return name
+    chosen = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return f"{name} ({chosen}{': no AMX on this CPU' if name == 'auto' and chosen == 'fp32' else ''})"
+
+
 def header_lines(tr: "Trainer") -> List[str]:
     """The run header: model and data; recipe, input, augmentation, sparsity, workers; schedule and device."""
     cfg, plan, d = tr.cfg, tr.plan, tr.dist
@@ -45,7 +53,7 @@ def header_lines(tr: "Trainer") -> List[str]:
     threads = f" ({_plural(torch.get_num_threads(), 'thread')})" if tr.device.type == "cpu" else ""
     lines.append(f"  {cfg.epochs} epochs x {plan.steps_per_epoch} steps, batch {cfg.batch_size} x {cfg.update_freq} x "
                  f"{d.world_size} = {plan.effective_batch}, lr {plan.lr:.3g}, warm-up {plan.warmup} steps, "
-                 f"device {tr.device}{threads}, precision {cfg.precision} -> {tr.out_dir}")
+                 f"device {tr.device}{threads}, precision {_precision(cfg.precision, tr.autocast)} -> {tr.out_dir}")
     from slaknet.train.recipes import PAPER_GPUS
 
     if cfg.recipe in PAPER_GPUS and plan.effective_batch != 4096:
