@@ -40,21 +40,35 @@ DW_SHAPES = [(124, 14, (51, 5)), (124, 9, (5, 51)), (249, 7, (49, 5)), (249, 28,
              (499, 6, (47, 5)), (499, 5, (5, 47)), (13, 4, (13, 13)), (7, 3, (5, 5))]
 
 
+def _fp64_reference(x, w, b, gy, pad, c):
+    """F.conv2d in float64 on the bf16-rounded inputs and output gradient: the exact answer bf16 math aims at."""
+    leaves = [t.to(BF16).double().requires_grad_() for t in (x, w, b)]
+    y = F.conv2d(leaves[0], leaves[1], leaves[2], 1, pad, 1, c)
+    y.backward(gy.to(BF16).double())
+    return y.detach(), [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("backend", ["fast", "fft", "gemm"])
 @pytest.mark.parametrize("c,hw,k", DW_SHAPES)
 def test_dwconv_bf16_matches_conv2d_under_autocast(backend, c, hw, k):
+    """Output and gradients under autocast against float64 on the same bf16-rounded values, 1e-2 of the
+    tensor's scale (measured: <= 4.3e-3). PyTorch's own F.conv2d under the same autocast is the dtype
+    reference; its bf16 *input gradient* is not used as the value reference because on CPUs without native
+    bf16 it was measured 2-3% off float64 (slaknet's: 0.2-0.3%), i.e. it is the less accurate side."""
     g = torch.Generator().manual_seed(c + hw)
     x = torch.randn(2, c, hw, hw + 1, generator=g)
     w = torch.randn(c, 1, *k, generator=g) / (k[0] * k[1]) ** 0.5
     b = torch.randn(c, generator=g)
     pad = (k[0] // 2, k[1] // 2)
     y, grads = _autocast_run(lambda x, w, b: depthwise_conv2d(x, w, b, pad, backend=backend), x, w, b)
-    y_ref, grads_ref = _autocast_run(lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, c), x, w, b)
+    y_ref, _ = _autocast_run(lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, c), x, w, b)
     assert y.dtype == y_ref.dtype == BF16
-    _close(y, y_ref, 2e-2)
-    _close(grads[0], grads_ref[0], 2e-2)  # input gradient (fp32 leaf, bf16 math)
-    _close(grads[1], grads_ref[1], 3e-2)  # weight gradient, accumulated into the fp32 parameter
-    _close(grads[2], grads_ref[2], 2e-2)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))  # what _autocast_run used
+    t, t_grads = _fp64_reference(x, w, b, gy, pad, c)
+    _close(y.double(), t, 1e-2)
+    _close(y.double(), y_ref.double(), 2e-2)  # and PyTorch's own bf16 output
+    for got, ref in zip(grads, t_grads):  # input, weight (accumulated into the fp32 parameter), bias
+        _close(got.double(), ref, 1e-2)
     assert grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
 
 

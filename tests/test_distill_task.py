@@ -59,6 +59,12 @@ def test_distilled_student_is_a_normal_model_for_eval_predict_export(teacher_ckp
     assert cli_main(["eval", "--checkpoint", weights, "--data", "builtin:insideness", "--val-samples", "16",
                      "--input-size", "32"]) == 0
     assert "top-1" in capsys.readouterr().out
+    from slaknet.data import InsidenessDataset, dump_pngs
+
+    pngs = dump_pngs(InsidenessDataset("val", 2, 32, cache=False), str(tmp_path / "png"), 2)
+    assert cli_main(["predict", *pngs, "--checkpoint", weights]) == 0
+    text = capsys.readouterr().out
+    assert all(os.path.basename(p) in text for p in pngs) and ("inside" in text or "outside" in text)
     onnx = str(tmp_path / "s.onnx")
     assert cli_main(["export", "--checkpoint", weights, "--format", "onnx", "-o", onnx, "--input-size", "32"]) == 0
     assert os.path.getsize(onnx) > 0
@@ -221,7 +227,9 @@ def test_teacher_checkpoint_that_does_not_fit_is_one_line(teacher_ckpt, tmp_path
 def test_timm_student_and_bad_options(teacher_ckpt, tmp_path):
     out = str(tmp_path / "r")
     s = train(distill_cfg(TINY + ["--model", "resnet10t", "--teacher-checkpoint", teacher_ckpt, "-o", out,
-                                  "--distill-type", "NKD", "--max-steps", "2"]))
+                                  "--distill-type", "NKD+FD", "--max-steps", "2", "--precision", "bf16"]))
+    # (a non-finite loss under bf16 autocast would have stopped the run with NonFiniteLossError)
+    assert s["steps"] == 2
     from safetensors.torch import load_file
 
     assert "conv1.0.weight" in load_file(os.path.join(out, "model.safetensors"))  # timm's resnet10t keys

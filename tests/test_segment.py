@@ -373,3 +373,67 @@ def test_yaml_config_and_recipe_choice(tmp_path):
     assert cfg.task_options["crop"] == 256 and cfg.task_options["layer_decay"] == 0.8
     assert cfg.task_options["slide_stride"] == 341 and cfg.lr == 1e-4 and cfg.warmup_steps == 1500
     assert train_config(p.parse_args([])).recipe == "seg_demo"
+
+
+_KILL_AT_STEP_3 = """
+import argparse, os, signal, sys
+from slaknet.segment.cli import add_arguments, train_config
+from slaknet.train.trainer import Callback, Trainer
+
+class Kill(Callback):
+    def on_step_end(self, trainer, loss):
+        if trainer.state.step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+p = argparse.ArgumentParser()
+add_arguments(p)
+Trainer(train_config(p.parse_args(["train"] + sys.argv[1:])), callbacks=[Kill()]).fit()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same 1x1 GEMM here and in the child
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    args = [*TINY, "--ckpt-every-steps", "2"]
+    assert cli_main(["segment", "train", *args, "-o", ref]) == 0
+    env = subprocess_env()
+    env["SLAKNET_LINEAR"] = "onednn"
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_3, *args, "-o", cut], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(os.path.join(cut, "checkpoint-last.pth"), weights_only=True)["step"] == 2
+    assert cli_main(["segment", "train", "--resume", os.path.join(cut, "checkpoint-last.pth")]) == 0
+    a, b = _log(ref), _log(cut)
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["val_miou"] for r in a] == [r["val_miou"] for r in b]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slaknet",
+           "segment", "train", *TINY, "--epochs", "1", "-o", out]
+    env = subprocess_env()
+    env["MASTER_ADDR"] = "127.0.0.1"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = _log(out)
+    assert len(rec) == 1 and rec[0]["step"] == 2  # 32 images / (8 x 2 processes), rank 0 logs
+    assert 0.0 <= rec[0]["val_miou"] <= 100.0
+    assert torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]["world_size"] == 2
