@@ -399,3 +399,23 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, capsys, monkeypatch
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert [h["val_map"] for h in a["history"]] == [h["val_map"] for h in b["history"]]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slaknet",
+           "detect", "train", *TINY, "--model", "slak_pico", "-o", out]
+    env = subprocess_env()
+    env["MASTER_ADDR"] = "127.0.0.1"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    assert len(rec) == 1 and rec[0]["step"] == 1  # 8 images / (4 x 2 processes), rank 0 logs
+    assert 0.0 <= rec[0]["val_map"] <= 100.0
+    assert torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]["world_size"] == 2
