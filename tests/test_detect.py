@@ -419,3 +419,14 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(rec) == 1 and rec[0]["step"] == 1  # 8 images / (4 x 2 processes), rank 0 logs
     assert 0.0 <= rec[0]["val_map"] <= 100.0
     assert torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]["world_size"] == 2
+
+
+def test_missing_optional_packages_fail_before_training_in_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchmetrics.detection", None)
+    out = str(tmp_path / "run")
+    assert cli_main(["detect", "train", *TINY, "-o", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "pip install 'slaknet[dense]'" in err[-1] and err[-1].startswith("slaknet detect: error:")
+    assert not os.path.exists(out)

@@ -54,6 +54,10 @@ class DetectionTask(Task):
         self.opts = resolve_options(cfg.task_options, int(cfg.input_size))
 
     def build_data(self, trainer: "Trainer") -> TaskData:
+        from slaknet.errors import import_optional
+
+        for module in ("pycocotools", "torchmetrics.detection"):  # needed by the first evaluation: fail now
+            import_optional(module, "dense", "slaknet detect (COCO AP)")
         return build_detection_data(self.cfg, self.opts)
 
     def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
