@@ -46,3 +46,41 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from slaknet.train.trainer import Callback, Trainer
+argv = sys.argv[1:]
+{build}
+
+class Kill(Callback):
+    def on_step_end(self, trainer, loss):
+        if trainer.state.step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer(cfg, callbacks=[Kill()]).fit()
+"""
+
+
+def run_killed_at_step(build: str, argv: list, step: int):
+    """Train in a child process that SIGKILLs itself right after optimizer step ``step`` (the production loop
+    has no kill switch). ``build`` is Python source that sets ``cfg`` (a TrainConfig) from ``argv``."""
+    import subprocess
+    import sys
+
+    script = _KILL_SCRIPT.format(build=build, step=int(step))
+    return subprocess.run([sys.executable, "-c", script, *argv], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def run_torchrun(argv: list, nproc: int = 2):
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m slaknet ARGV`` on gloo (CPU)."""
+    import subprocess
+    import sys
+
+    env = subprocess_env()
+    env["MASTER_ADDR"] = "127.0.0.1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "slaknet", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -357,37 +357,26 @@ def test_train_from_classification_checkpoint_then_eval(tmp_path, capsys):
     assert rc == 0 and "box AP" in text, err
 
 
-
-_KILL_AT_STEP_3 = """
-import argparse, os, signal, sys
+_DETECT_CONFIG = """
+import argparse
 from slaknet.detect.cli import add_arguments, train_config
-from slaknet.train.trainer import Callback, Trainer
-
-class Kill(Callback):
-    def on_step_end(self, trainer, loss):
-        if trainer.state.step == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-
 p = argparse.ArgumentParser()
 add_arguments(p)
-Trainer(train_config(p.parse_args(["train"] + sys.argv[1:])), callbacks=[Kill()]).fit()
+cfg = train_config(p.parse_args(["train"] + argv))
 """
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, capsys, monkeypatch):
     import signal
-    import subprocess
-    import sys
 
-    from conftest import subprocess_env
+    from conftest import run_killed_at_step
 
     # the reference runs here, the killed run in a child: pin the 1x1 GEMM so that both use the same one
     monkeypatch.setenv("SLAKNET_LINEAR", "onednn")
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     args = TINY + ["--epochs", "3", "--seed", "4", "--ckpt-every-steps", "1"]
     assert _run(["detect", "train", "-o", ref] + args, capsys)[0] == 0
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_3, *args, "-o", cut], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_killed_at_step(_DETECT_CONFIG, [*args, "-o", cut], step=3)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ck = os.path.join(cut, "checkpoint-last.pth")
     mid = torch.load(ck, weights_only=True)
@@ -403,17 +392,10 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, capsys, monkeypatch
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import subprocess_env
+    from conftest import run_torchrun
 
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slaknet",
-           "detect", "train", *TINY, "--model", "slak_pico", "-o", out]
-    env = subprocess_env()
-    env["MASTER_ADDR"] = "127.0.0.1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["detect", "train", *TINY, "--model", "slak_pico", "-o", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
     assert len(rec) == 1 and rec[0]["step"] == 1  # 8 images / (4 x 2 processes), rank 0 logs

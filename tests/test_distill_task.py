@@ -134,38 +134,19 @@ def test_teacher_sees_the_same_mixed_batch(teacher_ckpt, tmp_path):
     assert not torch.equal(raw, inputs["teacher"][0])  # mixup did change the batch
 
 
-_KILL_AT_STEP_3 = """
-import argparse, os, signal, sys
-from slaknet.distill.cli import add_arguments, distill_config
-from slaknet.train.engine import Callback, train
-
-class Kill(Callback):
-    def on_step_end(self, trainer, loss):
-        if trainer.state.step == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-p = argparse.ArgumentParser()
-add_arguments(p)
-train(distill_config(p.parse_args(sys.argv[1:])), callbacks=[Kill()])
-"""
-
-
 def test_sigkill_then_resume_equals_uninterrupted_with_feature_projection(teacher_ckpt, tmp_path, monkeypatch):
     import signal
-    import subprocess
-    import sys
 
-    from conftest import subprocess_env
+    from conftest import run_killed_at_step
 
-    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same 1x1 GEMM in this process and the child
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same 1x1 GEMM in this process and the child (inherited)
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     args = ["--distill-type", "KD+FD", "--lr-fd", "0.5", "--epochs", "2", "--width-factor", "0.5",
             "--ckpt-every-steps", "2"]
     train(distill_cfg(_student(teacher_ckpt, ref, *args)))
-    env = subprocess_env()
-    env["SLAKNET_LINEAR"] = "onednn"
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_3, *_student(teacher_ckpt, cut, *args)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    build = ("import argparse\nfrom slaknet.distill.cli import add_arguments, distill_config\n"
+             "p = argparse.ArgumentParser()\nadd_arguments(p)\ncfg = distill_config(p.parse_args(argv))")
+    proc = run_killed_at_step(build, _student(teacher_ckpt, cut, *args), step=3)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ck = torch.load(os.path.join(cut, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
     assert ck["step"] == 2
@@ -186,18 +167,11 @@ def test_sigkill_then_resume_equals_uninterrupted_with_feature_projection(teache
 
 @pytest.mark.slow
 def test_torchrun_two_processes_with_teacher_cache(teacher_ckpt, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import subprocess_env
+    from conftest import run_torchrun
 
     out, cache = str(tmp_path / "ddp"), str(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slaknet",
-           "distill", *_student(teacher_ckpt, out, "--teacher-cache", cache, "--distill-type", "KD+FD",
-                                "--width-factor", "0.5")]
-    env = subprocess_env()
-    env["MASTER_ADDR"] = "127.0.0.1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["distill", *_student(teacher_ckpt, out, "--teacher-cache", cache, "--distill-type", "KD+FD",
+                                              "--width-factor", "0.5")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("running the teacher once") == 1  # rank 0 built it, rank 1 waited and opened it
     rec = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]

@@ -375,38 +375,26 @@ def test_yaml_config_and_recipe_choice(tmp_path):
     assert train_config(p.parse_args([])).recipe == "seg_demo"
 
 
-_KILL_AT_STEP_3 = """
-import argparse, os, signal, sys
+_SEGMENT_CONFIG = """
+import argparse
 from slaknet.segment.cli import add_arguments, train_config
-from slaknet.train.trainer import Callback, Trainer
-
-class Kill(Callback):
-    def on_step_end(self, trainer, loss):
-        if trainer.state.step == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-
 p = argparse.ArgumentParser()
 add_arguments(p)
-Trainer(train_config(p.parse_args(["train"] + sys.argv[1:])), callbacks=[Kill()]).fit()
+cfg = train_config(p.parse_args(["train"] + argv))
 """
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     import signal
-    import subprocess
-    import sys
 
-    from conftest import subprocess_env
+    from conftest import run_killed_at_step
 
-    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same 1x1 GEMM here and in the child
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same 1x1 GEMM here and in the child (inherited)
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     args = [*TINY, "--ckpt-every-steps", "2"]
     assert cli_main(["segment", "train", *args, "-o", ref]) == 0
-    env = subprocess_env()
-    env["SLAKNET_LINEAR"] = "onednn"
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_3, *args, "-o", cut], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_killed_at_step(_SEGMENT_CONFIG, [*args, "-o", cut], step=3)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert torch.load(os.path.join(cut, "checkpoint-last.pth"), weights_only=True)["step"] == 2
     assert cli_main(["segment", "train", "--resume", os.path.join(cut, "checkpoint-last.pth")]) == 0
@@ -421,17 +409,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import subprocess_env
+    from conftest import run_torchrun
 
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slaknet",
-           "segment", "train", *TINY, "--epochs", "1", "-o", out]
-    env = subprocess_env()
-    env["MASTER_ADDR"] = "127.0.0.1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["segment", "train", *TINY, "--epochs", "1", "-o", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = _log(out)
     assert len(rec) == 1 and rec[0]["step"] == 2  # 32 images / (8 x 2 processes), rank 0 logs

@@ -6,8 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import slaknet
-from conftest import subprocess_env
+from conftest import run_killed_at_step, run_torchrun
 from slaknet.cli import main as cli_main
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.train.engine import (NonFiniteLossError, build_optimizer, build_scheduler, fit_kernel_sizes, train)
@@ -28,10 +26,6 @@ def _one_thread(one_thread):
 
 TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-b", "16", "--epochs", "2",
         "-u", "2", "--progress", "false", "--tensorboard", "false"]
-
-
-def _env():
-    return subprocess_env()
 
 
 # ------------------------------------------------------------------------------------------- recipe ----
@@ -230,20 +224,6 @@ def _final_state(out):
     return ck
 
 
-_KILL_AT_STEP_7 = """
-import os, signal, sys
-from slaknet.train.engine import Callback, train
-from slaknet.train.train_cli import config_from_argv
-
-class Kill(Callback):
-    def on_step_end(self, trainer, loss):
-        if trainer.state.step == 7:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-train(config_from_argv(sys.argv[1:]), callbacks=[Kill()])
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     # the reference runs in this process, the killed run in another: pin the 1x1 GEMM so both use the same
@@ -255,8 +235,8 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     out = str(tmp_path / "killed")
     # killed from a callback in a child process (the production loop has no kill switch): epoch 2 of 3
     # (4 steps / epoch), after the step-6 checkpoint
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_7, *args, "-o", out], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_killed_at_step("from slaknet.train.train_cli import config_from_argv\ncfg = config_from_argv(argv)",
+                              [*args, "-o", out], step=7)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
     assert mid["step"] == 6 and mid["batch_in_epoch"] == 2 and mid["epoch"] == 1
@@ -340,11 +320,7 @@ def test_resume_with_other_model_is_refused(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "slaknet", "train", *TINY, "--epochs", "1", "--sparse-init", "snip", "-o", out]
-    env = _env()
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["train", *TINY, "--epochs", "1", "--sparse-init", "snip", "-o", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = open(os.path.join(out, "log.jsonl")).read().splitlines()
     assert len(lines) == 1  # rank 0 only
