@@ -36,21 +36,14 @@ def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
                                     int(spec.get("aux_channels", 256)), enc)
 
 
-def _safetensors_metadata(path: str) -> Dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def load_segmentation_checkpoint(path: str, use_ema: Optional[bool] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """``(network in eval mode, spec)``; the spec has ``classes``, ``mean``, ``std``, ``crop``, ``stride``,
     ``data``. One-line CheckpointErrors for other files and for weights that do not fit."""
-    from slaknet.checkpoints.reader import read_checkpoint
+    from slaknet.checkpoints import extract_state_dict, read_checkpoint, read_safetensors_metadata
 
     obj = read_checkpoint(path)
     if path.endswith(".safetensors"):
-        meta = _safetensors_metadata(path)
+        meta = read_safetensors_metadata(path)
         if "seg_model" not in meta:
             raise CheckpointError(f"{path} is not a slaknet segmentation model (no seg_model metadata); "
                                   "train one with `slaknet segment train`")
@@ -64,8 +57,7 @@ def load_segmentation_checkpoint(path: str, use_ema: Optional[bool] = None) -> T
         spec.setdefault("data", cfg.get("data"))
         spec.setdefault("val_samples", cfg.get("val_samples"))
         spec.setdefault("data_seed", cfg.get("data_seed"))
-        want_ema = use_ema if use_ema is not None else ("model" not in obj)
-        sd = obj["model_ema"] if want_ema and "model_ema" in obj else obj["model"]
+        sd = extract_state_dict(obj, use_ema=use_ema)  # raw weights unless EMA is asked for (or the only ones)
     net = build_from_spec(spec)
     try:
         net.load_state_dict(sd, strict=True)
