@@ -43,7 +43,6 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIBRATION_IMAGES = 256
 DEFAULT_HELD_OUT_IMAGES = 128
 DEFAULT_MIN_AGREEMENT = 0.9
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Progress = Optional[Callable[[str], None]]
 
@@ -93,14 +92,16 @@ class QuantizeResult:
 
 # ------------------------------------------------------------------------------------- calibration data --
 def _folder_files(root: str) -> List[str]:
+    from slaknet.data import IMG_EXTENSIONS
+
     if not os.path.isdir(root):
         raise ConfigError(f"calibration folder {root!r} does not exist (give an image folder or 'builtin')")
     files = []
     for dirpath, dirnames, names in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)]
+        files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
     if not files:
-        raise ConfigError(f"calibration folder {root!r} holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
+        raise ConfigError(f"calibration folder {root!r} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
     return files
 
 
