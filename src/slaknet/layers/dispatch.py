@@ -1,8 +1,10 @@
 """What the kernel-choosing layers (depthwise conv, pointwise Linear) share: reading a requested backend
 from an argument or an environment variable, and knowing when a tracer is watching (then only plain
-PyTorch ops may run, so exported graphs contain standard operators)."""
+PyTorch ops may run, so exported graphs contain standard operators), and whether this CPU does bf16 math in
+hardware."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -10,7 +12,7 @@ import torch
 
 from slaknet.errors import ConfigError
 
-__all__ = ["backend_name", "exporting"]
+__all__ = ["backend_name", "exporting", "cpu_bf16_native", "bf16_via_fp32"]
 
 
 def backend_name(value: Optional[str], env_var: str, choices: Sequence[str], kind: str) -> str:
@@ -41,3 +43,23 @@ def exporting() -> bool:
         if fn is not None and fn():
             return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_native() -> bool:
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), so its bf16 GEMMs and convs
+    are fast. Without it oneDNN and PyTorch emulate bf16 kernels (depthwise bf16 convs fall back to a
+    per-channel im2col loop): 25-30x slower than fp32 on an AVX2-only CPU, measured (docs/speed.md)."""
+    fn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+def bf16_via_fp32(t: torch.Tensor) -> bool:
+    """True for a bf16 CPU tensor on a CPU without native bf16: the fast layers then compute in fp32 on its
+    (exactly representable) bf16 values and round the result to bf16. A product of two bf16 numbers is exact
+    in fp32 and native bf16 kernels accumulate in fp32 too, so this is the same math up to summation order,
+    at fp32 speed instead of the emulated kernels' (see :func:`cpu_bf16_native`)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not cpu_bf16_native()

@@ -19,6 +19,9 @@ different route that the backends choose per device and shape (see :mod:`slaknet
     diagonals of that product (a Toeplitz / banded formulation that runs at GEMM speed).
 
 All three are exact up to floating-point summation order (checked against F.conv2d in the tests).
+
+bf16 tensors on a CPU without native bf16 are computed in fp32 and rounded back to bf16
+(:func:`slaknet.layers.dispatch.bf16_via_fp32`): PyTorch's emulated bf16 depthwise kernel is ~30x slower.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from slaknet.layers import dispatch
 
 __all__ = ["conv_forward", "weight_grad", "weight_grad_fft", "weight_grad_gemm", "weight_grad_plain",
            "choose_weight_grad", "DepthwiseConvFunction"]
@@ -43,6 +48,9 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     The result has the input's memory format (NCHW-contiguous in, NCHW-contiguous out), like F.conv2d.
     """
+    if dispatch.bf16_via_fp32(x):
+        b32 = bias.float() if bias is not None else None
+        return conv_forward(x.float(), weight.float(), b32, padding).to(x.dtype)
     c = weight.shape[0]
     ph, pw = padding
     if x.device.type == "cpu" and pw > _ONEDNN_MAX_LEFT_PAD \
@@ -155,6 +163,8 @@ def choose_weight_grad(device_type: str, n: int, c: int, h: int, w: int, kh: int
 def weight_grad(method: str, x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor,
                 padding: Tuple[int, int]) -> torch.Tensor:
     """Dispatch to one weight-gradient method (see module docstring)."""
+    if dispatch.bf16_via_fp32(x):
+        return weight_grad(method, x.float(), gy.float(), weight.float(), padding).to(weight.dtype)
     kh, kw = weight.shape[-2:]
     if method in ("fft", "gemm"):
         # both read whole rows/planes: NCHW-contiguous copies are cheaper than strided (channels_last) access

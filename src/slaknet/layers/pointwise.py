@@ -18,6 +18,9 @@ bf16: under CPU bf16 autocast (and for bf16 tensors) on a CPU with native bf16 (
 ``auto`` runs oneDNN's bf16 GEMM for all three products: the input, weight and bias are cast to bf16 once
 (as autocast casts them for ``F.linear``), the result is bf16, and the weight / bias gradients flow back
 through the cast into the fp32 parameters, exactly as autocast's ``F.linear`` does (tested against it).
+On a CPU without native bf16, where PyTorch's bf16 GEMMs are emulated and several times slower than fp32,
+``auto`` casts the same way but runs the three GEMMs in fp32 on the bf16 values and rounds the results to
+bf16 (:func:`slaknet.layers.dispatch.bf16_via_fp32`): the same math up to summation order, at fp32 speed.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slaknet.layers import dispatch
 from slaknet.layers.dispatch import backend_name, exporting
 
 __all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "ENV_VAR", "BACKENDS"]
@@ -106,11 +110,7 @@ def pin_auto_choice(name: str) -> None:
 
 def bf16_supported() -> bool:
     """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), so bf16 GEMMs are fast."""
-    fn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(fn()) if fn is not None else False
-    except RuntimeError:
-        return False
+    return dispatch.cpu_bf16_native()
 
 
 def _cpu_autocast_dtype() -> Optional[torch.dtype]:
@@ -121,7 +121,8 @@ def _cpu_autocast_dtype() -> Optional[torch.dtype]:
 
 
 def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
-    """'onednn' or 'plain': what :func:`linear` runs for these tensors (``backend`` beats the environment).
+    """What :func:`linear` runs for these tensors (``backend`` beats the environment): 'onednn', 'plain', or
+    'fp32' (bf16 in and out, fp32 GEMMs inside: bf16 on a CPU without native bf16, module docstring).
 
     Under CPU bf16 autocast the answer is for the bf16 GEMM that :func:`linear` then runs."""
     name = backend_name(backend, ENV_VAR, BACKENDS, "linear")
@@ -133,35 +134,55 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
     dtypes = {amp} if amp is not None else {x.dtype, weight.dtype}
     if dtypes == {torch.bfloat16}:
         # bf16 GEMMs: oneDNN if the CPU has native bf16 (measured 1.3x F.linear's bf16 path, docs/speed.md)
-        return "onednn" if bf16_supported() else "plain"
+        return "onednn" if dispatch.cpu_bf16_native() else "fp32"
     if dtypes != {torch.float32}:
         return "plain"
     return auto_choice() if name == "auto" else "onednn"
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with all three GEMMs (forward, input and weight gradient) on oneDNN."""
+def _fp32_gemm(backend: Optional[str]) -> str:
+    """The fp32 GEMM ('onednn' or 'plain') that the 'fp32' route of :func:`linear` runs."""
+    return "onednn" if backend_name(backend, ENV_VAR, BACKENDS, "linear") == "onednn" else auto_choice()
+
+
+def _nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], act: str, gemm: str) -> torch.Tensor:
+    """``act(a @ b.T + bias)`` on oneDNN (``gemm='onednn'``, one fused call) or ``F.linear`` ('plain')."""
+    if gemm == "onednn":
+        return _gemm(a, b, bias, act)
+    y = F.linear(a, b, bias)
+    return F.gelu(y) if act == "gelu" else y
+
+
+class _GemmLinear(torch.autograd.Function):
+    """y = x W^T + b with all three GEMMs (forward, input and weight gradient) on ``gemm``, computed in the
+    dtype ``work`` and returned in the inputs' dtype (``work`` = fp32 for bf16 inputs on the 'fp32' route)."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x2d, weight)
-        ctx.has_bias = bias is not None
-        return _gemm(x2d, weight, bias)
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gemm: str,
+                work: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x2d, weight)  # in their own dtype: bf16 activations stay bf16 in memory
+        ctx.has_bias, ctx.gemm, ctx.work = bias is not None, gemm, work
+        b = bias.to(work) if bias is not None else None
+        return _nt(x2d.to(work), weight.to(work), b, "none", gemm).to(x2d.dtype)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         x2d, weight = ctx.saved_tensors
-        gy = gy.contiguous()
+        work, gemm = ctx.work, ctx.gemm
+        gy = gy.contiguous().to(work)
+        x, w = x2d.to(work), weight.to(work)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _gemm(gy, weight.t())  # gy @ W (oneDNN reads the transposed view in place)
+            gx = _nt(gy, w.t(), None, "none", gemm).to(x2d.dtype)  # gy @ W (oneDNN reads the transposed view)
         if ctx.needs_input_grad[1]:
             out_f, in_f = weight.shape
             # gy^T @ x; oneDNN is fastest with the wider matrix as the first operand
-            gw = _gemm(x2d.t(), gy.t()).t().contiguous() if out_f >= in_f else _gemm(gy.t(), x2d.t())
+            gw = _nt(x.t(), gy.t(), None, "none", gemm).t().contiguous() if out_f >= in_f \
+                else _nt(gy.t(), x.t(), None, "none", gemm)
+            gw = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum(0)
-        return gx, gw, gb
+            gb = gy.sum(0).to(weight.dtype)
+        return gx, gw, gb, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -170,18 +191,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     ``backend``: 'auto', 'plain' or 'onednn' for this call (default: ``SLAKNET_LINEAR``, else 'auto').
     """
-    if linear_backend(x, weight, backend) == "onednn" and x.is_contiguous():
+    route = linear_backend(x, weight, backend)
+    if route != "plain" and x.is_contiguous():
         if torch.is_autocast_enabled("cpu"):  # bf16 autocast (linear_backend checked): cast once, as autocast
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = bias.to(torch.bfloat16) if bias is not None else None
             with torch.autocast("cpu", enabled=False):
                 return linear(x, weight, bias, gelu, backend)
+        gemm = "onednn" if route == "onednn" else _fp32_gemm(backend)
+        work = torch.float32 if route == "fp32" else x.dtype
         x2d = x.reshape(-1, x.shape[-1])
         if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad)):
-            y = _gemm(x2d, weight, bias, "gelu" if gelu else "none")
+            b = bias.to(work) if bias is not None else None
+            y = _nt(x2d.to(work), weight.to(work), b, "gelu" if gelu else "none", gemm).to(x.dtype)
             return y.view(*x.shape[:-1], weight.shape[0])
-        y = _OneDNNLinear.apply(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        y = _GemmLinear.apply(x2d, weight, bias, gemm, work).view(*x.shape[:-1], weight.shape[0])
         return F.gelu(y) if gelu else y
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y

@@ -20,7 +20,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from slaknet.errors import ConfigError
-from slaknet.layers import LargeKernelConv, LayerNorm2d, Linear
+from slaknet.layers import Conv2d, LargeKernelConv, LayerNorm2d, Linear
 
 __all__ = ["SLaK", "Block", "MODEL_SPECS", "RECIPE_DEFAULTS", "BUILDER_KEYS", "recipe_defaults",
            "resolve_kernel_sizes"]
@@ -121,10 +121,10 @@ class SLaK(nn.Module):
 
         self.downsample_layers = nn.ModuleList()
         self.downsample_layers.append(nn.Sequential(
-            nn.Conv2d(in_chans, widths[0], kernel_size=4, stride=4), LayerNorm2d(widths[0], eps=1e-6)))
+            Conv2d(in_chans, widths[0], kernel_size=4, stride=4), LayerNorm2d(widths[0], eps=1e-6)))
         for i in range(1, len(depths)):
             self.downsample_layers.append(nn.Sequential(
-                LayerNorm2d(widths[i - 1], eps=1e-6), nn.Conv2d(widths[i - 1], widths[i], kernel_size=2, stride=2)))
+                LayerNorm2d(widths[i - 1], eps=1e-6), Conv2d(widths[i - 1], widths[i], kernel_size=2, stride=2)))
 
         total = sum(depths)  # stochastic depth rate grows linearly from 0 to drop_path_rate
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
