@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import slaknet.layers.pointwise as lin
+from slaknet.layers import dispatch
 from slaknet.layers import LargeKernelConv, linear
 from slaknet.layers.dwconv import autocast_input, depthwise_conv2d
 
@@ -107,15 +109,27 @@ def test_large_kernel_layer_bf16_matches_plain(monkeypatch):
         _close(got, ref, 3e-2)
 
 
-needs_bf16 = pytest.mark.skipif(lin._op() is None or not lin.bf16_supported(),
-                                reason="no oneDNN linear or no native bf16 on this CPU")
+needs_onednn = pytest.mark.skipif(lin._op() is None, reason="PyTorch built without oneDNN linear")
 
 
-@needs_bf16
+@pytest.fixture(params=["native", "via_fp32"])
+def route(request, monkeypatch):
+    """'native': the CPU's own bf16 kernels (skipped where the CPU has none: oneDNN refuses bf16 GEMMs there);
+    'via_fp32': the path for CPUs without bf16 units (forced here on any CPU), fp32 kernels on bf16 values."""
+    if request.param == "native":
+        if not dispatch.cpu_bf16_native():
+            pytest.skip("no native bf16 on this CPU")
+    else:
+        monkeypatch.setattr(dispatch, "cpu_bf16_native", lambda: False)
+    return request.param
+
+
+@needs_onednn
 @pytest.mark.parametrize("cin,cout", [(124, 496), (496, 124), (249, 996), (499, 1996), (3, 5)])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_linear_bf16_matches_f_linear_under_autocast(cin, cout, gelu, monkeypatch):
-    monkeypatch.setenv(lin.ENV_VAR, "auto")
+def test_linear_bf16_matches_f_linear_under_autocast(cin, cout, gelu, route, monkeypatch):
+    # 'onednn' pins the via-fp32 route's fp32 GEMMs to oneDNN too, so the spy below sees all of them
+    monkeypatch.setenv(lin.ENV_VAR, "auto" if route == "native" else "onednn")
     calls = []
     real = lin._gemm
     monkeypatch.setattr(lin, "_gemm", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
@@ -130,7 +144,8 @@ def test_linear_bf16_matches_f_linear_under_autocast(cin, cout, gelu, monkeypatc
 
     y, grads = _autocast_run(lambda x, w, b: linear(x, w, b, gelu=gelu), x, w, b)
     y_ref, grads_ref = _autocast_run(ref, x, w, b)
-    assert calls and set(calls) == {BF16}  # the oneDNN bf16 GEMM ran (forward and both gradients)
+    # forward and both gradients ran on oneDNN: in bf16 natively, in fp32 otherwise
+    assert len(calls) == 3 and set(calls) == {BF16 if route == "native" else torch.float32}
     assert y.dtype == y_ref.dtype == BF16
     _close(y, y_ref, 2e-2)
     for got, want in zip(grads, grads_ref):
@@ -140,8 +155,8 @@ def test_linear_bf16_matches_f_linear_under_autocast(cin, cout, gelu, monkeypatc
         _close(linear(x, w, b, gelu=gelu), ref(x, w, b), 2e-2)
 
 
-@needs_bf16
-def test_linear_bf16_plain_and_fp16_autocast_use_f_linear(monkeypatch):
+@needs_onednn
+def test_linear_bf16_plain_and_fp16_autocast_use_f_linear(route, monkeypatch):
     calls = []
     real = lin._gemm
     monkeypatch.setattr(lin, "_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -151,3 +166,95 @@ def test_linear_bf16_plain_and_fp16_autocast_use_f_linear(monkeypatch):
     with torch.autocast("cpu", dtype=BF16):
         assert linear(x, w, backend="plain").dtype == BF16
     assert not calls
+
+
+def test_linear_bf16_tensors_without_autocast(route):
+    """A model cast to bf16 (no autocast): bf16 out, fp32-accurate products of the bf16 values."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=g).to(BF16) for s in ((3, 11, 249), (996, 249), (996,)))
+    y = linear(x, w, b, gelu=True)
+    ref = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    assert y.dtype == BF16
+    _close(y.double(), ref, 1e-2)
+
+
+# ops that do the multiply-adds: under bf16 autocast on a CPU without bf16 units none may get bf16 inputs
+_MATH_OPS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "_linear_pointwise",
+             "mkldnn_convolution", "_slow_conv2d_forward", "_slow_conv2d_backward"}
+
+
+def _math_op_dtypes(fn) -> set:
+    """{(op name, dtype of its first tensor argument)} for the multiply-add ops that ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in _MATH_OPS:
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                seen.add((name, first.dtype if first is not None else None))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_slak_training_step_under_bf16_runs_no_emulated_bf16_kernel(native, monkeypatch):
+    """Without bf16 units every conv / GEMM of a SLaK training step gets fp32 operands (emulated bf16 kernels
+    measured 26x slower than fp32 on an AVX2 CPU); with them (forced here; on a CPU without them PyTorch then
+    emulates, fine at 32 px) the convs and GEMMs get bf16 operands. Values are checked per layer above."""
+    from slaknet.layers import dispatch as disp
+    from slaknet.models import create_model
+
+    monkeypatch.setattr(disp, "cpu_bf16_native", lambda: native)
+    monkeypatch.setenv(lin.ENV_VAR, "plain" if native else "auto")  # native bf16 oneDNN GEMMs can't run here
+    torch.manual_seed(0)
+    model = create_model("slak_pico", num_classes=3)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+
+    def step():
+        with torch.autocast("cpu", dtype=BF16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+
+    seen = _math_op_dtypes(step)
+    bf16_ops = {name for name, dt in seen if dt == BF16}
+    if native:
+        assert {"convolution", "convolution_backward"} <= bf16_ops, seen
+    else:
+        assert not bf16_ops, f"emulated bf16 kernels ran: {sorted(bf16_ops)}"
+        fp32_ops = {name for name, dt in seen if dt == torch.float32}
+        assert "convolution" in fp32_ops and ({"mm", "_linear_pointwise"} & fp32_ops), seen
+
+
+@pytest.mark.parametrize("route_kind", ["native", "via_fp32"])
+def test_dense_conv2d_bf16_matches_float64_and_fp32_is_nn_conv2d(route_kind, monkeypatch):
+    """slaknet's Conv2d (stem, downsampling) under bf16 autocast against float64 on the bf16-rounded values;
+    without autocast it is nn.Conv2d bit for bit."""
+    from slaknet.layers import Conv2d
+
+    native = route_kind == "native"
+    monkeypatch.setattr(dispatch, "cpu_bf16_native", lambda: native)
+    torch.manual_seed(7)
+    conv = Conv2d(249, 499, kernel_size=2, stride=2)
+    ref_conv = nn.Conv2d(249, 499, kernel_size=2, stride=2)
+    ref_conv.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 249, 7, 9)
+    assert torch.equal(conv(x), ref_conv(x))
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        y = conv(xg)
+    assert y.dtype == BF16
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(BF16)
+    y.backward(gy)
+    leaves = [t.detach().to(BF16).double().requires_grad_() for t in (x, conv.weight, conv.bias)]
+    yd = F.conv2d(*leaves, stride=2)
+    yd.backward(gy.double())
+    _close(y.double(), yd.detach(), 1e-2)
+    for got, want in zip((xg.grad, conv.weight.grad, conv.bias.grad), (l.grad for l in leaves)):
+        _close(got.double(), want, 1e-2)
+    assert conv.weight.grad.dtype == torch.float32

@@ -250,6 +250,40 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
 
 
+@pytest.mark.slow
+def test_bf16_sparse_run_keeps_masks_exact_and_resumes_bitwise_after_sigkill(tmp_path, monkeypatch):
+    """bf16 autocast with dynamic sparsity: off-mask weights stay exactly zero, prune/regrow keeps every
+    layer's count, and a run killed mid-epoch continues bit for bit (weights, masks, accuracy history)."""
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same GEMM in both processes (see the fp32 test above)
+    args = TINY + ["--epochs", "2", "--ckpt-every-steps", "2", "--seed", "5", "--threads", "1",
+                   "--precision", "bf16", "--growth", "gradient"]
+    ref = str(tmp_path / "ref")
+    train(config_from_argv(args + ["-o", ref]))
+    out = str(tmp_path / "killed")
+    proc = run_killed_at_step("from slaknet.train.train_cli import config_from_argv\ncfg = config_from_argv(argv)",
+                              [*args, "-o", out], step=5)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert mid["step"] == 4 and mid["config"]["precision"] == "bf16"
+    train(config_from_argv(args + ["-o", out, "--auto-resume"]))
+    a, b = _final_state(ref), _final_state(out)
+    assert a["step"] == b["step"] == 8 and a["sparse"]["updates"] == 3  # -u 2: at steps 2, 4, 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    masks = a["sparse"]["masks"]
+    assert masks and masks.keys() == b["sparse"]["masks"].keys()
+    moved = 0
+    for k, m in masks.items():
+        m = m.bool()
+        assert torch.equal(m, b["sparse"]["masks"][k].bool()), k
+        w = a["model"][k]
+        assert w.dtype == torch.float32 and torch.count_nonzero(w[~m]) == 0, k  # pruned weights exactly zero
+        assert int(m.sum()) == int(mid["sparse"]["masks"][k].bool().sum()), k  # regrowth = pruning, per layer
+        moved += int((m != mid["sparse"]["masks"][k].bool()).sum())
+    assert moved > 0  # the topology did change after the mid checkpoint
+    assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
+
+
 def test_resume_keeps_the_gemm_and_threads_the_run_started_on(tmp_path, monkeypatch):
     from slaknet.layers import pointwise
 

@@ -141,7 +141,7 @@ class SLaK(nn.Module):
         self.num_features = self.head_hidden_size = widths[-1]
         self.norm = nn.LayerNorm(widths[-1], eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
         if isinstance(self.head, nn.Linear):
@@ -201,7 +201,7 @@ class SLaK(nn.Module):
                 raise ConfigError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             self._init_weights(self.head)
 
