@@ -224,30 +224,41 @@ def _final_state(out):
     return ck
 
 
+def _reference_killed_resumed(tmp_path, args, kill_at_step):
+    """Train ``args`` once uninterrupted (this process) and once SIGKILLed right after step ``kill_at_step``
+    in a child process (the production loop has no kill switch) then ``--auto-resume``d: (reference final
+    checkpoint, resumed final checkpoint, the checkpoint the killed run left)."""
+    ref = str(tmp_path / "ref")
+    train(config_from_argv(args + ["-o", ref]))
+    out = str(tmp_path / "killed")
+    proc = run_killed_at_step("from slaknet.train.train_cli import config_from_argv\ncfg = config_from_argv(argv)",
+                              [*args, "-o", out], step=kill_at_step)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    mid = _final_state(out)
+    train(config_from_argv(args + ["-o", out, "--auto-resume"]))
+    return _final_state(ref), _final_state(out), mid
+
+
+def _assert_same_run(a, b):
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["sparse"]["masks"].keys() == b["sparse"]["masks"].keys()
+    for k in a["sparse"]["masks"]:
+        assert torch.equal(a["sparse"]["masks"][k], b["sparse"]["masks"][k]), k
+    assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     # the reference runs in this process, the killed run in another: pin the 1x1 GEMM so both use the same
     # (where MKL and oneDNN are about as fast, two processes can time them differently)
     monkeypatch.setenv("SLAKNET_LINEAR", "onednn")
     args = TINY + ["--epochs", "3", "--ckpt-every-steps", "2", "--seed", "3", "--threads", "1"]
-    ref = str(tmp_path / "ref")
-    train(config_from_argv(args + ["-o", ref]))
-    out = str(tmp_path / "killed")
-    # killed from a callback in a child process (the production loop has no kill switch): epoch 2 of 3
-    # (4 steps / epoch), after the step-6 checkpoint
-    proc = run_killed_at_step("from slaknet.train.train_cli import config_from_argv\ncfg = config_from_argv(argv)",
-                              [*args, "-o", out], step=7)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    # killed in epoch 2 of 3 (4 steps / epoch), after the step-6 checkpoint
+    a, b, mid = _reference_killed_resumed(tmp_path, args, kill_at_step=7)
     assert mid["step"] == 6 and mid["batch_in_epoch"] == 2 and mid["epoch"] == 1
-    train(config_from_argv(args + ["-o", out, "--auto-resume"]))
-    a, b = _final_state(ref), _final_state(out)
     assert a["step"] == b["step"] == 12
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["sparse"]["masks"]:
-        assert torch.equal(a["sparse"]["masks"][k], b["sparse"]["masks"][k]), k
-    assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
+    _assert_same_run(a, b)
 
 
 @pytest.mark.slow
@@ -257,31 +268,19 @@ def test_bf16_sparse_run_keeps_masks_exact_and_resumes_bitwise_after_sigkill(tmp
     monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # same GEMM in both processes (see the fp32 test above)
     args = TINY + ["--epochs", "2", "--ckpt-every-steps", "2", "--seed", "5", "--threads", "1",
                    "--precision", "bf16", "--growth", "gradient"]
-    ref = str(tmp_path / "ref")
-    train(config_from_argv(args + ["-o", ref]))
-    out = str(tmp_path / "killed")
-    proc = run_killed_at_step("from slaknet.train.train_cli import config_from_argv\ncfg = config_from_argv(argv)",
-                              [*args, "-o", out], step=5)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    a, b, mid = _reference_killed_resumed(tmp_path, args, kill_at_step=5)
     assert mid["step"] == 4 and mid["config"]["precision"] == "bf16"
-    train(config_from_argv(args + ["-o", out, "--auto-resume"]))
-    a, b = _final_state(ref), _final_state(out)
     assert a["step"] == b["step"] == 8 and a["sparse"]["updates"] == 3  # -u 2: at steps 2, 4, 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    masks = a["sparse"]["masks"]
-    assert masks and masks.keys() == b["sparse"]["masks"].keys()
-    moved = 0
+    _assert_same_run(a, b)
+    masks, moved = a["sparse"]["masks"], 0
+    assert masks
     for k, m in masks.items():
-        m = m.bool()
-        assert torch.equal(m, b["sparse"]["masks"][k].bool()), k
+        m, m_mid = m.bool(), mid["sparse"]["masks"][k].bool()
         w = a["model"][k]
         assert w.dtype == torch.float32 and torch.count_nonzero(w[~m]) == 0, k  # pruned weights exactly zero
-        assert int(m.sum()) == int(mid["sparse"]["masks"][k].bool().sum()), k  # regrowth = pruning, per layer
-        moved += int((m != mid["sparse"]["masks"][k].bool()).sum())
+        assert int(m.sum()) == int(m_mid.sum()), k  # regrowth = pruning, per layer
+        moved += int((m != m_mid).sum())
     assert moved > 0  # the topology did change after the mid checkpoint
-    assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
 
 
 def test_resume_keeps_the_gemm_and_threads_the_run_started_on(tmp_path, monkeypatch):
