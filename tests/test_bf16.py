@@ -207,10 +207,9 @@ def test_slak_training_step_under_bf16_runs_no_emulated_bf16_kernel(native, monk
     """Without bf16 units every conv / GEMM of a SLaK training step gets fp32 operands (emulated bf16 kernels
     measured 26x slower than fp32 on an AVX2 CPU); with them (forced here; on a CPU without them PyTorch then
     emulates, fine at 32 px) the convs and GEMMs get bf16 operands. Values are checked per layer above."""
-    from slaknet.layers import dispatch as disp
     from slaknet.models import create_model
 
-    monkeypatch.setattr(disp, "cpu_bf16_native", lambda: native)
+    monkeypatch.setattr(dispatch, "cpu_bf16_native", lambda: native)
     monkeypatch.setenv(lin.ENV_VAR, "plain" if native else "auto")  # native bf16 oneDNN GEMMs can't run here
     torch.manual_seed(0)
     model = create_model("slak_pico", num_classes=3)

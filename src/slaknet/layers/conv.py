@@ -23,8 +23,9 @@ def _bf16_without_hardware(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """bf16 math requested (CPU bf16 autocast, or bf16 input and weight) on a CPU that lacks bf16 units."""
     if dispatch.exporting() or x.device.type != "cpu" or dispatch.cpu_bf16_native():  # tracers: plain op
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == _BF16 and x.is_floating_point()
+    amp = dispatch.autocast_dtype("cpu")
+    if amp is not None:
+        return amp == _BF16 and x.is_floating_point()
     return x.dtype == weight.dtype == _BF16
 
 

@@ -1,7 +1,7 @@
 """What the kernel-choosing layers (depthwise conv, pointwise Linear) share: reading a requested backend
 from an argument or an environment variable, and knowing when a tracer is watching (then only plain
-PyTorch ops may run, so exported graphs contain standard operators), and whether this CPU does bf16 math in
-hardware."""
+PyTorch ops may run, so exported graphs contain standard operators), which autocast dtype is active, and
+whether this CPU does bf16 math in hardware."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +12,7 @@ import torch
 
 from slaknet.errors import ConfigError
 
-__all__ = ["backend_name", "exporting", "cpu_bf16_native", "bf16_via_fp32"]
+__all__ = ["backend_name", "exporting", "autocast_dtype", "cpu_bf16_native", "bf16_via_fp32"]
 
 
 def backend_name(value: Optional[str], env_var: str, choices: Sequence[str], kind: str) -> str:
@@ -44,6 +44,21 @@ def exporting() -> bool:
             return True
     return False
 
+
+def autocast_dtype(dev: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for this device type, or None (works on torch < 2.4 too)."""
+    if dev not in ("cpu", "cuda", "xpu", "mps"):  # e.g. "meta" (shape-only runs): autocast has no such device
+        return None
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return None
+    except TypeError:  # older torch: no device argument
+        if dev == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if dev == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
 
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_native() -> bool:

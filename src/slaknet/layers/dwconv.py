@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Set, Tuple
 import torch
 import torch.nn.functional as F
 
-from slaknet.layers.dispatch import backend_name, exporting
+from slaknet.layers.dispatch import autocast_dtype, backend_name, exporting
 
 __all__ = ["depthwise_conv2d", "autocast_input", "resolve_backend", "use_backend", "BACKENDS", "ENV_VAR"]
 
@@ -109,7 +109,7 @@ def depthwise_conv2d(
         return F.conv2d(x, weight, bias, stride=1, padding=padding, groups=weight.shape[0])
 
     dev = x.device.type
-    dtype = _autocast_dtype(dev)
+    dtype = autocast_dtype(dev)
     if dtype is not None:
         # autocast would run conv2d in its low-precision dtype; do the same cast, then run unautocast
         x, weight = x.to(dtype), weight.to(dtype)
@@ -124,24 +124,8 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     to several depthwise convs casts it once instead of once per conv."""
     if exporting() or not x.is_floating_point():  # tracers: no data-dependent checks, plain graph
         return x
-    dtype = _autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
     return x.to(dtype) if dtype is not None else x
-
-
-def _autocast_dtype(dev: str) -> Optional[torch.dtype]:
-    """The autocast dtype active for this device type, or None (works on torch < 2.4 too)."""
-    if dev not in ("cpu", "cuda", "xpu", "mps"):  # e.g. "meta" (shape-only runs): autocast has no such device
-        return None
-    try:
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return None
-    except TypeError:  # older torch: no device argument
-        if dev == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        if dev == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        return None
 
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.layers import dispatch
-from slaknet.layers.dispatch import backend_name, exporting
+from slaknet.layers.dispatch import autocast_dtype, backend_name, exporting
 
 __all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "ENV_VAR", "BACKENDS"]
 
@@ -108,18 +108,6 @@ def pin_auto_choice(name: str) -> None:
     _auto_choice = "plain" if name == "onednn" and _op() is None else name
 
 
-def bf16_supported() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), so bf16 GEMMs are fast."""
-    return dispatch.cpu_bf16_native()
-
-
-def _cpu_autocast_dtype() -> Optional[torch.dtype]:
-    """The CPU autocast dtype when CPU autocast is on, else None."""
-    if not torch.is_autocast_enabled("cpu"):
-        return None
-    return torch.get_autocast_dtype("cpu")
-
-
 def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
     """What :func:`linear` runs for these tensors (``backend`` beats the environment): 'onednn', 'plain', or
     'fp32' (bf16 in and out, fp32 GEMMs inside: bf16 on a CPU without native bf16, module docstring).
@@ -130,7 +118,7 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
         return "plain"
     if x.device.type != "cpu" or weight.device.type != "cpu" or _op() is None:
         return "plain"
-    amp = _cpu_autocast_dtype()
+    amp = autocast_dtype("cpu")
     dtypes = {amp} if amp is not None else {x.dtype, weight.dtype}
     if dtypes == {torch.bfloat16}:
         # bf16 GEMMs: oneDNN if the CPU has native bf16 (measured 1.3x F.linear's bf16 path, docs/speed.md)
