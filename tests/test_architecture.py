@@ -5,9 +5,9 @@ import pathlib
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "slaknet"
 
 # package -> the slaknet packages it may import (docs/architecture.md, "Packages, bottom to top")
-BASE = {"errors", "io", "lazy"}
+BASE = {"errors", "io", "lazy", "settings"}
 ALLOWED = {
-    "errors": set(), "io": {"errors"}, "lazy": set(),
+    "errors": set(), "io": {"errors"}, "lazy": set(), "settings": {"errors"},
     "checkpoints": BASE,
     "layers": BASE,
     "data": BASE,
@@ -16,8 +16,9 @@ ALLOWED = {
     "sparse": BASE | {"layers", "checkpoints", "analysis"},
     "deploy": BASE | {"models", "layers", "checkpoints", "data", "(root)"},
     "train": BASE | {"models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
+    "classify": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "study": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
-    "distill": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
+    "distill": BASE | {"classify", "train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "segment": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "deploy", "(root)"},
     "detect": BASE | {"train", "models", "deploy", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
 }

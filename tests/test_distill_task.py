@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from slaknet.cli import main as cli_main
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.train.engine import train
-from slaknet.train.train_cli import config_from_argv
+from slaknet.train.config import config_from_argv
 
 TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-b", "16", "--epochs", "1",
         "--progress", "false", "--tensorboard", "false", "--threads", "1", "--no-sparse"]

@@ -17,7 +17,7 @@ from conftest import run_killed_at_step, run_torchrun
 from slaknet.cli import main as cli_main
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.train.engine import (NonFiniteLossError, build_optimizer, build_scheduler, fit_kernel_sizes, train)
-from slaknet.train.train_cli import config_from_argv
+from slaknet.train.config import config_from_argv
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
@@ -231,7 +231,7 @@ def _reference_killed_resumed(tmp_path, args, kill_at_step):
     ref = str(tmp_path / "ref")
     train(config_from_argv(args + ["-o", ref]))
     out = str(tmp_path / "killed")
-    proc = run_killed_at_step("from slaknet.train.train_cli import config_from_argv\ncfg = config_from_argv(argv)",
+    proc = run_killed_at_step("from slaknet.train.config import config_from_argv\ncfg = config_from_argv(argv)",
                               [*args, "-o", out], step=kill_at_step)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     mid = _final_state(out)

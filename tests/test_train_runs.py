@@ -15,7 +15,7 @@ from conftest import subprocess_env
 from slaknet.cli import main as cli_main
 from slaknet.errors import ConfigError
 from slaknet.train.engine import train
-from slaknet.train.train_cli import config_from_argv
+from slaknet.train.config import config_from_argv
 
 TINY = ["--train-samples", "64", "--val-samples", "32", "--input-size", "32", "-b", "16", "--epochs", "2",
         "-u", "2", "--progress", "false", "--tensorboard", "false", "--threads", "1"]
@@ -183,7 +183,7 @@ def test_update_frequency_help_names_the_demo_value(capsys):
 
 # ----------------------------------------------------------------------------------------------- recipes ----
 def test_auto_recipe_fits_a_small_folder(tmp_path, capsys):
-    from slaknet.train.recipes import cpu_cores
+    from slaknet.train.machine import cpu_cores
 
     data = str(tmp_path / "data")
     _folder(data, side=40, corrupt=False)

@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 from slaknet.errors import CheckpointError, ConfigError, SlaknetError  # noqa: E402
 
 _MODEL_NAMES = ("SLaK", "create_model", "list_models", "load_checkpoint", "reparameterize_model")
+_TRAIN_NAMES = ("config", "fit")   # slaknet.config(task, recipe=..., **options) -> Config; slaknet.fit(cfg)
 
-__all__ = ["__version__", *_MODEL_NAMES, "SlaknetError", "ConfigError", "CheckpointError"]
+__all__ = ["__version__", *_MODEL_NAMES, *_TRAIN_NAMES, "SlaknetError", "ConfigError", "CheckpointError"]
 
 
 def _started_as_command() -> bool:
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
         import slaknet.models as models
 
         return getattr(models, name)
+    if name in _TRAIN_NAMES:
+        import slaknet.train.api as api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'slaknet' has no attribute {name!r}")
 
 

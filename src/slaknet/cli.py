@@ -21,9 +21,9 @@ COMMANDS = {
     "erf": ("slaknet.analysis.erf_cli", "effective receptive field: area ratios, .npy matrices and heatmaps"),
     "kernels": ("slaknet.analysis.kernels_cli", "pictures of learned large kernels and per-layer density bars"),
     "bench": ("slaknet.bench_cli", "time the fast large-kernel conv vs plain PyTorch (per branch, whole model)"),
-    "train": ("slaknet.train.train_cli", "train a SLaK model (no arguments: built-in CPU demo with dynamic sparsity)"),
-    "eval": ("slaknet.train.eval_cli", "top-1/top-5/loss/images-per-s of a checkpoint (official or slaknet) on a dataset"),
-    "predict": ("slaknet.train.predict_cli", "top-k labels with probabilities for image files"),
+    "train": ("slaknet.classify.cli", "train a SLaK model (no arguments: built-in CPU demo with dynamic sparsity)"),
+    "eval": ("slaknet.classify.eval_cli", "top-1/top-5/loss/images-per-s of a checkpoint (official or slaknet) on a dataset"),
+    "predict": ("slaknet.classify.predict_cli", "top-k labels with probabilities for image files"),
     "export": ("slaknet.deploy.export_cli", "reparameterize and export to onnx / torchscript / exported-program / safetensors, then verify"),
     "convert": ("slaknet.deploy.convert_cli", "convert an official release checkpoint to slaknet safetensors (dense or compact sparse)"),
     "distill": ("slaknet.distill.cli", "distil a frozen teacher into a student (no arguments: CPU demo, teacher -> 7x7 twin vs alone)"),
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def build_command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of one sub-command (imports that command's module, which must not import torch)."""
     module_name, help_text = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"slaknet {name}", description=help_text, allow_abbrev=False)
+    from slaknet.settings import SettingsParser
+
+    parser = SettingsParser(prog=f"slaknet {name}", description=help_text)
     importlib.import_module(module_name).add_arguments(parser)
     return parser
 

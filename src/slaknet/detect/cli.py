@@ -19,43 +19,27 @@ from typing import Any, Dict, List
 
 from slaknet.errors import ConfigError
 
-__all__ = ["add_arguments", "run", "train_config"]
+from slaknet.detect.spec import SPEC
+
+__all__ = ["add_arguments", "run"]
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from slaknet.settings import DataSettings, OptimSettings, RunSettings, add_setting
+
     g = p.add_argument_group("demo (no sub-command)")
-    g.add_argument("--demo-output", dest="demo_output", default="runs/detect-demo",
-                   help="folder of the demo's two runs and picture (default runs/detect-demo)")
-    g.add_argument("--demo-epochs", dest="demo_epochs", type=int, default=None, help="epochs per model")
-    g.add_argument("--demo-train-samples", dest="demo_train_samples", type=int, default=None)
-    g.add_argument("--demo-threads", dest="demo_threads", default=None, help="torch threads (default auto)")
-
-
-def _detection_train_arguments(p: argparse.ArgumentParser) -> None:
-    from slaknet.detect.options import DETECTORS
-
-    g = p.add_argument_group("detection")
-    g.add_argument("--detector", default=None, choices=list(DETECTORS), help="torchvision detector (mask_rcnn)")
-    g.add_argument("--backbone-checkpoint", dest="backbone_checkpoint", default=None,
-                   help="start the backbone from a SLaK classification checkpoint (official or slaknet)")
-    g.add_argument("--train-sizes", dest="train_sizes", type=int, nargs="+", default=None,
-                   help="shorter image sides sampled per batch (multi-scale; coco recipe 480..800)")
-    g.add_argument("--task-option", dest="task_option_list", action="append", default=[], metavar="KEY=VALUE",
-                   help="any detection option (docs/detection.md), e.g. --task-option anchor_sizes=8,16,32,64,128")
+    add_setting(g, RunSettings, "output_dir",
+                help="folder of the demo's two runs and picture (default runs/detect-demo)")
+    add_setting(g, OptimSettings, "epochs", help="demo: epochs per model (default: det_demo recipe)")
+    add_setting(g, DataSettings, "train_samples", help="demo: training images (default: det_demo recipe)")
+    add_setting(g, RunSettings, "threads", help="demo: torch threads (default auto)")
 
 
 def _add_train(sub: Any) -> None:
-    from slaknet.train.config import add_train_arguments
+    from slaknet.train.config import add_config_arguments
 
-    p = sub.add_parser("train", help="train a detector with the shared trainer (all `slaknet train` flags)",
-                       allow_abbrev=False)
-    add_train_arguments(p)
-    for a in p._actions:  # the detection recipes instead of the classification ones
-        if a.dest == "recipe":
-            a.help = "defaults for unset options: auto (det_demo for builtin:contours, else coco), det_demo, coco"
-        if a.dest == "data":
-            a.help = "builtin:contours (default) or a COCO folder (annotations/instances_{train,val}*.json + images)"
-    _detection_train_arguments(p)
+    p = sub.add_parser("train", help="train a detector with the shared trainer (all `slaknet train` flags)")
+    add_config_arguments(p, SPEC)
 
 
 def _add_eval(sub: Any) -> None:
@@ -87,67 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_predict(sub)
 
 
-def _apply_yaml(args: argparse.Namespace) -> None:
-    """Options left at their defaults are taken from ``--config`` (YAML; the command line wins)."""
-    if not getattr(args, "config", None):
-        return
-    from slaknet.train.config import add_train_arguments, load_yaml_defaults
-
-    fresh = argparse.ArgumentParser(add_help=False)
-    add_train_arguments(fresh)
-    _detection_train_arguments(fresh)
-    defaults = vars(fresh.parse_args([]))
-    for dest, value in load_yaml_defaults(args.config, fresh).items():
-        if dest == "task_option_list":  # the file's options first, the command line's after (they win)
-            value = [value] if isinstance(value, str) else list(value)
-            args.task_option_list = value + list(args.task_option_list or [])
-        elif getattr(args, dest, None) == defaults.get(dest):
-            setattr(args, dest, value)
-
-
-def train_config(args: argparse.Namespace) -> Any:
-    """The resolved :class:`TrainConfig` of ``slaknet detect train`` (detection recipes, task options merged)."""
-    from slaknet.detect.options import parse_option
-    from slaknet.train.config import resolve_config
-
-    _apply_yaml(args)
-    args.task = "detection"
-    if getattr(args, "recipe", "auto") in (None, "auto") and not getattr(args, "resume", None):
-        data = getattr(args, "data", None)
-        args.recipe = "det_demo" if data in (None, "builtin:contours", "contours") else "coco"
-    if args.recipe not in ("auto", "det_demo", "coco") and not getattr(args, "resume", None):
-        raise ConfigError(f"--recipe {args.recipe} is a classification recipe; detection has det_demo and coco")
-    given: Dict[str, Any] = {}
-    for text in getattr(args, "task_option_list", []) or []:
-        given.update(parse_option(text))
-    for key in ("detector", "backbone_checkpoint", "train_sizes"):
-        if getattr(args, key, None) is not None:
-            given[key] = getattr(args, key)
-    if getattr(args, "finetune", None):
-        raise ConfigError("detection: give the backbone's classification checkpoint as --backbone-checkpoint, "
-                          "not --finetune")
-    cfg = resolve_config(args)
-    opts = dict(cfg.task_options or {})
-    opts.update(given)
-    from slaknet.detect.options import resolve_options
-
-    resolve_options(opts, int(cfg.input_size))  # one-line errors before anything is built
-    return cfg.replace(task="detection", task_options=opts)
-
-
 def _run_train(args: argparse.Namespace) -> int:
-    import logging
+    from slaknet.train.api import fit, print_config
+    from slaknet.train.config import config_from_args
 
-    from slaknet.detect.report import APLines
-    from slaknet.train.distributed import cleanup
-    from slaknet.train.trainer import Trainer
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = train_config(args)
-    try:
-        Trainer(cfg, callbacks=[APLines()]).fit()
-    finally:
-        cleanup()
+    cfg = config_from_args(args, SPEC)
+    if args.print_config:
+        return print_config(cfg)
+    fit(cfg)
     return 0
 
 
@@ -170,10 +101,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     data = args.data or c.get("data")
     if not data:
         raise ConfigError("--data is required for this checkpoint (builtin:contours or a COCO folder)")
-    ns = argparse.Namespace(data=data, input_size=int(c.get("input_size") or det.options["test_size"]),
-                            train_samples=1, val_samples=args.val_samples or int(c.get("val_samples") or 100),
-                            data_seed=int(c.get("data_seed") or 0), eval_data=c.get("eval_data") if not args.data else None)
-    ds = build_detection_data(ns, dict(det.options, hflip=False)).val
+    ds = build_detection_data(data, c.get("eval_data") if not args.data else None,
+                              int(c.get("input_size") or det.options["test_size"]), 1,
+                              args.val_samples or int(c.get("val_samples") or 100), int(c.get("data_seed") or 0),
+                              hflip=False).val
     if list(getattr(ds, "classes", det.classes)) != det.classes:
         raise ConfigError(f"the classes of {data} differ from the checkpoint's ({len(det.classes)} classes)")
     res = evaluate_detector(det.model, ds, dev, args.batch_size, masks=det.masks)
@@ -220,5 +151,5 @@ def run(args: argparse.Namespace) -> int:
         return _run_predict(args)
     from slaknet.detect.demo import run_demo
 
-    return run_demo(args.demo_output, epochs=args.demo_epochs, train_samples=args.demo_train_samples,
-                    threads=args.demo_threads)
+    return run_demo(getattr(args, "output_dir", None) or "runs/detect-demo", epochs=getattr(args, "epochs", None),
+                    train_samples=getattr(args, "train_samples", None), threads=getattr(args, "threads", None))

@@ -21,21 +21,12 @@ MODELS = (("SLaK (slak_pico, large kernels)", "slak_pico"), ("7x7 twin (slak_pic
 
 def demo_config(model: str, out: str, epochs: Optional[int] = None, train_samples: Optional[int] = None,
                 threads: Optional[str] = None) -> Any:
-    """The ``det_demo`` :class:`TrainConfig` of one demo model (fresh run folder ``out``)."""
-    import argparse
+    """The ``det_demo`` configuration of one demo model (fresh run folder ``out``)."""
+    import slaknet
 
-    from slaknet.detect.cli import add_arguments, train_config
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    argv = ["train", "--recipe", "det_demo", "--model", model, "-o", out, "--overwrite", "--tensorboard", "false"]
-    if epochs:
-        argv += ["--epochs", str(epochs)]
-    if train_samples:
-        argv += ["--train-samples", str(train_samples)]
-    if threads:
-        argv += ["--threads", str(threads)]
-    return train_config(p.parse_args(argv))
+    given = {k: v for k, v in dict(epochs=epochs, train_samples=train_samples, threads=threads).items() if v}
+    return slaknet.config("detection", recipe="det_demo", model=model, output_dir=out, overwrite=True,
+                          tensorboard=False, **given)
 
 
 def _picture(runs: List[Dict[str, Any]], path: str, n: int = 4) -> None:
@@ -44,7 +35,7 @@ def _picture(runs: List[Dict[str, Any]], path: str, n: int = 4) -> None:
     from slaknet.detect.data import ContourDetection
     from slaknet.detect.inference import LoadedDetector, draw_detections, predict_images, save_png
 
-    ds = ContourDetection("val", n, runs[0]["cfg"].input_size, runs[0]["cfg"].data_seed)
+    ds = ContourDetection("val", n, runs[0]["cfg"].data.input_size, runs[0]["cfg"].data.data_seed)
     tiles = []
     for i in range(n):
         x, t = ds.item(i)

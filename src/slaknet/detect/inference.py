@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from slaknet.detect.options import resolve_options
+from slaknet.detect.spec import resolve_options
 from slaknet.errors import CheckpointError, ConfigError
 
 __all__ = ["LoadedDetector", "load_detector", "predict_images", "draw_detections", "read_image", "save_png"]

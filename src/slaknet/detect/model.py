@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from slaknet.detect.options import DETECTORS
+from slaknet.detect.spec import DETECTORS
 from slaknet.errors import CheckpointError, ConfigError
 
 __all__ = ["DETECTORS", "SLaKFPN", "build_detector", "backbone_from_config", "detector_from_state_dict",
@@ -112,7 +112,7 @@ def _rcnn(kind: str, backbone: SLaKFPN, n: int, opts: Mapping[str, Any], levels:
 def backbone_from_config(cfg: Any, checkpoint: Optional[str] = None) -> nn.Module:
     """The SLaK backbone of a new detector: from ``checkpoint`` (a SLaK classification checkpoint, official
     or slaknet's, or an mmdet-style ``backbone.*`` file: architecture read from the file) or from scratch
-    as ``cfg.model`` with the config's kernel / width overrides. Stage LayerNorms are new when the file has none."""
+    as the configuration's model (``cfg.model``: its model section) with its kernel / width overrides. Stage LayerNorms are new when the file has none."""
     from slaknet.deploy.backbone import SLaKBackbone
 
     if checkpoint:
@@ -120,7 +120,7 @@ def backbone_from_config(cfg: Any, checkpoint: Optional[str] = None) -> nn.Modul
         return loaded if loaded.norm_outputs else SLaKBackbone(loaded, norm_outputs=True)
     from slaknet.models.training import build_training_model
 
-    net, _ = build_training_model(cfg, 0)
+    net, _ = build_training_model(cfg.model, 0, int(cfg.data.input_size))
     return SLaKBackbone(net, norm_outputs=True)
 
 

@@ -3,19 +3,19 @@
 Batches are ``(list of images, list of target dicts, ...)`` (:func:`slaknet.detect.data.detection_collate`);
 the model computes its own losses in train mode (torchvision's loss dict, summed); evaluation is COCO
 box / mask AP (:mod:`slaknet.detect.metrics`); ``val_map`` decides ``checkpoint-best.pth``. Settings
-beyond ``slaknet train``'s flags live in ``cfg.task_options`` (:mod:`slaknet.detect.options`).
+beyond the general sections live in ``cfg.task`` (:class:`slaknet.detect.spec.DetectionOptions`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from slaknet.detect.data import BUILTIN_DETECTION, ContourDetection, detection_collate
-from slaknet.detect.options import resolve_options
+from slaknet.detect.spec import resolve_options
 from slaknet.errors import ConfigError
 from slaknet.models.slak import IMAGENET_MEAN, IMAGENET_STD
 from slaknet.train.tasks import register_task
@@ -27,18 +27,19 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["DetectionTask", "build_detection_data"]
 
 
-def build_detection_data(cfg: Any, opts: Dict[str, Any]) -> TaskData:
-    """Train / val sets for ``cfg.data``: ``builtin:contours`` or a COCO folder (see :mod:`slaknet.detect.coco`)."""
-    if cfg.data in (BUILTIN_DETECTION, "contours"):
-        size = int(cfg.input_size)
-        tr = ContourDetection("train", int(cfg.train_samples), size, int(cfg.data_seed), flip=bool(opts["hflip"]))
-        va = ContourDetection("val", int(cfg.val_samples), size, int(cfg.data_seed))
+def build_detection_data(data: str, eval_data: Optional[str], input_size: int, train_samples: int, val_samples: int,
+                         data_seed: int, hflip: bool) -> TaskData:
+    """Train / val sets for ``data``: ``builtin:contours`` or a COCO folder (see :mod:`slaknet.detect.coco`)."""
+    if data in (BUILTIN_DETECTION, "contours"):
+        size = int(input_size)
+        tr = ContourDetection("train", int(train_samples), size, int(data_seed), flip=bool(hflip))
+        va = ContourDetection("val", int(val_samples), size, int(data_seed))
         return TaskData(tr, va, list(tr.classes), IMAGENET_MEAN, IMAGENET_STD, tr.describe())
-    if str(cfg.data).startswith("builtin:"):
-        raise ConfigError(f"unknown built-in detection data {cfg.data!r}; available: {BUILTIN_DETECTION}")
+    if str(data).startswith("builtin:"):
+        raise ConfigError(f"unknown built-in detection data {data!r}; available: {BUILTIN_DETECTION}")
     from slaknet.detect.coco import coco_splits
 
-    tr, va = coco_splits(cfg.data, cfg.eval_data, flip=bool(opts["hflip"]))
+    tr, va = coco_splits(data, eval_data, flip=bool(hflip))
     return TaskData(tr, va, list(tr.classes), IMAGENET_MEAN, IMAGENET_STD, tr.describe())
 
 
@@ -47,18 +48,25 @@ class DetectionTask(Task):
     """Mask R-CNN (default), Faster R-CNN, RetinaNet or FCOS with a SLaK + FPN backbone; box AP decides best."""
 
     best_metric = "val_map"
-    command, eval_command, predict_command = "slaknet detect train", "slaknet detect eval", "slaknet detect predict"
+
+    @classmethod
+    def default_callbacks(cls) -> List[Any]:
+        from slaknet.detect.report import APLines
+
+        return [APLines()]
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.opts = resolve_options(cfg.task_options, int(cfg.input_size))
+        self.opts = resolve_options(cfg.task, int(cfg.data.input_size))
 
     def build_data(self, trainer: "Trainer") -> TaskData:
         from slaknet.errors import import_optional
 
         for module in ("pycocotools", "torchmetrics.detection"):  # needed by the first evaluation: fail now
             import_optional(module, "dense", "slaknet detect (COCO AP)")
-        return build_detection_data(self.cfg, self.opts)
+        d = self.cfg.data
+        return build_detection_data(d.source, d.eval_data, d.input_size, d.train_samples, d.val_samples, d.data_seed,
+                                    bool(self.opts["hflip"]))
 
     def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.detect.model import backbone_from_config, build_detector
@@ -92,7 +100,7 @@ class DetectionTask(Task):
         if sc.sparse_init == "snip":
             raise ConfigError("--sparse-init snip needs a classification batch; detection supports ERK and "
                               "uniform initial masks (e.g. --sparse-init ERK)")
-        if self.cfg.sparse_exclude is None and self.cfg.sparse_include is None:
+        if self.cfg.sparse.exclude is None and self.cfg.sparse.include is None:
             from slaknet.detect.model import HEAD_PATTERNS
 
             sc = dataclasses.replace(sc, exclude=list(HEAD_PATTERNS))  # the backbone is sparse, FPN and heads dense

@@ -1,6 +1,7 @@
 """Knowledge distillation from a (large-kernel) teacher: losses, option parsing, teacher-output cache.
 
-``slaknet.distill.args`` (torch-free) holds the command-line options; ``slaknet.distill.losses`` the KD /
+``slaknet.distill.spec`` (torch-free) declares the options and registers the task; ``slaknet.distill.args``
+checks how they combine; ``slaknet.distill.losses`` the KD /
 NKD / FD losses and their registry; ``slaknet.distill.cache`` the on-disk teacher-output cache. The names
 below are imported lazily, so ``import slaknet.distill.args`` does not pull in the loss code.
 """
@@ -16,8 +17,7 @@ _LAZY = {
     "TeacherCache": "cache", "TeacherCacheWriter": "cache", "teacher_identity": "cache",
     "dataset_identity": "cache", "check_cache_allowed": "cache", "TeacherCacheError": "cache",
     "WithIndex": "cache", "hard_labels": "losses",
-    "add_distill_arguments": "args", "add_teacher_arguments": "args", "resolve_distill_config": "args",
-    "parse_distill_type": "args",
+    "resolve_distill_config": "args", "parse_distill_type": "args", "DistillationOptions": "spec",
 }
 
 __all__ = sorted(_LAZY)

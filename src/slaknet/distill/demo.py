@@ -47,16 +47,14 @@ BUDGETS: Dict[str, DemoBudget] = {
 }
 
 
-def _common(b: DemoBudget, args: argparse.Namespace, seed: int) -> List[str]:
-    argv = ["--data", "builtin:insideness", "--val-samples", str(b.val_samples), "--input-size", str(b.input_size),
-            "--seed", str(seed), "--auto-resume", "--tensorboard", "false"]
-    if args.threads is not None:
-        argv += ["--threads", str(args.threads)]
-    if args.progress is not None:
-        argv += ["--progress", str(bool(args.progress)).lower()]
-    if args.precision is not None:
-        argv += ["--precision", str(args.precision)]
-    return argv
+def _common(b: DemoBudget, args: argparse.Namespace, seed: int) -> Dict[str, Any]:
+    """Options every demo run shares (the machine options the user gave the demo pass through)."""
+    opts: Dict[str, Any] = dict(data="builtin:insideness", val_samples=b.val_samples, input_size=b.input_size,
+                                seed=seed, auto_resume=True, tensorboard=False)
+    for key in ("threads", "progress", "precision"):
+        if getattr(args, key, None) is not None:
+            opts[key] = getattr(args, key)
+    return opts
 
 
 def _result(run_dir: str) -> Optional[Dict[str, Any]]:
@@ -67,28 +65,15 @@ def _result(run_dir: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
-def _train(argv: Sequence[str], distill: bool) -> None:
-    from slaknet.train.engine import train
+def _run(name: str, run_dir: str, options: Dict[str, Any], distill: bool, log: List[str]) -> Dict[str, Any]:
+    """One demo run (skipped when its folder holds a finished run's summary)."""
+    import slaknet
 
-    if distill:
-        from slaknet.distill.cli import add_arguments, distill_config
-
-        p = argparse.ArgumentParser(prog="slaknet distill", allow_abbrev=False)
-        add_arguments(p)
-        cfg = distill_config(p.parse_args(list(argv)))
-    else:
-        from slaknet.train.train_cli import config_from_argv
-
-        cfg = config_from_argv(list(argv))
-    train(cfg)
-
-
-def _run(name: str, run_dir: str, argv: List[str], distill: bool, log: List[str]) -> Dict[str, Any]:
     done = _result(run_dir)
     if done is None:
         print(f"\n== distill demo: {name} -> {run_dir}", flush=True)
         t0 = time.perf_counter()
-        _train(argv + ["--output-dir", run_dir], distill)
+        slaknet.fit(slaknet.config("distillation" if distill else "classification", output_dir=run_dir, **options))
         done = _result(run_dir) or {}
         done["demo_wall_s"] = time.perf_counter() - t0
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -134,23 +119,23 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     b = BUDGETS[args.budget]
     if args.seeds is not None:
         b = dataclasses.replace(b, seeds=int(args.seeds))
-    out = args.output_dir or os.path.join("runs", f"distill-demo-{b.name}")
+    out = getattr(args, "output_dir", None) or os.path.join("runs", f"distill-demo-{b.name}")
     os.makedirs(out, exist_ok=True)
     seen: List[str] = []
     teacher_dir = os.path.join(out, "teacher")
-    records: Dict[str, Any] = {"teacher": _run("teacher (slak_pico)", teacher_dir, _common(b, args, 0) + [
-        "--model", "slak_pico", "--train-samples", str(b.teacher_samples), "--epochs", str(b.teacher_epochs)],
+    records: Dict[str, Any] = {"teacher": _run("teacher (slak_pico)", teacher_dir, dict(
+        _common(b, args, 0), model="slak_pico", train_samples=b.teacher_samples, epochs=b.teacher_epochs),
         False, seen), "alone": [], "distilled": []}
     ckpt = os.path.join(teacher_dir, "model.safetensors")
     for seed in range(b.seeds):
-        student = _common(b, args, seed) + ["--model", "slak_pico_k7", "--no-sparse", "--train-samples",
-                                            str(b.student_samples), "--epochs", str(b.student_epochs)]
+        student = dict(_common(b, args, seed), model="slak_pico_k7", sparse=False, train_samples=b.student_samples,
+                       epochs=b.student_epochs)
         records["alone"].append(_run(f"student alone, seed {seed}", os.path.join(out, f"alone-s{seed}"),
                                      student, False, seen))
         records["distilled"].append(_run(
             f"student distilled, seed {seed}", os.path.join(out, f"distilled-s{seed}"),
-            student + ["--teacher-checkpoint", ckpt, "--teacher-reparam", "--distill-type", b.distill_type,
-                       "--alpha", str(b.alpha), "--T", str(b.T), "--lr-fd", str(b.lr_fd)], True, seen))
+            dict(student, teacher_checkpoint=ckpt, teacher_reparam=True, distill_type=b.distill_type,
+                 distill_alpha=b.alpha, distill_T=b.T, lr_fd=b.lr_fd), True, seen))
     text = summarise(records, b, out)
     print("\n" + text + f"\n(table: {os.path.join(out, 'results.md')})")
     return records

@@ -6,7 +6,7 @@ Trainer; this task adds the teacher and the distillation loss. The teacher sees 
 (possibly mixed) batch, under the same autocast, without gradients. Its identity (a hash of its weights
 and settings) is stored with the run and checked on resume.
 
-Settings live in ``cfg.task_options`` (the keys of :data:`slaknet.distill.args.DISTILL_DEFAULTS` plus
+Settings live in ``cfg.task`` (:class:`slaknet.distill.spec.DistillationOptions`; the keys below plus
 ``teacher``, ``teacher_checkpoint``, ``teacher_reparam``).
 """
 from __future__ import annotations
@@ -17,19 +17,19 @@ import torch
 import torch.nn as nn
 
 from slaknet.distill.args import resolve_distill_config
+from slaknet.distill.spec import TEACHER_KEYS
 from slaknet.distill.losses import build_distill_loss
 from slaknet.distill.teacher import FeatureTap, build_student, last_stage_module, load_teacher
 from slaknet.errors import CheckpointError
 from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import TaskData, collate
-from slaknet.train.tasks.classification import ClassificationTask
+from slaknet.classify.task import ClassificationTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
 __all__ = ["DistillTask", "TEACHER_KEYS", "open_or_build_cache"]
 
-TEACHER_KEYS = ("teacher", "teacher_checkpoint", "teacher_reparam")
 
 
 @register_task("distillation")
@@ -37,11 +37,10 @@ class DistillTask(ClassificationTask):
     """Train the student on ``loss(student, target, teacher)``; the student is evaluated and saved as usual."""
 
     best_metric = "val_top1"
-    command = "slaknet distill"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        opts = dict(cfg.task_options or {})
+        opts = dataclasses.asdict(cfg.task)
         self.options = resolve_distill_config(opts)
         self.teacher_options = {k: opts.get(k) for k in TEACHER_KEYS}
         self.teacher: Optional[nn.Module] = None

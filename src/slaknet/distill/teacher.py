@@ -83,19 +83,19 @@ def load_teacher(name: Optional[str], checkpoint: Optional[str], num_classes: in
 
 def build_student(cfg: Any, num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
     """The student: a SLaK variant with the run's kernel / width overrides, or any timm model by name."""
-    if is_slak_name(cfg.model):
+    if is_slak_name(cfg.model.name):
         from slaknet.models.training import build_training_model
 
-        model, res = build_training_model(cfg, num_classes)
+        model, res = build_training_model(cfg.model, num_classes, int(cfg.data.input_size))
         return model, {"resolved_kernel_size": res.kernel_list(), "kernels": list(res.kernel_size),
                        "small_kernel": res.small_kernel, "resolved_drop_path": res.drop_path}
     import timm
 
     try:
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes,
-                                  drop_path_rate=float(cfg.drop_path or 0.0))
+        model = timm.create_model(cfg.model.name, pretrained=False, num_classes=num_classes,
+                                  drop_path_rate=float(cfg.model.drop_path or 0.0))
     except RuntimeError as exc:
-        raise ConfigError(f"--model {cfg.model!r}: {exc}") from None
+        raise ConfigError(f"--model {cfg.model.name!r}: {exc}") from None
     return model, {}
 
 

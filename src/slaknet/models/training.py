@@ -62,15 +62,16 @@ class ResolvedModel:
         return list(self.kernel_size) + ([self.small_kernel] if self.small_kernel is not None else [])
 
 
-def build_training_model(cfg: Any, num_classes: int) -> Tuple[nn.Module, ResolvedModel]:
-    """Create the SLaK variant ``cfg.model`` with the config's kernel / width / decomposition overrides.
+def build_training_model(cfg: Any, num_classes: int, input_size: int) -> Tuple[nn.Module, ResolvedModel]:
+    """Create the SLaK variant ``cfg.name`` with the model settings' kernel / width / decomposition overrides.
 
-    ``cfg`` is any object with the training options as attributes (:class:`slaknet.train.config.TrainConfig`).
+    ``cfg``: a :class:`slaknet.settings.ModelSettings` (the ``model`` section of a training configuration);
+    ``input_size``: the training image side (for ``fit_kernels``).
     """
     import slaknet
     from slaknet.models.slak import resolve_kernel_sizes
 
-    name = cfg.model
+    name = cfg.name
     spec = _spec(name)
     if not spec:
         slaknet.create_model(name)  # raises the one-line "unknown model" error with suggestions
@@ -85,10 +86,10 @@ def build_training_model(cfg: Any, num_classes: int) -> Tuple[nn.Module, Resolve
         ks, small = resolve_kernel_sizes(cfg.kernel_size, small, len(spec["depths"]))
         kernels = tuple(ks)
     if cfg.fit_kernels:
-        fitted = fit_kernel_sizes(kernels, small, int(cfg.input_size))
+        fitted = fit_kernel_sizes(kernels, small, int(input_size))
         if fitted != kernels:
             log.info("kernels %s capped to %s for %d px input (same function, less compute)",
-                     list(kernels), list(fitted), cfg.input_size)
+                     list(kernels), list(fitted), input_size)
         kernels = fitted
     if cfg.kernel_size or cfg.fit_kernels:
         kw["kernel_size"] = kernels

@@ -20,42 +20,25 @@ from typing import Any, Dict, List
 
 from slaknet.errors import ConfigError
 
-__all__ = ["add_arguments", "run", "SEG_OPTION_FLAGS", "train_config", "add_seg_train_arguments"]
+from slaknet.segment.spec import SPEC
 
-# task option -> (flag, type, help)
-SEG_OPTION_FLAGS = {
-    "arch": ("--arch", str, "smp architecture around the SLaK encoder (upernet; fpn, deeplabv3plus, unet...)"),
-    "decoder_channels": ("--decoder-channels", int, "decoder width (paper UperNet: 512; demo 64)"),
-    "aux_weight": ("--aux-weight", float, "weight of the FCN auxiliary head on stage 3 (paper 0.4; 0 = no aux head)"),
-    "aux_channels": ("--aux-channels", int, "auxiliary head width (paper 256)"),
-    "crop": ("--crop", int, "training crop of folder data and evaluation window (paper 512)"),
-    "slide_stride": ("--slide-stride", int, "sliding-window stride at evaluation (paper 341)"),
-    "layer_decay": ("--layer-decay", float, "stage-wise layer-wise lr decay rate (paper 0.9; ade20k recipe)"),
-    "schedule": ("--schedule", str, "poly (paper) or cosine"),
-    "pretrained": ("--pretrained", str, "SLaK classification checkpoint (official .pth or slaknet) for the encoder"),
-}
-
-
-def add_seg_train_arguments(p: argparse.ArgumentParser) -> None:
-    from slaknet.train.config import add_train_arguments
-
-    add_train_arguments(p)
-    g = p.add_argument_group("segmentation")
-    for key, (flag, kind, text) in SEG_OPTION_FLAGS.items():
-        g.add_argument(flag, dest=f"seg_{key}", type=kind, default=None, help=text)
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands train / eval / predict; none: the demo (options below)."""
-    parser.add_argument("--output-dir", "-o", dest="demo_dir", default="runs/seg-demo",
-                        help="demo: folder for both runs, the table and the pictures (default runs/seg-demo)")
-    parser.add_argument("--epochs", dest="demo_epochs", type=int, default=None, help="demo: epochs per model (default: seg_demo recipe)")
-    parser.add_argument("--train-samples", dest="demo_train_samples", type=int, default=None,
-                        help="demo: training images (default: seg_demo recipe)")
-    parser.add_argument("--threads", dest="demo_threads", default=None, help="demo: torch threads (default auto)")
+    """Sub-commands train / eval / predict / export; none: the demo (options below)."""
+    from slaknet.settings import DataSettings, OptimSettings, RunSettings, add_setting
+    from slaknet.train.config import add_config_arguments
+
+    add_setting(parser, RunSettings, "output_dir",
+                help="demo: folder for both runs, the table and the pictures (default runs/seg-demo)")
+    add_setting(parser, OptimSettings, "epochs", help="demo: epochs per model (default: seg_demo recipe)")
+    add_setting(parser, DataSettings, "train_samples", help="demo: training images (default: seg_demo "
+                                                                          "recipe)")
+    add_setting(parser, RunSettings, "threads", help="demo: torch threads (default auto)")
     sub = parser.add_subparsers(dest="seg_command", metavar="{train,eval,predict,export}")
-    add_seg_train_arguments(sub.add_parser("train", help="train (all `slaknet train` flags + segmentation options)",
-                                    allow_abbrev=False))
+    add_config_arguments(sub.add_parser("train", help="train (all `slaknet train` flags + segmentation options)"),
+                         SPEC)
     ev = sub.add_parser("eval", help="mIoU / pixel accuracy / loss of a checkpoint on a dataset", allow_abbrev=False)
     ev.add_argument("--checkpoint", required=True, help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
     ev.add_argument("--data", default=None, help="builtin:contours or a folder (default: the checkpoint's data)")
@@ -96,45 +79,18 @@ def run(args: argparse.Namespace) -> int:
         return _export(args)
     from slaknet.segment.demo import run_demo
 
-    return run_demo(args.demo_dir, args.demo_epochs, args.demo_train_samples, args.demo_threads)
-
-
-def train_config(args: argparse.Namespace) -> Any:
-    """The resolved TrainConfig of ``slaknet segment train`` (task segmentation, seg recipe, task options)."""
-    from slaknet.train.config import resolve_config
-    from slaknet.train.recipes import RECIPES
-    from slaknet.train.train_cli import apply_yaml
-
-    apply_yaml(args, add_seg_train_arguments)
-    args.task = "segmentation"
-    opts: Dict[str, Any] = {}
-    if args.resume:
-        from slaknet.train.checkpoint import load_training_checkpoint
-
-        opts = dict((load_training_checkpoint(args.resume).get("config") or {}).get("task_options") or {})
-    else:
-        if args.recipe == "auto":
-            builtin = args.data is None or str(args.data).startswith("builtin:")
-            args.recipe = "seg_demo" if builtin else "ade20k"
-        opts = dict(RECIPES[args.recipe].get("task_options") or {})
-    given = {k: getattr(args, f"seg_{k}") for k in SEG_OPTION_FLAGS if getattr(args, f"seg_{k}", None) is not None}
-    opts.update(given)
-    args.task_options = opts if (given or not args.resume) else None
-    if args.finetune and not args.resume:
-        raise ConfigError("--finetune: use --pretrained CKPT for the encoder's classification weights")
-    return resolve_config(args)
+    return run_demo(getattr(args, "output_dir", None) or "runs/seg-demo", getattr(args, "epochs", None),
+                    getattr(args, "train_samples", None), getattr(args, "threads", None))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from slaknet.train.engine import train
+    from slaknet.train.api import fit, print_config
+    from slaknet.train.config import config_from_args
 
-    cfg = train_config(args)
-    try:
-        train(cfg)
-    finally:
-        from slaknet.train.distributed import cleanup
-
-        cleanup()
+    cfg = config_from_args(args, SPEC)
+    if args.print_config:
+        return print_config(cfg)
+    fit(cfg)
     return 0
 
 

@@ -21,20 +21,13 @@ DEMO_MODELS = ("slak_pico", "slak_pico_k7")
 
 def _config(model: str, out_dir: str, epochs: Optional[int], train_samples: Optional[int],
             threads: Optional[str]) -> Any:
-    import argparse
+    """The ``seg_demo`` configuration of one demo model (a fresh run folder under ``out_dir``)."""
+    import slaknet
 
-    from slaknet.segment.cli import add_seg_train_arguments, train_config
-
-    p = argparse.ArgumentParser(allow_abbrev=False)
-    add_seg_train_arguments(p)
-    argv = ["--recipe", "seg_demo", "--model", model, "--output-dir", os.path.join(out_dir, model), "--overwrite"]
-    if epochs is not None:
-        argv += ["--epochs", str(epochs)]
-    if train_samples is not None:
-        argv += ["--train-samples", str(train_samples)]
-    if threads is not None:
-        argv += ["--threads", str(threads)]
-    return train_config(p.parse_args(argv))
+    given = {k: v for k, v in dict(epochs=epochs, train_samples=train_samples, threads=threads).items()
+             if v is not None}
+    return slaknet.config("segmentation", recipe="seg_demo", model=model, output_dir=os.path.join(out_dir, model),
+                          overwrite=True, **given)
 
 
 def _predictions_picture(trainers: List[Any], path: str, count: int = 4, zoom: int = 3) -> None:
@@ -67,9 +60,10 @@ def _prerender(cfg: Any) -> float:
     from slaknet.segment.data import ContourSegmentation
 
     t = time.perf_counter()
-    print(f"rendering {cfg.train_samples} + {cfg.val_samples} built-in images ({cfg.input_size} px)...", flush=True)
-    for split, n in (("train", cfg.train_samples), ("val", cfg.val_samples)):
-        ds = ContourSegmentation(split, int(n), int(cfg.input_size), int(cfg.data_seed))
+    d = cfg.data
+    print(f"rendering {d.train_samples} + {d.val_samples} built-in images ({d.input_size} px)...", flush=True)
+    for split, n in (("train", d.train_samples), ("val", d.val_samples)):
+        ds = ContourSegmentation(split, int(n), int(d.input_size), int(d.data_seed))
         for i in range(len(ds)):
             ds.raw(i)
     return time.perf_counter() - t
@@ -95,8 +89,9 @@ def run_demo(out_dir: str = "runs/seg-demo", epochs: Optional[int] = None, train
         rows.append(dict(model=model, kernels=tr.plan.model.get("kernels"), params=s.get("params"),
                          macs=s.get("macs"), miou=last.get("val_miou"), best_miou=s.get("best_top1"),
                          pixel_acc=last.get("val_pixel_acc"), train_seconds=s.get("train_seconds"),
-                         threads=s.get("torch_threads"), epochs=cfg.epochs, train_samples=cfg.train_samples,
-                         val_samples=cfg.val_samples, input_size=cfg.input_size))
+                         threads=s.get("torch_threads"), epochs=cfg.optim.epochs,
+                         train_samples=cfg.data.train_samples, val_samples=cfg.data.val_samples,
+                         input_size=cfg.data.input_size))
         trainers.append(tr)
     total = time.perf_counter() - t_all
     load1 = os.getloadavg()

@@ -97,7 +97,7 @@ def encoder_kwargs(cfg: Any, input_size: int) -> Tuple[Dict[str, Any], Dict[str,
     from slaknet.models.slak import MODEL_SPECS, resolve_kernel_sizes
     from slaknet.models.training import fit_kernel_sizes, recommended_drop_path
 
-    name = cfg.model
+    name = cfg.name
     if name not in MODEL_SPECS:
         from slaknet.models.factory import create_model
 

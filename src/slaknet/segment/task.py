@@ -5,11 +5,12 @@ unreadable-file counting, ``--sparse``, EMA, AMP, DDP) is the trainer's; this ta
 the network, the loss (cross-entropy with ignore index 255, plus ``aux_weight`` x the auxiliary head's),
 the metrics (mIoU, pixel accuracy, loss), the layer-wise lr decay groups and the poly schedule.
 
-Settings of the task live in ``cfg.task_options`` (missing keys take the values of :data:`DEFAULT_OPTIONS`,
-the paper's ADE20K settings); see docs/segmentation.md for the table.
+Settings of the task live in ``cfg.task`` (:class:`slaknet.segment.spec.SegmentationOptions`, defaults the
+paper's ADE20K settings); see docs/segmentation.md for the table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -28,54 +29,7 @@ from slaknet.train.tasks.base import Task, TaskData
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
-__all__ = ["SegmentationTask", "DEFAULT_OPTIONS", "resolve_options", "collate_segmentation"]
-
-# the paper's ADE20K head and schedule (official SLaK / ConvNeXt mmseg configs); the recipes override
-DEFAULT_OPTIONS: Dict[str, Any] = dict(
-    arch="upernet",          # smp architecture around the SLaK encoder
-    decoder_channels=512,    # UperNet channels
-    aux_weight=0.4,          # FCN auxiliary head on stage 3 (0: no auxiliary head)
-    aux_channels=256,
-    crop=512,                # training crop of folder data (and the sliding window at evaluation)
-    scale=[0.5, 2.0],        # random rescale range of folder data (relative to a shorter side of `crop`)
-    slide_stride=341,        # sliding-window stride at evaluation (images larger than `crop`)
-    layer_decay=None,        # stage-wise layer-wise lr decay rate (paper: 0.9); None: off
-    num_layers=6,            # layer groups of the decay rule (paper: 6)
-    schedule="cosine",       # "poly" (paper) or "cosine" (the trainer's)
-    poly_power=1.0,
-    warmup_ratio=1e-6,       # poly: the warm-up starts at lr x this
-    pretrained=None,         # SLaK classification checkpoint for the encoder (official or slaknet)
-)
-_CHECKS = {"decoder_channels": (int, 1), "aux_weight": (float, 0.0), "aux_channels": (int, 1), "num_layers": (int, 1),
-           "slide_stride": (int, 1), "poly_power": (float, 0.0), "warmup_ratio": (float, 0.0)}
-
-
-def resolve_options(task_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """:data:`DEFAULT_OPTIONS` completed by ``task_options``; one-line ConfigErrors for unknown keys / bad values."""
-    given = dict(task_options or {})
-    unknown = sorted(set(given) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown segmentation task option(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(DEFAULT_OPTIONS))}")
-    opts = dict(DEFAULT_OPTIONS, **given)
-    for key, (kind, lo) in _CHECKS.items():
-        try:
-            opts[key] = kind(opts[key])
-        except (TypeError, ValueError):
-            raise ConfigError(f"task option {key} must be a number, got {opts[key]!r}") from None
-        if opts[key] < lo:
-            raise ConfigError(f"task option {key} must be >= {lo}, got {opts[key]}")
-    if opts["crop"] is not None and int(opts["crop"]) < 32:
-        raise ConfigError(f"task option crop must be >= 32 (or null), got {opts['crop']}")
-    if opts["schedule"] not in ("poly", "cosine"):
-        raise ConfigError(f"task option schedule must be 'poly' or 'cosine', got {opts['schedule']!r}")
-    if opts["layer_decay"] is not None and not 0 < float(opts["layer_decay"]) <= 1:
-        raise ConfigError(f"task option layer_decay must be in (0, 1] (or null), got {opts['layer_decay']}")
-    lo, hi = (float(v) for v in opts["scale"])
-    if not 0 < lo <= hi:
-        raise ConfigError(f"task option scale must be [low, high] with 0 < low <= high, got {opts['scale']}")
-    return opts
-
+__all__ = ["SegmentationTask", "collate_segmentation"]
 
 def collate_segmentation(batch: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
     """Stack images and masks; further integer fields (unreadable-file counts) become long tensors."""
@@ -90,18 +44,17 @@ class SegmentationTask(Task):
     """Semantic segmentation (module docstring); ``val_miou`` decides checkpoint-best.pth."""
 
     best_metric = "val_miou"
-    command, eval_command, predict_command = "slaknet segment train", "slaknet segment eval", "slaknet segment predict"
     init_seed_key = 0x5E6
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.opts = resolve_options(cfg.task_options)
+        self.opts = dataclasses.asdict(cfg.task)
         self.spec: Dict[str, Any] = {}
 
     # ---- data
     def build_data(self, trainer: "Trainer") -> TaskData:
         cfg, o = self.cfg, self.opts
-        kind, root = parse_seg_data(cfg.data)
+        kind, root = parse_seg_data(cfg.data.source)
         if kind == "builtin":
             common = dict(image_size=int(cfg.input_size), seed=int(cfg.data_seed))
             train = ContourSegmentation("train", int(cfg.train_samples), augment=True, **common)
@@ -129,20 +82,17 @@ class SegmentationTask(Task):
         from slaknet.segment.model import build_segmentation_model, encoder_kwargs, load_backbone
 
         cfg, o = self.cfg, self.opts
-        if cfg.finetune:
-            raise ConfigError("segmentation: give the backbone checkpoint as --pretrained (task option "
-                              "'pretrained'), not --finetune")
-        enc, resolved = encoder_kwargs(cfg, int(cfg.input_size))
-        net = build_segmentation_model(cfg.model, num_classes, o["arch"], o["decoder_channels"], o["aux_weight"],
+        enc, resolved = encoder_kwargs(cfg.model, int(cfg.input_size))
+        net = build_segmentation_model(cfg.model.name, num_classes, o["arch"], o["decoder_channels"], o["aux_weight"],
                                        o["aux_channels"], enc)
-        if o["pretrained"]:
-            resolved["pretrained_arch"] = load_backbone(net, str(o["pretrained"]))
+        if o["backbone_checkpoint"]:
+            resolved["pretrained_arch"] = load_backbone(net, str(o["backbone_checkpoint"]))
         enc_rec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.items() if k != "drop_path_rate"}
-        self.spec = dict(model=cfg.model, num_classes=int(num_classes), arch=o["arch"],
+        self.spec = dict(model=cfg.model.name, num_classes=int(num_classes), arch=o["arch"],
                          decoder_channels=o["decoder_channels"], aux_weight=o["aux_weight"],
                          aux_channels=o["aux_channels"], encoder=enc_rec, classes=list(trainer.data.classes),
                          mean=list(trainer.data.mean), std=list(trainer.data.std), crop=self.crop,
-                         stride=o["slide_stride"], input_size=int(cfg.input_size), data=cfg.data,
+                         stride=o["slide_stride"], input_size=int(cfg.input_size), data=cfg.data.source,
                          data_seed=int(cfg.data_seed), val_samples=int(cfg.val_samples))
         resolved["seg_model"] = self.spec
         return net, resolved
@@ -203,7 +153,7 @@ class SegmentationTask(Task):
     def describe(self) -> str:
         o = self.opts
         head = f"{o['arch']} {o['decoder_channels']} ch" + (f" + FCN aux x{o['aux_weight']:g}" if o["aux_weight"] else "")
-        if parse_seg_data(self.cfg.data)[0] == "builtin":
+        if parse_seg_data(self.cfg.data.source)[0] == "builtin":
             return f"{head}, augmentation flips/transposes"
         lo, hi = o["scale"]
         return f"{head}, augmentation rescale {lo:g}-{hi:g}, crop {self.crop}, flip"

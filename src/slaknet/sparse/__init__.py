@@ -7,8 +7,8 @@ Public API::
     # train as usual; optimizer.step() / scaler.step(optimizer) keep the model sparse
     ckpt["sparse"] = engine.state_dict()                                       # exact resume
 
-For command lines: :func:`add_sparse_arguments` adds the official flags and :func:`config_from_args`
-turns the parsed namespace into a :class:`SparseConfig` (``None`` when ``--sparse`` was not given).
+Every field of :class:`SparseConfig` is also the declaration of its ``slaknet train`` flag (``--sparsity``,
+``--sparse-init``...): the training configuration uses this class as its ``sparse`` section.
 """
 from slaknet.lazy import lazy_exports
 
@@ -17,7 +17,7 @@ _EXPORTS = {
     "erk_counts": "slaknet.sparse.density",
     "erk_densities": "slaknet.sparse.density",
     "uniform_counts": "slaknet.sparse.density",
-    "SparseConfig": "slaknet.sparse.engine",
+    "SparseConfig": "slaknet.sparse.config",
     "SparseEngine": "slaknet.sparse.engine",
     "SparseLayer": "slaknet.sparse.engine",
     "GrowthCriterion": "slaknet.sparse.growth",
@@ -27,11 +27,9 @@ _EXPORTS = {
     "select_parameters": "slaknet.sparse.selection",
     "unwrap_model": "slaknet.sparse.selection",
     "sparse_counts": "slaknet.sparse.counting",
-    "add_sparse_arguments": "slaknet.sparse.args",
-    "config_from_args": "slaknet.sparse.args",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["SparseEngine", "SparseConfig", "SparseLayer", "select_parameters", "unwrap_model", "parse_filter",
            "erk_densities", "erk_counts", "uniform_counts", "counts_from_scores", "sparse_counts",
-           "add_sparse_arguments", "config_from_args", "GrowthCriterion", "register_growth", "growth_names"]
+           "GrowthCriterion", "register_growth", "growth_names"]

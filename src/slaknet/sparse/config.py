@@ -2,24 +2,35 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from slaknet.errors import ConfigError
-from slaknet.sparse.growth import growth_names
-from slaknet.sparse.selection import ParamFilter
+from slaknet.settings import setting
 
 __all__ = ["SparseConfig"]
+
+# a weight filter: glob patterns on parameter names (a comma-separated string or a list) or a predicate
+# ``(name, module, param) -> bool`` (slaknet.sparse.selection); typed loosely here to keep this module torch-free
+ParamFilter = Any
 
 _INITS = ("uniform", "ERK", "snip")
 _REDISTS = ("none", "magnitude", "momentum")
 _DECAYS = ("cosine", "constant")
 _OPT_POLICIES = ("zero", "keep")
 _MASKINGS = ("auto", "pass")
+_LAYERS = ("all", "large_kernel", "none")
+
+
+def _growth_choices() -> Tuple[str, ...]:
+    from slaknet.sparse.growth import growth_names  # the registry (imports torch): only when validating
+
+    return tuple(growth_names())
 
 
 @dataclasses.dataclass
 class SparseConfig:
-    """All options of the engine (names follow the training CLI flags; see docs/sparse.md).
+    """All options of the engine; each field is the one declaration of its ``slaknet train`` flag (the flag is
+    the field's key: ``--sparsity``, ``--sparse-layers``...). See docs/sparse.md.
 
     Attributes:
         sparsity: global fraction of zero weights over the sparse layers (``--sparsity``), in [0, 1).
@@ -30,13 +41,13 @@ class SparseConfig:
         prune_rate_decay: ``cosine`` (default; needs ``total_steps``) or ``constant``.
         growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``).
         update_frequency: topology update every this many real optimizer steps (``-u/--update-frequency``).
-        total_steps: planned number of optimizer steps (cosine horizon).
+        total_steps: planned number of optimizer steps (cosine horizon; the trainer fills it in).
         update_end: no topology updates at or after this step (default: ``total_steps``).
         redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``): how the
             regrowth count is shared across layers.
         fix: static masks, never updated (``--fix``).
         layers: ``all`` (every conv / linear weight), ``large_kernel`` (only SLaK's large-kernel strips)
-            or ``none`` (only ``include``).
+            or ``none`` (only ``include``) (``--sparse-layers``).
         include / exclude: extra / excluded weights: glob patterns on parameter names or a predicate
             ``(name, module, param) -> bool``.
         dense_threshold: a layer whose initial density is at least this stays dense (no mask); 1.0 keeps
@@ -45,7 +56,8 @@ class SparseConfig:
             state, so a regrown weight starts from 0 with fresh moments) or ``keep`` (the research code's).
             Either way a regrown weight starts at 0, also one pruned and regrown in the same update.
         seed: seed of all mask randomness (keyed by seed, step and layer; under torch.distributed rank 0's
-            seed is used on every rank, so per-rank seeding cannot split the masks).
+            seed is used on every rank, so per-rank seeding cannot split the masks). None: 0 for the engine,
+            the run's ``--seed`` in training.
         sync_check: under torch.distributed, compare a mask checksum across ranks once at initialisation
             (``ConfigError`` if they differ) and at each update (``RuntimeError``).
         masking: how inactive weights are kept at zero between updates. ``auto`` (default): with a fused
@@ -53,34 +65,48 @@ class SparseConfig:
             held at +inf, so the optimizer's own update there is exactly 0 and no pass over the weights
             is needed; with any other optimizer, and with ``pass``, the masks are multiplied into the
             weights after every step.
+        enabled: the trainer's switch (``--sparse``): train with the engine at all. The engine itself
+            ignores it.
     """
 
-    sparsity: float = 0.4
-    sparse_init: str = "ERK"
-    erk_power_scale: float = 1.0
-    prune_rate: float = 0.3
-    prune_rate_final: float = 0.005
-    prune_rate_decay: str = "cosine"
-    growth: str = "random"
-    update_frequency: int = 100
-    total_steps: Optional[int] = None
-    update_end: Optional[int] = None
-    redistribution: str = "none"
-    fix: bool = False
-    layers: str = "all"
-    include: ParamFilter = None
-    exclude: ParamFilter = None
-    dense_threshold: float = 1.0
-    optimizer_state: str = "zero"
-    seed: int = 0
-    sync_check: bool = True
-    masking: str = "auto"
+    sparsity: float = setting(0.4, "global fraction of zero weights over the sparse layers", low=0.0, high=1.0,
+                              high_open=True)
+    sparse_init: str = setting("ERK", "initial layer-wise density", choices=_INITS)
+    erk_power_scale: float = setting(1.0, "ERK power scale (0 gives uniform densities)", low=0.0)
+    prune_rate: float = setting(0.3, "initial prune (= regrow) fraction per update, decayed to --prune-rate-final",
+                                low=0.0, high=1.0, high_open=True)
+    prune_rate_final: float = setting(0.005, "prune rate at the end of the decay", low=0.0, high=1.0)
+    prune_rate_decay: str = setting("cosine", "how the prune rate decays over the run", choices=_DECAYS)
+    growth: str = setting("random", "regrowth criterion: random (the paper's), gradient, momentum, or one "
+                                    "registered with slaknet.sparse.register_growth", choices_from=_growth_choices)
+    update_frequency: int = setting(100, "topology update every U optimizer steps", low=1)
+    total_steps: Optional[int] = setting(None, "planned optimizer steps (the trainer fills it in)", low=1,
+                                         internal=True)
+    update_end: Optional[int] = setting(None, "no topology updates from this step on", low=0, internal=True)
+    redistribution: str = setting("none", "share regrowth across layers (none: the paper's)", choices=_REDISTS)
+    fix: bool = setting(False, "static sparse training: masks never change")
+    layers: str = setting("all", "which weights are sparse: every conv/linear, only the large-kernel strips, or "
+                                 "only --sparse-include", choices=_LAYERS, key="sparse_layers")
+    include: ParamFilter = setting(None, "comma-separated glob patterns of extra weights to make sparse",
+                                   key="sparse_include", metavar="GLOBS")
+    exclude: ParamFilter = setting(None, "comma-separated glob patterns of weights to keep dense",
+                                   key="sparse_exclude", metavar="GLOBS")
+    dense_threshold: float = setting(1.0, "a layer whose initial density is at least this stays dense", low=0.0,
+                                     high=1.0, low_open=True)
+    optimizer_state: str = setting("zero", "optimizer state of pruned/regrown weights", choices=_OPT_POLICIES,
+                                   key="sparse_optimizer_state")
+    seed: Optional[int] = setting(None, "seed of mask randomness (default: the run's --seed)", key="sparse_seed")
+    sync_check: bool = setting(True, "compare masks across DDP ranks", internal=True)
+    masking: str = setting("auto", "how pruned weights stay zero between updates: auto (through the optimizer "
+                                   "state with fused Adam/AdamW on CPU, else a pass after every step) or pass",
+                           choices=_MASKINGS, key="sparse_masking")
+    enabled: bool = setting(False, "train with the dynamic sparse engine", key="sparse")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for an invalid or ill-defined combination."""
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        choices = (("sparse_init", _INITS), ("growth", tuple(growth_names())), ("redistribution", _REDISTS),
+        choices = (("sparse_init", _INITS), ("growth", _growth_choices()), ("redistribution", _REDISTS),
                    ("prune_rate_decay", _DECAYS), ("optimizer_state", _OPT_POLICIES), ("masking", _MASKINGS))
         for field, allowed in choices:
             if getattr(self, field) not in allowed:

@@ -72,6 +72,8 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
             if not hasattr(cfg, k):
                 raise ConfigError(f"unknown sparse option {k!r}")
             setattr(cfg, k, v)
+        if cfg.seed is None:  # None means "the run's seed" to the trainer; alone, the engine uses 0
+            cfg.seed = 0
         cfg.validate()
         self.config = cfg
         self.growth = growth_criterion(cfg.growth)  # the regrowth criterion (slaknet.sparse.growth)

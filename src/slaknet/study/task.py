@@ -26,13 +26,13 @@ __all__ = ["StudyTask", "study_config"]
 
 def study_config(budget: Budget, seed: int, n_train: int, device: str, progress: bool,
                  time_limit: Optional[float]) -> Any:
-    """The :class:`TrainConfig` of one study run (no files, no per-epoch evaluation, dense in the config:
-    the task builds the sparse engine's config itself)."""
-    from slaknet.train.config import TrainConfig
+    """The configuration of one study run (no files, no per-epoch evaluation, dense in the config: the task
+    builds the sparse engine's config itself)."""
+    from slaknet.train.config import make_config
 
     steps = n_train // budget.batch_size
     warmup = max(1, int(budget.warmup_frac * steps * budget.epochs))
-    return TrainConfig(task="study", recipe="study", data="study:centre-insideness", epochs=budget.epochs if
+    return make_config("study", "study", data="study:centre-insideness", epochs=budget.epochs if
                        time_limit is None else 10 ** 6, batch_size=budget.batch_size, lr=budget.lr,
                        weight_decay=budget.weight_decay, warmup_steps=warmup, min_lr=1e-6, seed=seed,
                        device=device, progress=progress, tensorboard=False, output_dir="", input_size=budget.image_size,

@@ -9,10 +9,17 @@ import numpy as np
 import torch
 
 from slaknet.errors import ConfigError
-from slaknet.train.recipes import cpu_cores
 
 __all__ = ["seed_everything", "resolve_threads", "autocast_dtype", "cap_workers", "cpu_cores",
            "cpu_has_bf16_matrix_units"]
+
+
+def cpu_cores() -> int:
+    """Cores this process may use (the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def seed_everything(*key: int) -> None:

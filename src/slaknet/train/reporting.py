@@ -40,7 +40,7 @@ def header_lines(tr: "Trainer") -> List[str]:
     if m.get("kernels"):
         arch = f"; kernels {' '.join(str(k) for k in m['kernels'])}" + (
             f", small kernel N={m['small_kernel']}" if m.get("small_kernel") is not None else "")
-    lines = [f"{tr.task.command}: {cfg.model} ({n_params / 1e6:.2f}M params{arch}) on {tr.data.description or cfg.data}"]
+    lines = [f"{tr.task.command}: {cfg['model']} ({n_params / 1e6:.2f}M params{arch}) on {tr.data.description or cfg['data']}"]
     sc = tr.sparse_config
     sparse = (f"sparsity {sc.sparsity:.2f} (u={sc.update_frequency}, {sc.sparse_init}, growth {sc.growth})"
               if sc is not None else "dense")
@@ -54,10 +54,9 @@ def header_lines(tr: "Trainer") -> List[str]:
     lines.append(f"  {cfg.epochs} epochs x {plan.steps_per_epoch} steps, batch {cfg.batch_size} x {cfg.update_freq} x "
                  f"{d.world_size} = {plan.effective_batch}, lr {plan.lr:.3g}, warm-up {plan.warmup} steps, "
                  f"device {tr.device}{threads}, precision {_precision(cfg.precision, tr.autocast)} -> {tr.out_dir}")
-    from slaknet.train.recipes import PAPER_GPUS
-
-    if cfg.recipe in PAPER_GPUS and plan.effective_batch != 4096:
-        lines.append(f"  note: the paper ran this recipe at effective batch 4096 ({PAPER_GPUS[cfg.recipe]} GPUs x "
+    gpus = next((r.gpus for r in cfg.spec.recipes if r.name == cfg.recipe), None)
+    if gpus and plan.effective_batch != 4096:
+        lines.append(f"  note: the paper ran this recipe at effective batch 4096 ({gpus} GPUs x "
                      f"{cfg.batch_size} x {cfg.update_freq}); here it is {plan.effective_batch} with lr {plan.lr:.3g} "
                      "(pass --lr to rescale, or --update-freq to match)")
     if tr.engine is not None:
@@ -107,7 +106,7 @@ def _summary(tr: "Trainer") -> Dict[str, Any]:
     cfg, st = tr.cfg, tr.state
     final = tr.history[-1] if tr.history else {}
     s: Dict[str, Any] = {
-        "model": cfg.model, "data": cfg.data, "recipe": cfg.recipe, "epochs_done": st.epoch, "steps": st.step,
+        "model": cfg["model"], "data": cfg["data"], "recipe": cfg.recipe, "epochs_done": st.epoch, "steps": st.step,
         "final_top1": final.get("val_top1"), "final_top5": final.get("val_top5"),
         "best_top1": st.best_metric if st.best_epoch >= 0 else None,
         "best_epoch": st.best_epoch + 1 if st.best_epoch >= 0 else None,
@@ -137,8 +136,8 @@ def _summary(tr: "Trainer") -> Dict[str, Any]:
 def safetensors_metadata(tr: "Trainer") -> Dict[str, str]:
     """String metadata of ``model.safetensors``: architecture, classes, input size and normalisation."""
     cfg = tr.cfg
-    meta = {"model": cfg.model, "num_classes": str(tr.plan.num_classes), "classes": json.dumps(list(tr.data.classes)),
-            "data": str(cfg.data), "difficulty": str(cfg.difficulty), "data_seed": str(cfg.data_seed),
+    meta = {"model": cfg["model"], "num_classes": str(tr.plan.num_classes), "classes": json.dumps(list(tr.data.classes)),
+            "data": str(cfg["data"]), "difficulty": str(cfg.difficulty), "data_seed": str(cfg.data_seed),
             "val_samples": str(cfg.val_samples), "input_size": str(int(cfg.input_size)),
             "kernel_size": json.dumps(tr.plan.model.get("resolved_kernel_size")),
             "mean": json.dumps([float(v) for v in tr.data.mean]), "std": json.dumps([float(v) for v in tr.data.std])}

@@ -30,23 +30,29 @@ def _show(v: Any) -> str:
     return repr(v)
 
 
-def settings_from_checkpoint(path: str, given: Dict[str, Any], report: bool = True) -> Dict[str, Any]:
-    """The run settings stored in a training checkpoint, to be completed by the options in ``given``.
+def settings_from_checkpoint(path: str, spec: Any, given: Dict[str, Any], report: bool = True) -> Dict[str, Any]:
+    """The run settings stored in a training checkpoint (flat option keys, plus ``recipe``), to be completed by
+    the options in ``given``.
 
-    Raises CheckpointError when ``given`` changes a setting a resume cannot change; reports (stderr) the
-    others that ``given`` overrides. The output folder defaults to the checkpoint's own folder.
+    Refuses (one-line CheckpointError) a checkpoint of another task, and ``given`` values that change a setting
+    a resume cannot change; reports (stderr) the others that ``given`` overrides. Settings of the session
+    (``--resume``, ``--overwrite``, ``--max-steps``...) are not restored. The output folder is the checkpoint's.
     """
     from slaknet.train import checkpoint as ckpt_io
-    from slaknet.train.config import TrainConfig
+    from slaknet.train.config import config_from_stored
 
-    old = dict(ckpt_io.load_training_checkpoint(path).get("config") or {})
-    # session-only options are not restored: how this session runs, not what the run is
-    known = set(TrainConfig.field_names()) - {"resume", "config", "auto_resume", "overwrite", "max_steps", "progress"}
-    base = {k: v for k, v in old.items() if k in known}
+    stored = dict(ckpt_io.load_training_checkpoint(path).get("config") or {})
+    task = str(stored.get("task") or "classification")
+    if task != spec.name:
+        raise CheckpointError(f"resume: {path} is a checkpoint of a {task} run; `{spec.command}` trains "
+                              f"{spec.name} (start a new --output-dir, or resume it with its own command)")
+    base = config_from_stored(stored, spec)
+    for k in ("resume", "auto_resume", "overwrite", "max_steps", "progress"):
+        base.pop(k, None)
     base["output_dir"] = os.path.dirname(path) or "."
     notes = []
     for k, v in given.items():
-        if k not in base or base[k] == v or k in ("output_dir",):
+        if k not in base or base[k] == v or k in ("output_dir", "resume"):
             continue
         if k in _FIXED and base[k] is not None:
             raise CheckpointError(f"resume: {k} was {_show(base[k])} in the checkpoint, now {_show(v)}; resume with "
@@ -55,6 +61,7 @@ def settings_from_checkpoint(path: str, given: Dict[str, Any], report: bool = Tr
     if notes and report:
         print(f"resume: settings from {path}, overridden on the command line: {', '.join(notes)}",
               file=sys.stderr, flush=True)
+    base["recipe"] = stored.get("recipe")
     return base
 
 

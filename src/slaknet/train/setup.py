@@ -75,8 +75,8 @@ def _resume_source(tr: "Trainer") -> Tuple[Optional[str], Optional[Dict[str, Any
     if resumed is not None:
         old = resumed.get("config", {})
         for k in ("model", "input_size", "sparse"):
-            if k in old and old[k] != getattr(cfg, k):
-                raise CheckpointError(f"resume: {k} was {old[k]!r} in the checkpoint, now {getattr(cfg, k)!r}; "
+            if k in old and old[k] != cfg[k]:
+                raise CheckpointError(f"resume: {k} was {old[k]!r} in the checkpoint, now {cfg[k]!r}; "
                                       "resume with the same settings (or start a new --output-dir)")
     return path, resumed
 
@@ -207,7 +207,7 @@ def _setup_logging(tr: "Trainer") -> None:
         import yaml
 
         with open(os.path.join(tr.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(tr.stored_config(), f, sort_keys=True)
+            yaml.safe_dump(tr.cfg.as_dict(), f, sort_keys=False)  # what --config reads back
     if main:
         for line in header_lines(tr):
             tr.logger.print(line)

@@ -113,7 +113,7 @@ class _Interrupt:
 
 
 class Trainer:
-    """Train ``task`` as configured by ``cfg`` (:class:`slaknet.train.config.TrainConfig`).
+    """Train ``task`` as configured by ``cfg`` (:class:`slaknet.train.config.Config`).
 
     ``out_dir`` (default ``cfg.output_dir``; ``None``: write nothing) receives checkpoints, logs, the final
     safetensors, curves and the summary. ``evaluate_during`` False skips evaluation (the caller evaluates).
@@ -124,7 +124,7 @@ class Trainer:
         from slaknet.train.tasks import get_task_class
 
         self.cfg = cfg
-        self.task = task if task is not None else get_task_class(cfg.task)(cfg)
+        self.task = task if task is not None else get_task_class(cfg.task_name)(cfg)
         self.out_dir: Optional[str] = cfg.output_dir if out_dir == "config" else out_dir
         self.callbacks = list(callbacks)
         self.evaluate_during = evaluate_during
@@ -394,7 +394,7 @@ class Trainer:
     # -------------------------------------------------------------------------------- checkpoints ----
     def stored_config(self) -> Dict[str, Any]:
         """The config plus the plan and the data's normalisation, as stored in checkpoints."""
-        d = self.cfg.as_dict()
+        d = self.cfg.to_stored()
         d.update(self.plan.as_dict())
         d.update(mean=list(self.data.mean), std=list(self.data.std), num_classes=self.plan.num_classes)
         return d

@@ -1,27 +1,126 @@
-"""The task registry: ``name -> Task class``. A task supplies data, model, loss and metrics to the Trainer.
+"""The task registry: what a kind of training declares about itself (:class:`TaskSpec`) and the classes that
+train it (:func:`register_task`).
 
-Add a task by subclassing :class:`slaknet.train.tasks.base.Task` in a small file and decorating it with
-:func:`register_task`; ``slaknet train --task NAME`` then trains it with every guarantee of the trainer
-(atomic checkpoints, exact resume, NaN stop, sparse engine, EMA, AMP, DDP, logs).
+A task package (``slaknet/segment/``, ``slaknet/detect/``...) holds a light ``spec.py`` that registers a
+:class:`TaskSpec`: its options dataclass (the ``task`` section of its configuration), its recipes and how
+``--recipe auto`` chooses among them, the command that trains it and the class that implements it. The
+``slaknet`` command and :func:`slaknet.config` are built from these specs; nothing in ``train/`` names a
+task package: specs are found by looking for ``slaknet/*/spec.py`` (and the ``slaknet.tasks`` entry-point
+group, for tasks from other distributions). Adding a task is one package.
+
+Torch-free: the specs build command-line parsers, so importing them must stay light.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Callable, Dict, List, Type
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from slaknet.errors import ConfigError
 
-__all__ = ["register_task", "get_task_class", "available_tasks", "TASKS"]
+__all__ = ["register_task", "get_task_class", "available_tasks", "TASKS", "TaskSpec", "Recipe", "register_spec",
+           "get_spec", "task_specs", "NoOptions"]
 
 TASKS: Dict[str, Type] = {}
-# built-in tasks, imported on first use (keeps `slaknet --help` and config validation light)
-_LAZY = {"classification": "slaknet.train.tasks.classification", "study": "slaknet.study.task",
-         "distillation": "slaknet.distill.task", "segmentation": "slaknet.segment.task",
-         "detection": "slaknet.detect.task"}
+_SPECS: Dict[str, "TaskSpec"] = {}
+_DISCOVERED = False
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options section of a task that has none of its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named partial configuration: ``values`` maps section names (``data``, ``optim``, ``sparse``, ``task``...)
+    to the fields it sets. ``adapt(data)``: values that depend on the data (e.g. the input size of a small
+    folder), applied after ``values``; ``gpus``: the GPUs a published recipe ran on (for the run header)."""
+
+    name: str
+    help: str
+    values: Mapping[str, Mapping[str, Any]]
+    adapt: Optional[Callable[[str], Dict[str, Any]]] = None
+    gpus: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Everything the command line and :func:`slaknet.config` need to know about a task, without importing it.
+
+    ``choose_recipe(data)`` answers ``--recipe auto``; ``task_class`` is ``"module:Class"`` (imported when a run
+    starts); ``command`` is the command that trains it (``slaknet segment train``); ``sections``: the general
+    configuration sections its command shows (all by default).
+    """
+
+    name: str
+    options: type
+    recipes: Tuple[Recipe, ...]
+    choose_recipe: Callable[[Optional[str]], str]
+    task_class: str
+    command: str
+    eval_command: str = ""
+    predict_command: str = ""
+    description: str = ""
+    default_data: Optional[str] = None
+    sections: Tuple[str, ...] = ("data", "model", "optim", "augment", "run", "sparse")
+
+    def recipe(self, name: str) -> Recipe:
+        for r in self.recipes:
+            if r.name == name:
+                return r
+        raise ConfigError(f"{self.command}: unknown recipe {name!r}; choose auto, "
+                          f"{', '.join(r.name for r in self.recipes)}")
+
+    @property
+    def recipe_names(self) -> List[str]:
+        return [r.name for r in self.recipes]
+
+
+def register_spec(spec: TaskSpec) -> TaskSpec:
+    """Make a task known to the command line and :func:`slaknet.config` (called by a package's ``spec.py``)."""
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def _discover() -> None:
+    """Import every ``slaknet/<package>/spec.py`` and the specs of the ``slaknet.tasks`` entry points, once."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import slaknet
+
+    root = os.path.dirname(slaknet.__file__)
+    for name in sorted(os.listdir(root)):
+        if os.path.isfile(os.path.join(root, name, "spec.py")):
+            importlib.import_module(f"slaknet.{name}.spec")
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="slaknet.tasks"):
+            ep.load()
+    except Exception:  # a broken third-party entry point must not break slaknet's own commands
+        pass
+
+
+def task_specs() -> Dict[str, TaskSpec]:
+    """All registered task specs by name."""
+    _discover()
+    return dict(_SPECS)
+
+
+def get_spec(name: str) -> TaskSpec:
+    """The spec of task ``name``; one-line ConfigError naming the known tasks otherwise."""
+    specs = task_specs()
+    if name not in specs:
+        raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(specs))}")
+    return specs[name]
 
 
 def register_task(name: str) -> Callable[[Type], Type]:
-    """Class decorator: make a :class:`~slaknet.train.tasks.base.Task` subclass available as ``name``."""
+    """Class decorator: make a :class:`~slaknet.train.tasks.base.Task` subclass the implementation of ``name``."""
     def deco(cls: Type) -> Type:
         TASKS[name] = cls
         cls.name = name
@@ -30,13 +129,16 @@ def register_task(name: str) -> Callable[[Type], Type]:
 
 
 def available_tasks() -> List[str]:
-    return sorted(set(TASKS) | set(_LAZY))
+    return sorted(set(TASKS) | set(task_specs()))
 
 
 def get_task_class(name: str) -> Type:
-    """The registered task class ``name``; one-line ConfigError naming the known tasks otherwise."""
-    if name not in TASKS and name in _LAZY:
-        importlib.import_module(_LAZY[name])
+    """The class implementing task ``name`` (imported from its spec on first use)."""
+    if name not in TASKS:
+        spec = task_specs().get(name)
+        if spec is not None:
+            module, _, cls = spec.task_class.partition(":")
+            importlib.import_module(module)
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(available_tasks())}")
     return TASKS[name]

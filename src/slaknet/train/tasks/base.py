@@ -49,12 +49,28 @@ class Task:
     name = "task"
     best_metric = "val_top1"   # key of the evaluation record that decides checkpoint-best.pth (higher wins)
     init_seed_key = 0x5EED     # seed_everything(seed, key) before data and model are built
-    command = "slaknet train"  # the command that trains it (run header); eval / predict: "<this> -> next" lines
-    eval_command = "slaknet eval"
-    predict_command = "slaknet predict"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+
+    def _spec_text(self, attr: str, default: str) -> str:
+        from slaknet.train.tasks import task_specs
+
+        spec = task_specs().get(self.name)
+        return getattr(spec, attr) if spec else default
+
+    @property
+    def command(self) -> str:
+        """The command that trains this task (run header); eval / predict: the "next:" lines (from its spec)."""
+        return self._spec_text("command", "slaknet train")
+
+    @property
+    def eval_command(self) -> str:
+        return self._spec_text("eval_command", "")
+
+    @property
+    def predict_command(self) -> str:
+        return self._spec_text("predict_command", "")
 
     # ---- to implement
     def build_data(self, trainer: "Trainer") -> TaskData:
@@ -80,10 +96,21 @@ class Task:
         return None
 
     def sparse_config(self, trainer: "Trainer", total_steps: int) -> Any:
-        """The :class:`slaknet.sparse.SparseConfig` of the run (None: dense), from the config's sparse flags."""
-        from slaknet.sparse import config_from_args
+        """The :class:`slaknet.sparse.SparseConfig` of the run (None: dense): the config's ``sparse`` section
+        with the planned step count, and the run's seed where no mask seed is given."""
+        import dataclasses
 
-        return config_from_args(self.cfg, total_steps=total_steps)
+        from slaknet.sparse.selection import parse_filter
+
+        sc = self.cfg.sparse
+        if not sc.enabled:
+            return None
+        seed = sc.seed if sc.seed is not None else int(self.cfg.run.seed)
+        def filt(v: Any) -> Any:
+            return v if callable(v) else parse_filter(v)
+
+        return dataclasses.replace(sc, total_steps=int(total_steps), seed=int(seed), include=filt(sc.include),
+                                   exclude=filt(sc.exclude))
 
     def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
         """The first training batch (fixed order) for SNIP's saliency at initialisation."""
@@ -147,6 +174,11 @@ class Task:
                           sampler=SkipSampler(sampler, skip_batches * trainer.batch_size),
                           num_workers=trainer.workers, pin_memory=trainer.pin_memory, drop_last=True,
                           collate_fn=self.collate, generator=gen, persistent_workers=False)
+
+    @classmethod
+    def default_callbacks(cls) -> List[Any]:
+        """Callbacks every run of this task gets (e.g. detection's AP lines)."""
+        return []
 
     def describe(self) -> str:
         """Extra header words (e.g. the augmentation used)."""

@@ -77,7 +77,7 @@ def build_datasets(cfg: Any, fixed_train_transform: bool = False) -> TaskData:
     ``fixed_train_transform``: training images go through the deterministic evaluation transform (no random
     augmentation), e.g. for a teacher-output cache.
     """
-    kind, what = parse_data_spec(cfg.data)
+    kind, what = parse_data_spec(cfg.data.source)
     size = int(cfg.input_size)
     if kind == "builtin":
         mean, std = BUILTIN_MEAN, BUILTIN_STD
@@ -114,7 +114,7 @@ class ClassificationTask(Task):
     def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.models.training import build_training_model
 
-        model, res = build_training_model(self.cfg, num_classes)
+        model, res = build_training_model(self.cfg.model, num_classes, int(self.cfg.data.input_size))
         return model, {"resolved_kernel_size": res.kernel_list(), "kernels": list(res.kernel_size),
                        "small_kernel": res.small_kernel, "resolved_drop_path": res.drop_path}
 
@@ -155,7 +155,7 @@ class ClassificationTask(Task):
         return self._val_loader
 
     def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
-        from slaknet.train.evaluate import evaluate
+        from slaknet.classify.evaluate import evaluate
 
         ev = evaluate(model, self.val_loader(trainer), trainer.device, trainer.autocast, self.cfg.channels_last,
                       trainer.progress, desc)
@@ -166,7 +166,7 @@ class ClassificationTask(Task):
 
     def describe(self) -> str:
         c = self.cfg
-        if parse_data_spec(c.data)[0] == "builtin":
+        if parse_data_spec(c.data.source)[0] == "builtin":
             return "augmentation flips/rotations"
         parts = [f"RandAugment {c.aa}" if c.aa else "random-resized crop + flip"]
         if c.mixup or c.cutmix:

@@ -18,7 +18,7 @@ __all__ = ["add_arguments", "run", "predict", "predict_files"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from slaknet.train.eval_cli import add_checkpoint_arguments
+    from slaknet.classify.eval_cli import add_checkpoint_arguments
 
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--checkpoint", dest="checkpoint", required=True,
@@ -89,7 +89,7 @@ def predict(model: Any, images: List[str], transform: Any, class_names: List[str
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from slaknet.train.eval_cli import inference_transform, load_model_for_inference, normalisation
+    from slaknet.classify.eval_cli import inference_transform, load_model_for_inference, normalisation
 
     if args.topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")

@@ -80,7 +80,7 @@ def inference_transform(size: int, crop_pct: Optional[float], mean: Sequence[flo
         from torchvision.transforms import Compose, Normalize, Resize, ToTensor
 
         return Compose([Resize((size, size)), ToTensor(), Normalize(mean, std)])
-    from slaknet.train.tasks.classification import eval_transform
+    from slaknet.classify.task import eval_transform
 
     return eval_transform(size, crop_pct, mean, std)
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from slaknet.train.distributed import init_distributed
-    from slaknet.train.evaluate import evaluate
+    from slaknet.classify.evaluate import evaluate
     from slaknet.train.machine import autocast_dtype, cap_workers
 
     if args.batch_size < 1:
