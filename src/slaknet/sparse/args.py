@@ -1,8 +1,9 @@
 """Command-line flags of the sparse engine (official SLaK names) and the :class:`SparseConfig` they make.
 
 Torch-free at import, so a command's ``--help`` stays instant; the engine is imported when a config is
-built. ``--growth`` accepts any registered criterion (:func:`slaknet.sparse.register_growth`), checked
-when the config is validated.
+built. ``--sparse-init``, ``--growth`` and ``--redistribution`` accept any registered strategy
+(:func:`slaknet.sparse.register_init`, ``register_growth``, ``register_redistribution``), checked when the
+config is validated.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse", action="store_true", help="train with the dynamic sparse engine")
     g.add_argument("--sparsity", type=float, default=0.4, help="global fraction of zero weights (default 0.4)")
     g.add_argument("--sparse-init", "--sparse_init", dest="sparse_init", default="ERK",
-                   choices=["uniform", "ERK", "snip"], help="initial layer-wise density (default ERK)")
+                   help="initial layer-wise density: ERK (default), uniform, snip, or one registered with "
+                        "slaknet.sparse.register_init")
     g.add_argument("--erk-power-scale", dest="erk_power_scale", type=float, default=1.0,
                    help="ERK power scale (default 1.0)")
     g.add_argument("--prune-rate", "--prune_rate", dest="prune_rate", type=float, default=0.3,
@@ -33,8 +35,9 @@ def add_sparse_arguments(parser: argparse.ArgumentParser) -> None:
                         "with slaknet.sparse.register_growth")
     g.add_argument("-u", "--update-frequency", "--update_frequency", dest="update_frequency", type=int,
                    default=100, help="topology update every U optimizer steps (default 100)")
-    g.add_argument("--redistribution", default="none", choices=["none", "magnitude", "momentum"],
-                   help="share regrowth across layers (default none, the paper's)")
+    g.add_argument("--redistribution", default="none",
+                   help="share regrowth across layers: none (default, the paper's), magnitude, momentum, or one "
+                        "registered with slaknet.sparse.register_redistribution")
     g.add_argument("--fix", action="store_true", help="static sparse training: masks never change")
     g.add_argument("--sparse-layers", dest="sparse_layers", default="all", choices=["all", "large_kernel"],
                    help="which weights are sparse: every conv/linear (default) or only large-kernel strips")

@@ -6,12 +6,13 @@ from typing import Any, Dict, Optional
 
 from slaknet.errors import ConfigError
 from slaknet.sparse.growth import growth_names
+from slaknet.sparse.init_rules import init_names
+from slaknet.sparse.prune import prune_names
+from slaknet.sparse.redistribution import redistribution_names
 from slaknet.sparse.selection import ParamFilter
 
 __all__ = ["SparseConfig"]
 
-_INITS = ("uniform", "ERK", "snip")
-_REDISTS = ("none", "magnitude", "momentum")
 _DECAYS = ("cosine", "constant")
 _OPT_POLICIES = ("zero", "keep")
 _MASKINGS = ("auto", "pass")
@@ -23,17 +24,20 @@ class SparseConfig:
 
     Attributes:
         sparsity: global fraction of zero weights over the sparse layers (``--sparsity``), in [0, 1).
-        sparse_init: initial layer-wise density: ``uniform``, ``ERK`` or ``snip`` (``--sparse-init``).
+        sparse_init: initial layer-wise density: ``uniform``, ``ERK``, ``snip`` (``--sparse-init``) or one
+            registered with :func:`slaknet.sparse.register_init`.
         erk_power_scale: exponent on ERK's raw density ``(sum(shape)/prod(shape))``; 0 gives uniform.
         prune_rate: initial fraction of active weights pruned (and regrown) per update (``--prune-rate``).
         prune_rate_final: prune rate reached at ``total_steps`` by the cosine schedule.
         prune_rate_decay: ``cosine`` (default; needs ``total_steps``) or ``constant``.
-        growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``).
+        growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``), or
+            one registered with :func:`slaknet.sparse.register_growth`.
         update_frequency: topology update every this many real optimizer steps (``-u/--update-frequency``).
         total_steps: planned number of optimizer steps (cosine horizon).
         update_end: no topology updates at or after this step (default: ``total_steps``).
-        redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``): how the
-            regrowth count is shared across layers.
+        redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``), or one
+            registered with :func:`slaknet.sparse.register_redistribution`: how the regrowth count is shared
+            across layers.
         fix: static masks, never updated (``--fix``).
         layers: ``all`` (every conv / linear weight), ``large_kernel`` (only SLaK's large-kernel strips)
             or ``none`` (only ``include``).
@@ -53,6 +57,8 @@ class SparseConfig:
             held at +inf, so the optimizer's own update there is exactly 0 and no pass over the weights
             is needed; with any other optimizer, and with ``pass``, the masks are multiplied into the
             weights after every step.
+        prune: prune criterion: ``magnitude`` (paper: the smallest |w|) or one registered with
+            :func:`slaknet.sparse.register_prune`.
     """
 
     sparsity: float = 0.4
@@ -75,12 +81,14 @@ class SparseConfig:
     seed: int = 0
     sync_check: bool = True
     masking: str = "auto"
+    prune: str = "magnitude"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for an invalid or ill-defined combination."""
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        choices = (("sparse_init", _INITS), ("growth", tuple(growth_names())), ("redistribution", _REDISTS),
+        choices = (("sparse_init", tuple(init_names())), ("growth", tuple(growth_names())),
+                   ("redistribution", tuple(redistribution_names())), ("prune", tuple(prune_names())),
                    ("prune_rate_decay", _DECAYS), ("optimizer_state", _OPT_POLICIES), ("masking", _MASKINGS))
         for field, allowed in choices:
             if getattr(self, field) not in allowed:
