@@ -280,8 +280,8 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
             # inactive weights' accumulated momentum is the growth signal: masking their gradients
             # would erase it, so this is a documented no-op with momentum growth
             if not getattr(self, "_warned_mask_grad", False):
-                logger.warning("mask_gradients() does nothing with growth='momentum' (it would erase the "
-                               "momentum of inactive weights that growth ranks by)")
+                logger.warning("mask_gradients() does nothing with growth=%r (it would erase the momentum of "
+                               "inactive weights that growth ranks by)", self.config.growth)
                 self._warned_mask_grad = True
             return
         if self.growth.needs_dense_gradients and self.update_due(self.step_count + 1):

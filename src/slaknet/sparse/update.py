@@ -64,18 +64,20 @@ class UpdateMixin:
         return end is None or step < end
 
     def _check_optimizer_for_momentum(self) -> None:
+        """ConfigError unless the optimizer keeps momentum, when a configured strategy reads it."""
         cfg = self.config
-        needs = any(s.needs_momentum for s in (self.growth, self.prune, self.redistribution))
-        if not needs or cfg.fix:
+        strategies = (("growth", self.growth), ("prune", self.prune), ("redistribution", self.redistribution))
+        readers = [f"{f}={getattr(cfg, f)!r}" for f, s in strategies if s.needs_momentum]
+        if not readers or cfg.fix:
             return
+        who = " and ".join(readers) + (" need" if len(readers) > 1 else " needs")
         opt = self.optimizer
         if opt is None:
-            raise ConfigError("momentum growth/redistribution needs the optimizer (its momentum state)")
+            raise ConfigError(f"{who} the optimizer (its momentum state)")
         if isinstance(opt, torch.optim.SGD) and not any(g.get("momentum", 0) for g in opt.param_groups):
-            raise ConfigError("momentum growth/redistribution needs an optimizer with momentum "
-                              "(SGD momentum=0 has no momentum buffer)")
+            raise ConfigError(f"{who} an optimizer with momentum (SGD momentum=0 has no momentum buffer)")
         if not isinstance(opt, _MOMENTUM_OPTIMIZERS):
-            logger.warning("momentum growth: %s must keep 'exp_avg' or 'momentum_buffer' state",
+            logger.warning("%s: %s must keep 'exp_avg' or 'momentum_buffer' state", " and ".join(readers),
                            type(opt).__name__)
 
     def dense_grad(self, layer: SparseLayer) -> Optional[torch.Tensor]:
