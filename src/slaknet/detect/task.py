@@ -97,9 +97,11 @@ class DetectionTask(Task):
         sc = super().sparse_config(trainer, total_steps)
         if sc is None:
             return None
-        if sc.sparse_init == "snip":
-            raise ConfigError("--sparse-init snip needs a classification batch; detection supports ERK and "
-                              "uniform initial masks (e.g. --sparse-init ERK)")
+        from slaknet.sparse import init_rule
+
+        if init_rule(sc.sparse_init).needs_batch:
+            raise ConfigError(f"--sparse-init {sc.sparse_init} needs a classification batch; detection supports "
+                              "ERK and uniform initial masks (e.g. --sparse-init ERK)")
         if self.cfg.sparse.exclude is None and self.cfg.sparse.include is None:
             from slaknet.detect.model import HEAD_PATTERNS
 

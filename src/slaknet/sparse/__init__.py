@@ -9,6 +9,11 @@ Public API::
 
 Every field of :class:`SparseConfig` is also the declaration of its ``slaknet train`` flag (``--sparsity``,
 ``--sparse-init``...): the training configuration uses this class as its ``sparse`` section.
+
+Strategies are registered by name, one registry per choice: initial densities (``register_init``,
+``sparse_init``), the prune criterion (``register_prune``, ``prune``), the redistribution of regrowth
+across layers (``register_redistribution``, ``redistribution``) and the regrowth criterion
+(``register_growth``, ``growth``); see docs/sparse.md.
 """
 from slaknet.lazy import lazy_exports
 
@@ -23,6 +28,17 @@ _EXPORTS = {
     "GrowthCriterion": "slaknet.sparse.growth",
     "growth_names": "slaknet.sparse.growth",
     "register_growth": "slaknet.sparse.growth",
+    "InitRule": "slaknet.sparse.init_rules",
+    "init_names": "slaknet.sparse.init_rules",
+    "init_rule": "slaknet.sparse.init_rules",
+    "register_init": "slaknet.sparse.init_rules",
+    "PruneCriterion": "slaknet.sparse.prune",
+    "prune_names": "slaknet.sparse.prune",
+    "register_prune": "slaknet.sparse.prune",
+    "Redistribution": "slaknet.sparse.redistribution",
+    "ScoreRedistribution": "slaknet.sparse.redistribution",
+    "redistribution_names": "slaknet.sparse.redistribution",
+    "register_redistribution": "slaknet.sparse.redistribution",
     "parse_filter": "slaknet.sparse.selection",
     "select_parameters": "slaknet.sparse.selection",
     "unwrap_model": "slaknet.sparse.selection",
@@ -32,4 +48,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["SparseEngine", "SparseConfig", "SparseLayer", "select_parameters", "unwrap_model", "parse_filter",
            "erk_densities", "erk_counts", "uniform_counts", "counts_from_scores", "sparse_counts",
-           "GrowthCriterion", "register_growth", "growth_names"]
+           "GrowthCriterion", "register_growth", "growth_names",
+           "InitRule", "register_init", "init_names", "init_rule", "PruneCriterion", "register_prune", "prune_names",
+           "Redistribution", "ScoreRedistribution", "register_redistribution", "redistribution_names"]

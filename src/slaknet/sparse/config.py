@@ -13,18 +13,35 @@ __all__ = ["SparseConfig"]
 # ``(name, module, param) -> bool`` (slaknet.sparse.selection); typed loosely here to keep this module torch-free
 ParamFilter = Any
 
-_INITS = ("uniform", "ERK", "snip")
-_REDISTS = ("none", "magnitude", "momentum")
 _DECAYS = ("cosine", "constant")
 _OPT_POLICIES = ("zero", "keep")
 _MASKINGS = ("auto", "pass")
 _LAYERS = ("all", "large_kernel", "none")
 
 
+# the strategy registries import torch: their names are read only when a value is validated
 def _growth_choices() -> Tuple[str, ...]:
-    from slaknet.sparse.growth import growth_names  # the registry (imports torch): only when validating
+    from slaknet.sparse.growth import growth_names
 
     return tuple(growth_names())
+
+
+def _init_choices() -> Tuple[str, ...]:
+    from slaknet.sparse.init_rules import init_names
+
+    return tuple(init_names())
+
+
+def _redist_choices() -> Tuple[str, ...]:
+    from slaknet.sparse.redistribution import redistribution_names
+
+    return tuple(redistribution_names())
+
+
+def _prune_choices() -> Tuple[str, ...]:
+    from slaknet.sparse.prune import prune_names
+
+    return tuple(prune_names())
 
 
 @dataclasses.dataclass
@@ -34,17 +51,20 @@ class SparseConfig:
 
     Attributes:
         sparsity: global fraction of zero weights over the sparse layers (``--sparsity``), in [0, 1).
-        sparse_init: initial layer-wise density: ``uniform``, ``ERK`` or ``snip`` (``--sparse-init``).
+        sparse_init: initial layer-wise density: ``uniform``, ``ERK``, ``snip`` (``--sparse-init``) or one
+            registered with :func:`slaknet.sparse.register_init`.
         erk_power_scale: exponent on ERK's raw density ``(sum(shape)/prod(shape))``; 0 gives uniform.
         prune_rate: initial fraction of active weights pruned (and regrown) per update (``--prune-rate``).
         prune_rate_final: prune rate reached at ``total_steps`` by the cosine schedule.
         prune_rate_decay: ``cosine`` (default; needs ``total_steps``) or ``constant``.
-        growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``).
+        growth: regrowth criterion: ``random`` (paper), ``gradient`` (RigL) or ``momentum`` (``--growth``), or
+            one registered with :func:`slaknet.sparse.register_growth`.
         update_frequency: topology update every this many real optimizer steps (``-u/--update-frequency``).
         total_steps: planned number of optimizer steps (cosine horizon; the trainer fills it in).
         update_end: no topology updates at or after this step (default: ``total_steps``).
-        redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``): how the
-            regrowth count is shared across layers.
+        redistribution: ``none`` (paper), ``magnitude`` or ``momentum`` (``--redistribution``), or one
+            registered with :func:`slaknet.sparse.register_redistribution`: how the regrowth count is shared
+            across layers.
         fix: static masks, never updated (``--fix``).
         layers: ``all`` (every conv / linear weight), ``large_kernel`` (only SLaK's large-kernel strips)
             or ``none`` (only ``include``) (``--sparse-layers``).
@@ -67,11 +87,14 @@ class SparseConfig:
             weights after every step.
         enabled: the trainer's switch (``--sparse``): train with the engine at all. The engine itself
             ignores it.
+        prune: prune criterion: ``magnitude`` (paper: the smallest |w|) or one registered with
+            :func:`slaknet.sparse.register_prune`.
     """
 
     sparsity: float = setting(0.4, "global fraction of zero weights over the sparse layers", low=0.0, high=1.0,
                               high_open=True)
-    sparse_init: str = setting("ERK", "initial layer-wise density", choices=_INITS)
+    sparse_init: str = setting("ERK", "initial layer-wise density: uniform, ERK, snip, or one registered with "
+                                      "slaknet.sparse.register_init", choices_from=_init_choices)
     erk_power_scale: float = setting(1.0, "ERK power scale (0 gives uniform densities)", low=0.0)
     prune_rate: float = setting(0.3, "initial prune (= regrow) fraction per update, decayed to --prune-rate-final",
                                 low=0.0, high=1.0, high_open=True)
@@ -83,7 +106,9 @@ class SparseConfig:
     total_steps: Optional[int] = setting(None, "planned optimizer steps (the trainer fills it in)", low=1,
                                          internal=True)
     update_end: Optional[int] = setting(None, "no topology updates from this step on", low=0, internal=True)
-    redistribution: str = setting("none", "share regrowth across layers (none: the paper's)", choices=_REDISTS)
+    redistribution: str = setting("none", "share regrowth across layers: none (the paper's), magnitude, momentum, "
+                                          "or one registered with slaknet.sparse.register_redistribution",
+                                  choices_from=_redist_choices)
     fix: bool = setting(False, "static sparse training: masks never change")
     layers: str = setting("all", "which weights are sparse: every conv/linear, only the large-kernel strips, or "
                                  "only --sparse-include", choices=_LAYERS, key="sparse_layers")
@@ -101,12 +126,15 @@ class SparseConfig:
                                    "state with fused Adam/AdamW on CPU, else a pass after every step) or pass",
                            choices=_MASKINGS, key="sparse_masking")
     enabled: bool = setting(False, "train with the dynamic sparse engine", key="sparse")
+    prune: str = setting("magnitude", "prune criterion: magnitude (the paper's) or one registered with "
+                                      "slaknet.sparse.register_prune", choices_from=_prune_choices)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for an invalid or ill-defined combination."""
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        choices = (("sparse_init", _INITS), ("growth", _growth_choices()), ("redistribution", _REDISTS),
+        choices = (("sparse_init", _init_choices()), ("growth", _growth_choices()),
+                   ("redistribution", _redist_choices()), ("prune", _prune_choices()),
                    ("prune_rate_decay", _DECAYS), ("optimizer_state", _OPT_POLICIES), ("masking", _MASKINGS))
         for field, allowed in choices:
             if getattr(self, field) not in allowed:

@@ -30,8 +30,11 @@ from slaknet.sparse.bits import zero_inactive_ as _zero_inactive_
 from slaknet.sparse.config import SparseConfig
 from slaknet.sparse.distributed import DistributedMixin
 from slaknet.sparse.growth import growth_criterion
+from slaknet.sparse.init_rules import init_rule
 from slaknet.sparse.initialise import InitMixin
 from slaknet.sparse.layer import SparseLayer
+from slaknet.sparse.prune import prune_criterion
+from slaknet.sparse.redistribution import redistribution_rule
 from slaknet.sparse.report import ReportMixin
 from slaknet.sparse.selection import select_parameters, unwrap_model
 from slaknet.sparse.state import StateMixin
@@ -50,7 +53,8 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
         optimizer: the optimizer updating the model; every managed weight must be in it.
         config: a :class:`SparseConfig`; keyword arguments override its fields
             (``SparseEngine(model, opt, sparsity=0.4, total_steps=n)``).
-        snip_batch: ``(inputs, targets)`` for ``sparse_init="snip"``.
+        snip_batch: ``(inputs, targets)`` for ``sparse_init="snip"`` (or another initialisation whose
+            ``needs_batch`` is set).
         snip_loss: loss for SNIP, ``loss_fn(outputs, targets)`` (default cross entropy), or, when
             ``snip_batch`` is None, a callable ``loss(model) -> Tensor`` that runs a batch itself.
         attach: register the optimizer post-step hook (default). With ``attach=False`` call
@@ -58,8 +62,14 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
         on_update: callbacks receiving the update record dict after each topology update.
         state: a :meth:`state_dict` to resume from: masks come from it and no initialisation runs
             (SNIP then needs no batch). Equivalent to constructing and calling :meth:`load_state_dict`,
-            which is also allowed for ``sparse_init='snip'`` without a batch: such an engine waits
-            for its state and refuses to run a forward or step before it arrives.
+            which is also allowed for ``sparse_init='snip'`` (an initialisation that needs a batch) without
+            one: such an engine waits for its state and refuses to run a forward or step before it arrives.
+
+    The strategies named by the config are composed, never tested by name: ``engine.sparse_init``
+    (:class:`~slaknet.sparse.init_rules.InitRule`), ``engine.prune``
+    (:class:`~slaknet.sparse.prune.PruneCriterion`), ``engine.redistribution``
+    (:class:`~slaknet.sparse.redistribution.Redistribution`) and ``engine.growth``
+    (:class:`~slaknet.sparse.growth.GrowthCriterion`), each from its registry.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -76,7 +86,11 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
             cfg.seed = 0
         cfg.validate()
         self.config = cfg
-        self.growth = growth_criterion(cfg.growth)  # the regrowth criterion (slaknet.sparse.growth)
+        # the strategies (each from its registry): initial densities, prune scores, regrowth counts, regrowth scores
+        self.sparse_init = init_rule(cfg.sparse_init)
+        self.prune = prune_criterion(cfg.prune)
+        self.redistribution = redistribution_rule(cfg.redistribution)
+        self.growth = growth_criterion(cfg.growth)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.step_count = 0          # real optimizer steps seen
@@ -112,7 +126,7 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
         self._share_seed()
         if state is not None:
             self.load_state_dict(state)
-        elif cfg.sparse_init == "snip" and snip_batch is None and snip_loss is None:
+        elif self.sparse_init.needs_batch and snip_batch is None and snip_loss is None:
             self._awaiting_state = True
         else:
             self._init_masks(snip_batch, snip_loss)
@@ -231,8 +245,8 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
 
     def _check_ready(self) -> None:
         if self._awaiting_state:
-            raise ConfigError("sparse_init='snip' needs snip_batch=(inputs, targets) or snip_loss=callable(model)"
-                              " (or load_state_dict before training)")
+            raise ConfigError(f"sparse_init={self.config.sparse_init!r} needs snip_batch=(inputs, targets) or "
+                              "snip_loss=callable(model) (or load_state_dict before training)")
 
     @property
     def masks_applied(self) -> bool:
@@ -268,8 +282,8 @@ class SparseEngine(ParkingMixin, DistributedMixin, InitMixin, UpdateMixin, Repor
             # inactive weights' accumulated momentum is the growth signal: masking their gradients
             # would erase it, so this is a documented no-op with momentum growth
             if not getattr(self, "_warned_mask_grad", False):
-                logger.warning("mask_gradients() does nothing with growth='momentum' (it would erase the "
-                               "momentum of inactive weights that growth ranks by)")
+                logger.warning("mask_gradients() does nothing with growth=%r (it would erase the momentum of "
+                               "inactive weights that growth ranks by)", self.config.growth)
                 self._warned_mask_grad = True
             return
         if self.growth.needs_dense_gradients and self.update_due(self.step_count + 1):

@@ -17,13 +17,13 @@ what it needs from training, so the engine and the trainer never test a criterio
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, Callable, List, Optional, Type
 
 import torch
 
-from slaknet.errors import ConfigError
 from slaknet.sparse.kselect import MagnitudeScores, RandomScores, Scores
 from slaknet.sparse.layer import layer_key
+from slaknet.sparse.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.sparse.engine import SparseEngine
@@ -33,7 +33,8 @@ __all__ = ["GrowthCriterion", "register_growth", "growth_criterion", "growth_nam
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # Adam family first moment / SGD momentum
 
-_REGISTRY: Dict[str, Type["GrowthCriterion"]] = {}
+_GROWTH: Registry["GrowthCriterion"] = Registry("growth", "growth criterion")
+_REGISTRY = _GROWTH.entries  # name -> class
 
 
 class GrowthCriterion:
@@ -57,24 +58,17 @@ class GrowthCriterion:
 
 def register_growth(name: str, *, replace: bool = False) -> Callable[[Type[GrowthCriterion]], Type[GrowthCriterion]]:
     """Class decorator: make ``name`` a valid ``SparseConfig.growth`` (``replace`` to override one)."""
-    def add(cls: Type[GrowthCriterion]) -> Type[GrowthCriterion]:
-        if name in _REGISTRY and not replace:
-            raise ConfigError(f"growth criterion {name!r} is already registered (pass replace=True)")
-        _REGISTRY[name] = cls
-        return cls
-    return add
+    return _GROWTH.register(name, replace=replace)
 
 
 def growth_names() -> List[str]:
     """The registered criterion names, in registration order (built-ins first)."""
-    return list(_REGISTRY)
+    return _GROWTH.names()
 
 
 def growth_criterion(name: str) -> GrowthCriterion:
     """A fresh instance of the criterion registered as ``name`` (``ConfigError`` if none is)."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"growth must be one of {tuple(_REGISTRY)}, got {name!r}")
-    return _REGISTRY[name]()
+    return _GROWTH.create(name)
 
 
 def momentum_state(optimizer: Optional[torch.optim.Optimizer], layer: "SparseLayer") -> torch.Tensor:

@@ -1,21 +1,21 @@
-"""Initial masks: layer-wise densities (uniform, ERK, SNIP) and exact random masks per layer.
+"""Initial masks: exact random masks per layer, with the layer-wise counts of the configured initialisation.
 
 A mixin of :class:`slaknet.sparse.SparseEngine` (it fills the engine's layers, dense_layers and
-init_densities).
+init_densities). How many weights each layer keeps comes from the engine's
+:class:`slaknet.sparse.init_rules.InitRule` (``uniform``, ``ERK``, ``snip`` or a registered one); where
+they go is the same for every rule: ``k`` seeded uniformly random positions.
 """
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
-from slaknet.sparse.density import counts_from_scores, erk_counts, uniform_counts
-from slaknet.sparse.distributed import dist_world as _dist_world
+from slaknet.sparse.init_rules import InitRule
 from slaknet.sparse.layer import SparseLayer, layer_key as _key
 
 logger = logging.getLogger("slaknet.sparse")
@@ -26,6 +26,7 @@ class InitMixin:
 
     config: Any
     model: nn.Module
+    sparse_init: InitRule
     candidates: List[Tuple[str, nn.Parameter]]
     layers: List[SparseLayer]
     dense_layers: List[str]
@@ -33,17 +34,11 @@ class InitMixin:
 
     def _init_masks(self, snip_batch: Optional[Tuple[Any, Any]], snip_loss: Optional[Callable]) -> None:
         cfg = self.config
-        density = 1.0 - cfg.sparsity
         numels = {n: p.numel() for n, p in self.candidates}
-        if cfg.sparse_init == "uniform":
-            counts = uniform_counts(numels, density)
-        elif cfg.sparse_init == "ERK":
-            counts, _ = erk_counts({n: tuple(p.shape) for n, p in self.candidates}, density, cfg.erk_power_scale)
-        else:
-            scores = self._snip_scores(snip_batch, snip_loss)
-            counts = counts_from_scores(scores, density)
+        counts = self.sparse_init.counts(self, 1.0 - cfg.sparsity, snip_batch, snip_loss)
+        self._check_counts(counts, numels)
         for index, (name, param) in enumerate(self.candidates):
-            k = counts[name]
+            k = int(counts[name])
             d = k / numels[name]
             self.init_densities[name] = d
             if k >= numels[name] or d >= cfg.dense_threshold:
@@ -58,6 +53,14 @@ class InitMixin:
                     "\n".join(f"  {n}: {d:.4f}{' (dense)' if n in self.dense_layers else ''}"
                               for n, d in self.init_densities.items()))
 
+    def _check_counts(self, counts: Dict[str, int], numels: Dict[str, int]) -> None:
+        """ConfigError unless the initialisation gave an integer count in [0, numel] for every candidate."""
+        for name, numel in numels.items():
+            k = counts.get(name)
+            if not isinstance(k, numbers.Integral) or not 0 <= k <= numel:
+                raise ConfigError(f"sparse_init {self.config.sparse_init!r} gave {k!r} kept weights for {name!r} "
+                                  f"(an int in [0, {numel}] expected)")
+
     @staticmethod
     def _random_mask(param: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         """A bool mask with exactly ``k`` True entries at uniformly random positions."""
@@ -68,41 +71,3 @@ class InitMixin:
         mask = torch.zeros(n, dtype=torch.bool, device=param.device)
         mask[idx] = True
         return mask.view_as(param)
-
-    def _snip_scores(self, batch: Optional[Tuple[Any, Any]], loss: Optional[Callable]) -> Dict[str, torch.Tensor]:
-        """|w * dL/dw| on one batch, on the unwrapped module, without touching .grad, BN stats or RNG.
-
-        Under torch.distributed the gradients are averaged across ranks so every rank gets the same
-        densities.
-        """
-        model = self.model
-        if batch is None and loss is None:
-            raise ConfigError("sparse_init='snip' needs snip_batch=(inputs, targets) or snip_loss=callable(model)")
-        params = [p for _, p in self.candidates]
-        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-        was_training = model.training
-        devices = [p.device for p in params if p.device.type == "cuda"]
-        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}) if devices else []):
-            try:
-                model.train()
-                with torch.enable_grad():
-                    if batch is None:
-                        value = loss(model)
-                    else:
-                        x, y = batch
-                        out = model(x)
-                        value = (loss or F.cross_entropy)(out, y)
-                    grads = torch.autograd.grad(value, params, allow_unused=True)
-            finally:
-                model.train(was_training)
-                with torch.no_grad():  # restore BN running stats etc. touched by the forward
-                    for k, v in model.named_buffers():
-                        v.copy_(buffers[k])
-        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
-        if _dist_world() > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= _dist_world()
-            grads = list(torch.split(flat, [p.numel() for p in params]))
-            grads = [g.view_as(p) for g, p in zip(grads, params)]
-        return {n: (p.detach() * g).abs() for (n, p), g in zip(self.candidates, grads)}

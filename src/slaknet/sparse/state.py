@@ -82,7 +82,7 @@ class StateMixin:
         if unknown:
             raise CheckpointError(f"sparse state has a mask for {unknown[0]!r}, which this engine does not manage")
         saved_cfg = state.get("config", {})
-        for k in ("sparsity", "growth", "update_frequency", "redistribution", "sparse_init"):
+        for k in ("sparsity", "growth", "update_frequency", "redistribution", "sparse_init", "prune"):
             if k in saved_cfg and saved_cfg[k] != getattr(self.config, k):
                 logger.warning("sparse resume: %s was %r in the checkpoint, now %r", k, saved_cfg[k],
                                getattr(self.config, k))

@@ -1,8 +1,9 @@
-"""Topology updates: the prune-rate schedule, magnitude pruning, regrowth and the optimizer-state policy.
+"""Topology updates: the prune-rate schedule, pruning, regrowth and the optimizer-state policy.
 
-A mixin of :class:`slaknet.sparse.SparseEngine`. Regrowth scores come from the configured
-:class:`slaknet.sparse.growth.GrowthCriterion`; how many weights each layer regrows from
-``redistribution``.
+A mixin of :class:`slaknet.sparse.SparseEngine`. It composes the configured strategies: prune scores come
+from the :class:`slaknet.sparse.prune.PruneCriterion` (``prune``), how many weights each layer regrows from
+the :class:`slaknet.sparse.redistribution.Redistribution` (``redistribution``), and regrowth scores from
+the :class:`slaknet.sparse.growth.GrowthCriterion` (``growth``).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from slaknet.errors import ConfigError
 from slaknet.sparse.bits import INF_BITS as _INF_BITS
 from slaknet.sparse.bits import edit_bits_ as _edit_bits_
 from slaknet.sparse.bits import zero_inactive_ as _zero_inactive_
-from slaknet.sparse.density import add_one_each
 from slaknet.sparse.distributed import dist_world as _dist_world
-from slaknet.sparse.growth import GrowthCriterion, momentum_state
-from slaknet.sparse.kselect import MagnitudeScores, select_k_mask
+from slaknet.sparse.growth import GrowthCriterion
+from slaknet.sparse.kselect import select_k_mask
 from slaknet.sparse.layer import SparseLayer
 from slaknet.sparse.parking import SECOND_MOMENT_KEYS
+from slaknet.sparse.prune import PruneCriterion
+from slaknet.sparse.redistribution import Redistribution
 
 logger = logging.getLogger("slaknet.sparse")
 
@@ -35,6 +37,8 @@ class UpdateMixin:
     config: Any
     optimizer: Optional[torch.optim.Optimizer]
     growth: GrowthCriterion
+    prune: PruneCriterion
+    redistribution: Redistribution
     layers: List[SparseLayer]
     step_count: int
     update_count: int
@@ -60,22 +64,21 @@ class UpdateMixin:
         return end is None or step < end
 
     def _check_optimizer_for_momentum(self) -> None:
+        """ConfigError unless the optimizer keeps momentum, when a configured strategy reads it."""
         cfg = self.config
-        needs = self.growth.needs_momentum or cfg.redistribution == "momentum"
-        if not needs or cfg.fix:
+        strategies = (("growth", self.growth), ("prune", self.prune), ("redistribution", self.redistribution))
+        readers = [f"{f}={getattr(cfg, f)!r}" for f, s in strategies if s.needs_momentum]
+        if not readers or cfg.fix:
             return
+        who = " and ".join(readers) + (" need" if len(readers) > 1 else " needs")
         opt = self.optimizer
         if opt is None:
-            raise ConfigError("momentum growth/redistribution needs the optimizer (its momentum state)")
+            raise ConfigError(f"{who} the optimizer (its momentum state)")
         if isinstance(opt, torch.optim.SGD) and not any(g.get("momentum", 0) for g in opt.param_groups):
-            raise ConfigError("momentum growth/redistribution needs an optimizer with momentum "
-                              "(SGD momentum=0 has no momentum buffer)")
+            raise ConfigError(f"{who} an optimizer with momentum (SGD momentum=0 has no momentum buffer)")
         if not isinstance(opt, _MOMENTUM_OPTIMIZERS):
-            logger.warning("momentum growth: %s must keep 'exp_avg' or 'momentum_buffer' state",
+            logger.warning("%s: %s must keep 'exp_avg' or 'momentum_buffer' state", " and ".join(readers),
                            type(opt).__name__)
-
-    def _momentum(self, layer: SparseLayer) -> torch.Tensor:
-        return momentum_state(self.optimizer, layer)
 
     def dense_grad(self, layer: SparseLayer) -> Optional[torch.Tensor]:
         """The dense gradient of ``layer`` stashed for this update by :meth:`mask_gradients`, or None."""
@@ -85,11 +88,13 @@ class UpdateMixin:
 
     @torch.no_grad()
     def update_topology(self) -> Dict[str, Any]:
-        """Prune ``ceil(rate * active)`` smallest-magnitude active weights per layer and regrow as many.
+        """Prune ``ceil(rate * active)`` lowest-scored active weights per layer and regrow as many.
 
-        Regrowth picks among positions inactive after pruning (by the growth criterion's scores); grown
-        weights start at exactly 0, and with ``optimizer_state='zero'`` the optimizer state of pruned and
-        grown positions is zeroed. Returns (and logs) the update record.
+        Pruning scores come from the prune criterion (``magnitude``: smallest |w| first), the regrowth
+        count per layer from the redistribution (``none``: as many as pruned). Regrowth picks among
+        positions inactive after pruning (by the growth criterion's scores); grown weights start at
+        exactly 0, and with ``optimizer_state='zero'`` the optimizer state of pruned and grown positions is
+        zeroed. Returns (and logs) the update record.
         """
         self.apply_masks()
         return self._update()
@@ -99,17 +104,18 @@ class UpdateMixin:
         step = self.step_count
         rate = self.prune_rate_at(step)
         self._check_all_parked()  # parked layers skipped the per-step pass: verify them now
-        # 1) prune by magnitude: the k smallest |w| among active weights, as a bool mask per layer
+        # 1) prune: the k lowest prune scores (smallest |w| for magnitude) among active weights, as a bool
+        #    mask per layer
         pruned: Dict[str, torch.Tensor] = {}
         n_prune: Dict[str, int] = {}
         for layer in self.layers:
             active = layer.count
             k = min(int(math.ceil(rate * active)), max(active - 1, 0))
             n_prune[layer.name] = k
-            pruned[layer.name] = select_k_mask(MagnitudeScores(layer.param), k, largest=False,
+            pruned[layer.name] = select_k_mask(self.prune.scores(self, layer, step), k, largest=False,
                                                allowed=layer.mask.view(-1), n_allowed=active)
         # 2) how many to regrow per layer
-        n_grow = self._regrowth_counts(n_prune, pruned)
+        n_grow = self.redistribution.counts(self, n_prune, pruned)
         # 3) regrow among positions inactive after pruning
         records = []
         for layer in self.layers:
@@ -158,35 +164,6 @@ class UpdateMixin:
         for cb in self.on_update:
             cb(record)
         return record
-
-    def _regrowth_counts(self, n_prune: Dict[str, int], pruned: Dict[str, torch.Tensor]) -> Dict[str, int]:
-        mode = self.config.redistribution
-        if mode == "none":
-            return dict(n_prune)
-        total = sum(n_prune.values())
-        scores: Dict[str, float] = {}
-        cap: Dict[str, int] = {}
-        for layer in self.layers:
-            keep = layer.mask.reshape(-1) & ~pruned[layer.name]
-            cap[layer.name] = layer.numel - (layer.count - n_prune[layer.name])
-            src = layer.param if mode == "magnitude" else self._momentum(layer)
-            vals = src.detach().reshape(-1)[keep].abs().float()
-            scores[layer.name] = float(vals.mean().item()) if vals.numel() else 0.0
-        out = {n: 0 for n in scores}
-        remaining = total
-        open_ = [n for n in scores if cap[n] > 0]
-        while remaining > 0 and open_:
-            s = sum(scores[n] for n in open_)
-            share = {n: (scores[n] / s if s > 0 else 1.0 / len(open_)) * remaining for n in open_}
-            base = {n: min(int(math.floor(share[n])), cap[n] - out[n]) for n in open_}
-            for n in open_:
-                out[n] += base[n]
-            left = remaining - sum(base.values())
-            # largest remainders get one more, deterministic order
-            order = sorted(open_, key=lambda m: (-(share[m] - math.floor(share[m])), m))
-            remaining = add_one_each(order, out, cap, left)
-            open_ = [n for n in open_ if out[n] < cap[n]]
-        return out
 
     def _zero_optimizer_state(self, layer: SparseLayer, keep: torch.Tensor, newly_inactive: torch.Tensor) -> None:
         """Zero every optimizer-state tensor shaped like the weight where the flat bool ``keep`` is False.

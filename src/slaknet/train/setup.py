@@ -155,10 +155,10 @@ def _setup_model(tr: "Trainer", resumed: Optional[Dict[str, Any]]) -> None:
     tr.engine = None
     tr.sparse_config = tr.task.sparse_config(tr, tr.plan.total_steps)
     if tr.sparse_config is not None:
-        from slaknet.sparse import SparseEngine
+        from slaknet.sparse import SparseEngine, init_rule
 
         snip = None
-        if tr.sparse_config.sparse_init == "snip":  # (on resume the saved masks replace SNIP's right after)
+        if init_rule(tr.sparse_config.sparse_init).needs_batch:  # SNIP (on resume the saved masks replace its)
             xb, yb = tr.task.snip_batch(tr)
             snip = (xb.to(tr.device), yb.to(tr.device))
         tr.engine = SparseEngine(model, tr.optimizer, tr.sparse_config, snip_batch=snip)
