@@ -30,7 +30,7 @@ ALIASES: Dict[str, str] = {
 
 # flags that set an option to a fixed value
 VALUE_FLAGS: Dict[str, Tuple[str, Any]] = {
-    "no-sparse": ("sparse", False), "dense": ("sparse", False),
+    "no-sparse": ("sparse", False), "dense": ("sparse", False), "no-ema": ("ema", False),
 }
 
 # official flags that slaknet does not take: (the one value that is harmless, what to do instead)

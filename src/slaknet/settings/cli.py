@@ -47,21 +47,33 @@ def _help(info: FieldInfo, default: Any) -> str:
 
 
 def add_setting(parser: Any, cls: type, name: str, default: Any = argparse.SUPPRESS, help: Optional[str] = None,
-                required: bool = False, aliases: Sequence[str] = ()) -> None:
-    """Add the flag of field ``name`` of ``cls``. ``default``: SUPPRESS (absent unless given, for
-    configurations that fill it later) or a value; ``help`` replaces the field's text where a command uses
-    the setting differently."""
+                required: bool = False, aliases: Sequence[str] = (), dest: Optional[str] = None,
+                const: Any = argparse.SUPPRESS, nargs: Optional[str] = None, metavar: Any = None) -> None:
+    """Add the flag of field ``name`` of ``cls`` (its help, type, choices and official spellings).
+
+    ``default``: SUPPRESS (absent unless given, for configurations that fill it later) or a value; ``help``
+    replaces the field's text where a command uses the setting differently; ``dest`` where two flags of one
+    parser would share a key; ``const``: the value of the flag given alone (``--reparam`` = strips);
+    ``nargs`` / ``metavar``: a command's own arity (``--input-size H W``). Flags of :data:`VALUE_FLAGS` for
+    the same key (``--no-ema``) come along.
+    """
     info = next(i for i in field_infos(cls) if i.name == name or i.key == name)
-    kwargs: Dict[str, Any] = dict(dest=info.key, default=default, type=flag_converter(info))
+    kwargs: Dict[str, Any] = dict(dest=dest or info.key, default=default, type=flag_converter(info))
     if info.is_list:
         kwargs["nargs"] = "+"
     elif info.base is bool:
         kwargs.update(nargs="?", const=True, metavar="BOOL")
+    if const is not argparse.SUPPRESS:
+        kwargs.update(nargs="?", const=const)
     if info.meta.choices is not None:
         kwargs["choices"] = list(info.meta.choices) + ([None] if info.optional else [])
         kwargs["metavar"] = "{" + ",".join(map(str, info.meta.choices)) + "}"
     if info.meta.metavar and info.base is not bool:
         kwargs["metavar"] = info.meta.metavar
+    if nargs is not None:
+        kwargs["nargs"] = nargs
+    if metavar is not None:
+        kwargs["metavar"] = metavar
     if required:
         kwargs["required"] = True
     shown_default = info.default if default is argparse.SUPPRESS else default
@@ -72,6 +84,10 @@ def add_setting(parser: Any, cls: type, name: str, default: Any = argparse.SUPPR
             flag = ("-" if len(alias) == 1 else "--") + alias
             if flag not in info.meta.short and not _known(parser, flag):
                 parser.add_argument(flag, **dict(kwargs, help=argparse.SUPPRESS, required=False))
+    for flag, (key, value) in VALUE_FLAGS.items():
+        if key == info.key and not _known(parser, "--" + flag):
+            parser.add_argument("--" + flag, dest=kwargs["dest"], action="store_const", const=value,
+                                default=argparse.SUPPRESS, help=f"same as {info.flag} false")
 
 
 def _known(parser: Any, flag: str) -> bool:
@@ -88,10 +104,6 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, title: Optional[str
         if info.meta.internal or not info.meta.cli or info.name in skip or info.key in skip:
             continue
         add_setting(g, cls, info.name)
-    for flag, (key, value) in VALUE_FLAGS.items():
-        if any(i.key == key for i in field_infos(cls)) and not _known(parser, "--" + flag):
-            g.add_argument("--" + flag, dest=key, action="store_const", const=value, default=argparse.SUPPRESS,
-                           help=f"same as --{key.replace('_', '-')} false")
 
 
 def given_settings(ns: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
