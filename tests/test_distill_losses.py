@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slaknet.distill.args import add_distill_arguments, parse_distill_type, resolve_distill_config
+from slaknet.distill.args import parse_distill_type, resolve_distill_config
 from slaknet.distill.cache import (TeacherCache, TeacherCacheError, TeacherCacheWriter, WithIndex,
                                    dataset_identity, teacher_identity)
 from slaknet.distill.losses import (LOGIT_LOSSES, DistillCriterion, FeatureDistillLoss, KDLoss, LogitDistillLoss,
@@ -272,24 +272,32 @@ def test_parse_distill_type_rejects(text):
         parse_distill_type(text)
 
 
+def _distill_options(argv):
+    import dataclasses
+
+    from slaknet.train.config import config_from_argv
+
+    return resolve_distill_config(dataclasses.asdict(config_from_argv(["--teacher-checkpoint", "t.pth", *argv],
+                                                                      "distillation").task))
+
+
 def test_research_flag_names_and_defaults():
-    p = argparse.ArgumentParser()
-    add_distill_arguments(p)
-    cfg = resolve_distill_config(p.parse_args([]))
+    cfg = _distill_options([])
     assert (cfg["distill_type"], cfg["distill_alpha"], cfg["distill_T"], cfg["nkd_T"], cfg["lr_fd"],
             cfg["fd_loss"], cfg["fd_beta"], cfg["target_lnorm"]) == ("KD", 0.1, 1.0, 1.0, 1.0, "smoothL1", 2.0,
                                                                      False)
-    ns = p.parse_args(["--distill_type", "KD", "--T", "3.0", "--alpha", "0.5", "--hard", "--lr_fd", "3e-5"])
-    cfg = resolve_distill_config(ns)
+    cfg = _distill_options(["--distill_type", "KD", "--T", "3.0", "--alpha", "0.5", "--distill-hard", "--lr_fd",
+                            "3e-5"])
     assert (cfg["distill_T"], cfg["distill_alpha"], cfg["distill_hard"], cfg["lr_fd"]) == (3.0, 0.5, True, 3e-5)
-    ns = p.parse_args(["--distill-type", "NKD+FD", "--FDLoss_type", "mse", "--target_Lnorm", "--nkd-T", "3"])
-    cfg = resolve_distill_config(ns)
+    cfg = _distill_options(["--distill-type", "NKD+FD", "--FDLoss_type", "mse", "--target_Lnorm", "--nkd-T", "3"])
     assert (cfg["logit_loss"], cfg["feature_loss"], cfg["fd_loss"], cfg["target_lnorm"], cfg["nkd_T"]) == \
         ("NKD", "FD", "MSE", True, 3.0)
-    for bad in (["--alpha", "1.5"], ["--T", "0"], ["--feature_n", "2"], ["--distill_type", "NKD", "--hard"],
+    for bad in (["--alpha", "1.5"], ["--T", "0"], ["--distill_type", "NKD", "--hard"],
                 ["--target_Lnorm"], ["--FDLoss_type", "L1", "--distill_type", "FD"]):
         with pytest.raises(ConfigError):
-            resolve_distill_config(p.parse_args(bad))
+            _distill_options(bad)
+    with pytest.raises(SystemExit):  # --feature-n has one allowed value: argparse refuses others (exit 2)
+        _distill_options(["--feature_n", "2"])
 
 
 def test_args_module_imports_no_torch():
@@ -420,18 +428,15 @@ def test_identities_change_with_weights_settings_and_transform():
 
 
 def test_distill_flags_coexist_with_train_flags():
-    from slaknet.distill.args import add_teacher_arguments
-    from slaknet.train.train_cli import add_arguments
+    import dataclasses
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    add_distill_arguments(p)  # raises argparse.ArgumentError on a clashing option string
-    add_teacher_arguments(p)
-    ns = p.parse_args(["--model", "convnext_tiny", "--teacher", "slak_tiny", "--distill_type", "NKD",
-                       "--T", "3.0", "--lr_fd", "3e-5", "-b", "8"])
-    cfg = resolve_distill_config(ns)
-    assert (ns.model, ns.teacher, cfg["logit_loss"], cfg["distill_T"], cfg["nkd_T"]) == \
-        ("convnext_tiny", "slak_tiny", "NKD", 3.0, 1.0)
+    from slaknet.train.config import config_from_argv
+
+    run = config_from_argv(["--model", "convnext_tiny", "--teacher", "slak_tiny", "--distill_type", "NKD",
+                            "--T", "3.0", "--lr_fd", "3e-5", "-b", "8"], "distillation")
+    cfg = resolve_distill_config(dataclasses.asdict(run.task))
+    assert (run.model.name, run.task.teacher, cfg["logit_loss"], cfg["distill_T"], cfg["nkd_T"], run.optim.batch_size) \
+        == ("convnext_tiny", "slak_tiny", "NKD", 3.0, 1.0, 8)
 
 
 def test_package_lazy_names_resolve():

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.errors import CheckpointError, ConfigError
-from slaknet.sparse import (SparseConfig, SparseEngine, add_sparse_arguments, config_from_args,
+from slaknet.sparse import (SparseConfig, SparseEngine,
                             erk_densities, select_parameters, sparse_counts)
 
 
@@ -618,17 +618,20 @@ def test_stats_json_and_summary():
 
 
 def test_cli_flags_map_to_config():
-    p = argparse.ArgumentParser()
-    add_sparse_arguments(p)
-    args = p.parse_args(["--sparse", "--sparsity", "0.3", "--sparse-init", "snip", "--prune-rate", "0.5",
-                         "--growth", "gradient", "-u", "50", "--redistribution", "magnitude", "--fix",
-                         "--sparse-masking", "pass"])
-    cfg = config_from_args(args, total_steps=1000)
+    from slaknet.classify.task import ClassificationTask
+    from slaknet.train.config import config_from_argv
+
+    run = config_from_argv(["--data", "/data/x", "--recipe", "imagenet", "--sparse", "--sparsity", "0.3",
+                            "--sparse-init", "snip", "--prune-rate", "0.5", "--growth", "gradient", "-u", "50",
+                            "--redistribution", "magnitude", "--fix", "--sparse-masking", "pass", "--seed", "7"])
+    assert isinstance(run.sparse, SparseConfig) and run.sparse.enabled
+    cfg = ClassificationTask(run).sparse_config(None, total_steps=1000)
     assert isinstance(cfg, SparseConfig) and cfg.masking == "pass"
     assert (cfg.sparsity, cfg.sparse_init, cfg.prune_rate, cfg.growth, cfg.update_frequency,
-            cfg.redistribution, cfg.fix, cfg.total_steps) == (0.3, "snip", 0.5, "gradient", 50, "magnitude",
-                                                              True, 1000)
-    assert config_from_args(p.parse_args([])) is None
+            cfg.redistribution, cfg.fix, cfg.total_steps, cfg.seed) == (0.3, "snip", 0.5, "gradient", 50,
+                                                                        "magnitude", True, 1000, 7)
+    dense = config_from_argv(["--data", "/data/x", "--recipe", "imagenet"])
+    assert ClassificationTask(dense).sparse_config(None, total_steps=10) is None
 
 
 def test_fused_adamw_with_scaler_skip_not_counted():
@@ -775,12 +778,16 @@ def test_update_end_and_dense_threshold():
     assert [h["step"] for h in e.history] == [1, 2]
 
 
-def test_config_from_partial_namespace_uses_defaults():
-    cfg = config_from_args(argparse.Namespace(sparse=True, sparsity=0.5, update_frequency=None, seed=3),
-                           total_steps=100)
+def test_config_from_python_keywords_uses_field_defaults():
+    import slaknet
+    from slaknet.classify.task import ClassificationTask
+
+    run = slaknet.config("classification", recipe="imagenet", data="/data/x", sparse=True, sparsity=0.5, seed=3)
+    cfg = ClassificationTask(run).sparse_config(None, total_steps=100)
     assert (cfg.sparsity, cfg.update_frequency, cfg.growth, cfg.seed) == (0.5, 100, "random", 3)
-    with pytest.raises(ConfigError):
-        config_from_args(argparse.Namespace(sparse=True, growth="nope"), total_steps=10)
+    assert run.sparse.update_frequency == SparseConfig().update_frequency  # one default, on the field
+    with pytest.raises(ConfigError, match="--growth"):
+        slaknet.config("classification", sparse=True, growth="nope")
 
 
 # ------------------------------------------------------------ parking (fused Adam: no per-step pass) -----

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slaknet.errors import ConfigError
-from slaknet.sparse import (GrowthCriterion, SparseConfig, SparseEngine, add_sparse_arguments, growth_names,
+from slaknet.sparse import (GrowthCriterion, SparseConfig, SparseEngine, growth_names,
                             register_growth)
 from slaknet.sparse import growth as growth_mod
 from slaknet.sparse.density import add_one_each
@@ -91,9 +91,9 @@ def test_registry_names_errors_and_cli_choices(lowest_index):
     register_growth(lowest_index, replace=True)(LowestIndexGrowth)
     with pytest.raises(ConfigError, match="growth must be one of"):
         SparseConfig(growth="no_such_growth", total_steps=10).validate()
-    p = argparse.ArgumentParser()
-    add_sparse_arguments(p)
-    assert p.parse_args(["--sparse", "--growth", lowest_index]).growth == lowest_index
+    from slaknet.train.config import config_from_argv
+
+    assert config_from_argv(["--sparse", "--growth", lowest_index]).sparse.growth == lowest_index
 
 
 def _grads_after_backward(growth):

@@ -79,9 +79,8 @@ def add_setting(parser: Any, cls: type, name: str, default: Any = argparse.SUPPR
     shown_default = info.default if default is argparse.SUPPRESS else default
     kwargs["help"] = help if help is not None else _help(info, shown_default)
     parser.add_argument(info.flag, *info.meta.short, *aliases, **kwargs)
-    for alias, key in ALIASES.items():  # official spellings: accepted, not listed
-        if key == info.key and "--" + alias != info.flag and "--" + alias not in aliases:
-            flag = ("-" if len(alias) == 1 else "--") + alias
+    for flag, key in ALIASES.items():  # official spellings: accepted, not listed
+        if key == info.key and flag != info.flag and flag not in aliases:
             if flag not in info.meta.short and not _known(parser, flag):
                 parser.add_argument(flag, **dict(kwargs, help=argparse.SUPPRESS, required=False))
     for flag, (key, value) in VALUE_FLAGS.items():

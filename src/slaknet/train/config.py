@@ -112,6 +112,8 @@ class Config:
 
     def __getitem__(self, key: str) -> Any:
         """The value of option ``key`` (``cfg["data"]`` is the data source; ``cfg.data`` is its section)."""
+        if key in ("recipe", "task_name", "config"):
+            return getattr(self, key)
         try:
             obj, name = self._locate(key)
         except AttributeError:
