@@ -35,11 +35,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def distill_cfg(argv):
-    from slaknet.distill.cli import add_arguments, distill_config
-
-    p = argparse.ArgumentParser(allow_abbrev=False)
-    add_arguments(p)
-    return distill_config(p.parse_args(argv))
+    return config_from_argv(argv, "distillation")
 
 
 def _student(teacher, out, *extra):
@@ -144,8 +140,7 @@ def test_sigkill_then_resume_equals_uninterrupted_with_feature_projection(teache
     args = ["--distill-type", "KD+FD", "--lr-fd", "0.5", "--epochs", "2", "--width-factor", "0.5",
             "--ckpt-every-steps", "2"]
     train(distill_cfg(_student(teacher_ckpt, ref, *args)))
-    build = ("import argparse\nfrom slaknet.distill.cli import add_arguments, distill_config\n"
-             "p = argparse.ArgumentParser()\nadd_arguments(p)\ncfg = distill_config(p.parse_args(argv))")
+    build = ("from slaknet.train.config import config_from_argv\ncfg = config_from_argv(argv, 'distillation')")
     proc = run_killed_at_step(build, _student(teacher_ckpt, cut, *args), step=3)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ck = torch.load(os.path.join(cut, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
@@ -208,7 +203,7 @@ def test_timm_student_and_bad_options(teacher_ckpt, tmp_path):
 
     assert "conv1.0.weight" in load_file(os.path.join(out, "model.safetensors"))  # timm's resnet10t keys
     assert s["final_top1"] is None  # stopped by --max-steps before the first evaluation
-    with pytest.raises(ConfigError, match="--alpha"):
+    with pytest.raises(ConfigError, match="alpha"):
         distill_cfg(_student(teacher_ckpt, str(tmp_path / "x"), "--alpha", "2"))
     with pytest.raises(ConfigError, match="unknown --distill-type"):
         distill_cfg(_student(teacher_ckpt, str(tmp_path / "y"), "--distill-type", "XYZ"))
@@ -228,7 +223,7 @@ def test_demo_tiny_budget_writes_the_table(tmp_path, capsys):
 
 def test_teacher_cache_built_once_matches_the_teacher_and_is_reused(teacher_ckpt, tmp_path, capsys):
     from slaknet.distill.teacher import load_teacher
-    from slaknet.train.tasks.classification import build_datasets
+    from slaknet.classify.task import build_datasets
 
     cache_dir = str(tmp_path / "cache")
     args = ["--teacher-cache", cache_dir, "--distill-type", "KD", "--alpha", "0.5"]
@@ -264,7 +259,7 @@ def test_yaml_config_holds_distillation_options_and_research_names(tmp_path):
     f = tmp_path / "kd.yaml"
     f.write_text("distill_type: NKDFD\nlr_fd: 3.0e-5\nT: 3.0\nepochs: 4\nteacher_checkpoint: t.pth\n")
     cfg = distill_cfg(["--config", str(f), "--alpha", "0.2"])
-    o = cfg.task_options
-    assert cfg.task == "distillation" and cfg.epochs == 4
-    assert o["distill_type"] == "NKDFD" and o["lr_fd"] == 3e-5 and o["distill_T"] == 3.0
-    assert o["distill_alpha"] == 0.2 and o["teacher_checkpoint"] == "t.pth"
+    o = cfg.task
+    assert cfg.task_name == "distillation" and cfg.optim.epochs == 4
+    assert o.distill_type == "NKDFD" and o.lr_fd == 3e-5 and o.distill_T == 3.0
+    assert o.distill_alpha == 0.2 and o.teacher_checkpoint == "t.pth"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from conftest import subprocess_env
@@ -172,13 +173,15 @@ def test_flag_errors(capsys):
         cli_main(["train", "--epoch", "2"])  # no abbreviation of --epochs
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown task 'segmentation-xyz'"):
-        config_from_argv(["--task", "segmentation-xyz"])
+        import slaknet
+
+        slaknet.config("segmentation-xyz")
 
 
 def test_update_frequency_help_names_the_demo_value(capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
-    assert "the demo and small recipes use 25" in " ".join(capsys.readouterr().out.split())
+    assert "recipes: demo 25, small 25" in " ".join(capsys.readouterr().out.split())
 
 
 # ----------------------------------------------------------------------------------------------- recipes ----
@@ -188,14 +191,14 @@ def test_auto_recipe_fits_a_small_folder(tmp_path, capsys):
     data = str(tmp_path / "data")
     _folder(data, side=40, corrupt=False)
     cfg = config_from_argv(["--data", data])
-    assert cfg.recipe == "small" and cfg.input_size == 32 and cfg.sparse is True
+    assert cfg.recipe == "small" and cfg.input_size == 32 and cfg.sparse.enabled is True
     assert cfg.mixup == 0 and cfg.cutmix == 0 and cfg.aa is None and cfg.epochs <= 100
     assert cfg.num_workers <= cpu_cores() and cfg.batch_size <= 12
     assert config_from_argv(["--data", data, "--recipe", "imagenet"]).input_size == 224
 
 
 def test_auto_recipe_imagenet_only_for_big_folders_of_big_images(monkeypatch, tmp_path):
-    from slaknet.train import recipes
+    from slaknet.classify import spec as recipes
 
     monkeypatch.setattr(recipes, "inspect_folder", lambda root, sample=8: recipes.FolderInfo(1_281_167, 1000, 375))
     assert recipes.choose_recipe(str(tmp_path)) == "imagenet"
@@ -224,9 +227,9 @@ def test_paper_recipes_resolve_to_the_official_commands(name, capsys):
     want = dict(PAPER[name])
     gpus = want.pop("gpus")
     assert cli_main(["train", "--recipe", name, "--data", "/data/imagenet", "--print-config"]) == 0
-    import yaml
-
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    cfg = config_from_argv(["--recipe", name, "--data", "/data/imagenet"])
+    assert cfg.as_dict() == yaml.safe_load(printed)  # --print-config shows the resolved tree
     for k, v in want.items():
         assert cfg[k] == v, k
     assert cfg["sparse"] is True and cfg["sparsity"] == 0.4 and cfg["sparse_init"] == "snip"
@@ -237,16 +240,16 @@ def test_paper_recipes_resolve_to_the_official_commands(name, capsys):
 
 
 def test_every_train_flag_is_a_typed_config_field():
-    import argparse
+    from slaknet.classify.cli import add_arguments
+    from slaknet.classify.spec import SPEC
+    from slaknet.settings import SettingsParser
+    from slaknet.train.config import command_keys
 
-    from slaknet.train.config import TrainConfig
-    from slaknet.train.train_cli import add_arguments
-
-    p = argparse.ArgumentParser()
+    p = SettingsParser()
     add_arguments(p)
-    cli_only = {"help", "dump_samples", "dump_count", "print_config"}
+    cli_only = {"help", "dump_samples", "dump_count", "print_config", "config", "recipe", "refused_bn", "refused_eval"}
     dests = {a.dest for a in p._actions} - cli_only
-    assert dests <= set(TrainConfig.field_names()), dests - set(TrainConfig.field_names())
+    assert dests == set(command_keys(SPEC)), dests ^ set(command_keys(SPEC))
     cfg = config_from_argv([])
     with pytest.raises(Exception):
         cfg.epochs = 3  # frozen: never edited after validation

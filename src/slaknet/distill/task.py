@@ -11,6 +11,7 @@ Settings live in ``cfg.task`` (:class:`slaknet.distill.spec.DistillationOptions`
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch

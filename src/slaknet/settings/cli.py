@@ -95,14 +95,16 @@ def _known(parser: Any, flag: str) -> bool:
 
 
 def add_settings(parser: argparse.ArgumentParser, cls: type, title: Optional[str] = None,
-                 exclude: Iterable[str] = ()) -> None:
-    """One flag per user-facing field of ``cls`` (in an argument group ``title``), absent unless given."""
+                 exclude: Iterable[str] = (), notes: Optional[Dict[str, str]] = None) -> None:
+    """One flag per user-facing field of ``cls`` (in an argument group ``title``), absent unless given;
+    ``notes``: text appended to a key's help (e.g. the values the command's recipes set)."""
     skip = set(exclude)
     g = parser.add_argument_group(title, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
     for info in field_infos(cls):
         if info.meta.internal or not info.meta.cli or info.name in skip or info.key in skip:
             continue
-        add_setting(g, cls, info.name)
+        note = (notes or {}).get(info.key)
+        add_setting(g, cls, info.name, help=_help(info, info.default) + f" [{note}]" if note else None)
 
 
 def given_settings(ns: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:

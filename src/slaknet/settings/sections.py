@@ -27,8 +27,8 @@ class DataSettings:
     data_set: Optional[str] = setting(None, "official alias: IMNET / image_folder mean an image folder at --data",
                                       metavar="NAME")
     eval_data: Optional[str] = setting(None, "validation folder (default DATA/val)", metavar="DIR")
-    input_size: int = setting(64, "training / evaluation image side in pixels (recipes: 64 built-in, the "
-                                  "images' own size for small folders, 224 ImageNet)", low=8)
+    input_size: int = setting(64, "training / evaluation image side in pixels (recipe small: the images' own "
+                                  "size)", low=8)
     num_classes: Optional[int] = setting(None, "number of classes (default: from the data)", low=1)
     difficulty: float = setting(0.5, "built-in data: difficulty in [0, 1]", low=0.0, high=1.0)
     train_samples: int = setting(6000, "built-in data: training images", low=1)
@@ -49,13 +49,12 @@ class ModelSettings:
                                                      "kernel N (official: 51 49 47 13 5)", metavar="K")
     width_factor: Optional[float] = setting(None, "width multiplier (paper: 1.3)", low=0.0, low_open=True)
     decompose: Optional[bool] = setting(None, "decomposed M x N + N x M strips (official --Decom True)")
-    drop_path: Optional[float] = setting(None, "stochastic depth rate (default: the model's recommended value "
-                                               "for ImageNet-scale recipes, 0 for small ones)", low=0.0, high=1.0,
+    drop_path: Optional[float] = setting(None, "stochastic depth rate (default: the model's recommended value)", low=0.0, high=1.0,
                                          high_open=True)
     layer_scale_init_value: float = setting(1e-6, "layer scale init value", low=0.0)
     head_init_scale: float = setting(1.0, "scale of the classifier's initial weights", low=0.0)
     fit_kernels: bool = setting(False, "cap each stage's kernel at 2*feature_map-1 for --input-size (identical "
-                                       "function, less compute; on in the small-data recipes)")
+                                       "function, less compute)")
     finetune: Optional[str] = setting(None, "initialise from this checkpoint (the classifier may differ)",
                                       metavar="CKPT")
 
@@ -88,9 +87,9 @@ class OptimSettings:
 class AugmentSettings:
     """Training augmentation and loss smoothing (image-folder classification)."""
 
-    smoothing: float = setting(0.0, "label smoothing (imagenet recipe 0.1)", low=0.0, high=1.0, high_open=True)
-    mixup: float = setting(0.0, "mixup alpha (imagenet recipe 0.8)", low=0.0)
-    cutmix: float = setting(0.0, "cutmix alpha (imagenet recipe 1.0)", low=0.0)
+    smoothing: float = setting(0.0, "label smoothing", low=0.0, high=1.0, high_open=True)
+    mixup: float = setting(0.0, "mixup alpha", low=0.0)
+    cutmix: float = setting(0.0, "cutmix alpha", low=0.0)
     mixup_prob: float = setting(1.0, "probability of mixup or cutmix per batch", low=0.0, high=1.0)
     mixup_switch_prob: float = setting(0.5, "probability of cutmix instead of mixup", low=0.0, high=1.0)
     mixup_mode: str = setting("batch", "how mixup parameters are drawn", choices=("batch", "pair", "elem"))
@@ -98,7 +97,7 @@ class AugmentSettings:
     color_jitter: float = setting(0.4, "colour jitter strength", low=0.0)
     train_interpolation: str = setting("bicubic", "resize interpolation in training",
                                        choices=("bicubic", "bilinear", "nearest", "random"))
-    reprob: float = setting(0.0, "random erasing probability (imagenet recipe 0.25)", low=0.0, high=1.0)
+    reprob: float = setting(0.0, "random erasing probability", low=0.0, high=1.0)
     remode: str = setting("pixel", "random erasing mode", choices=("pixel", "rand", "const"))
     recount: int = setting(1, "random erasing count", low=1)
     crop_pct: Optional[float] = setting(None, "evaluation centre-crop fraction (default 0.875 below 384 px)",

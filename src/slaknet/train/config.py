@@ -363,12 +363,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, spec: TaskSpec) -> Non
                         help=f"defaults for the options left unset: auto (default) chooses from the data; {names}")
     parser.add_argument("--print-config", dest="print_config", action="store_true",
                         help="print the resolved configuration (recipe and data defaults filled in) as YAML and exit")
+    notes = recipe_notes(spec)
     for section in spec.sections:
-        add_settings(parser, SECTIONS[section], _TITLES[section])
+        add_settings(parser, SECTIONS[section], _TITLES[section], notes=notes)
     if field_infos(spec.options):
-        add_settings(parser, spec.options, f"{spec.name} options")
+        add_settings(parser, spec.options, f"{spec.name} options", notes=notes)
     add_refused(parser)
     SettingsParser.foreign = foreign_option_hint
+
+
+def recipe_notes(spec: TaskSpec) -> Dict[str, str]:
+    """``{key: "recipes: demo 25, small 25"}``: what each recipe of ``spec`` sets, for ``--help``."""
+    index = key_index(spec)
+    seen: Dict[str, List[str]] = {}
+    for recipe in spec.recipes:
+        for section, values in recipe.values.items():
+            for field, value in values.items():
+                key = next((k for k, (s, i) in index.items() if s == section and (i.name == field or k == field)),
+                           None)
+                if key is not None:
+                    shown = " ".join(map(str, value)) if isinstance(value, list) else value
+                    seen.setdefault(key, []).append(f"{recipe.name} {shown}")
+    return {k: "recipes: " + ", ".join(v) for k, v in seen.items()}
 
 
 def foreign_option_hint(prog: str, flag: str) -> Optional[str]:
