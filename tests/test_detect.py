@@ -15,13 +15,13 @@ from slaknet.detect.data import ContourDetection, detection_collate, hflip, rend
 from slaknet.detect.metrics import DetectionMeter
 from slaknet.errors import CheckpointError, ConfigError
 
-SMALL = ["fpn_channels=16", "rpn_batch=16", "roi_batch=16", "rpn_pre_nms_train=50", "rpn_post_nms_train=20",
-         "rpn_pre_nms_test=50", "rpn_post_nms_test=20", "box_head_size=16", "mask_channels=8", "mask_layers=1",
-         "detections=10", "max_size=64", "anchor_sizes=8,16,32,64,128"]
+SMALL = dict(fpn_channels=16, rpn_batch=16, roi_batch=16, rpn_pre_nms_train=50, rpn_post_nms_train=20,
+             rpn_pre_nms_test=50, rpn_post_nms_test=20, box_head_size=16, mask_channels=8, mask_layers=1,
+             detections=10, max_size=64, anchor_sizes=[8, 16, 32, 64, 128])
 TINY = ["--input-size", "64", "--train-samples", "8", "--val-samples", "4", "-b", "4", "--epochs", "1",
         "--threads", "1", "--progress", "false", "--tensorboard", "false", "--lr", "1e-3"]
-for _o in SMALL:
-    TINY += ["--task-option", _o]
+for _k, _v in SMALL.items():  # detection options are ordinary typed flags
+    TINY += ["--" + _k.replace("_", "-"), *map(str, _v if isinstance(_v, list) else [_v])]
 
 
 @pytest.fixture(autouse=True)
@@ -102,13 +102,9 @@ def test_hflip_and_collate():
 
 # ----------------------------------------------------------------------------------------------- model ----
 def _opts(**kw):
-    from slaknet.detect.options import parse_option, resolve_options
+    from slaknet.detect.spec import resolve_options
 
-    given = {}
-    for o in SMALL:
-        given.update(parse_option(o))
-    given.update(kw)
-    return resolve_options(given, 64)
+    return resolve_options(dict(SMALL, **kw), 64)
 
 
 @pytest.mark.parametrize("kind", ["mask_rcnn", "faster_rcnn", "retinanet", "fcos"])
@@ -139,20 +135,18 @@ def test_detector_takes_any_input_size(kind):
 def test_backbone_from_classification_checkpoint(tmp_path):
     import slaknet
     from slaknet.detect.model import backbone_from_config
-    from slaknet.train.config import TrainConfig
-
     torch.manual_seed(1)
     clf = slaknet.create_model("slak_pico", num_classes=3, kernel_size=(9, 9, 7, 7))
     path = str(tmp_path / "clf.pth")
     torch.save({"model": clf.state_dict()}, path)
-    body = backbone_from_config(TrainConfig(model="slak_nano"), path)  # architecture from the file, not --model
+    body = backbone_from_config(slaknet.config("detection", model="slak_nano"), path)  # from the file, not --model
     own = body.state_dict()
     for k, v in clf.state_dict().items():
         if k.startswith(("stages.", "downsample_layers.")):
             assert torch.equal(own[k], v), k
     assert body.norm_outputs and "norm3.weight" in own and body.kernel_sizes == clf.kernel_sizes
     with pytest.raises(CheckpointError):
-        backbone_from_config(TrainConfig(), str(tmp_path / "missing.pth"))
+        backbone_from_config(slaknet.config("detection"), str(tmp_path / "missing.pth"))
 
 
 # -------------------------------------------------------------------------------------- train / eval ----
@@ -212,7 +206,7 @@ def test_resume_equals_uninterrupted_and_misfit_is_one_line(tmp_path, capsys):
     assert [r["val_map"] for r in la] == [r["val_map"] for r in lb]
     # resuming with a head of another width: the trainer's one-line "do not fit" error, exit 2
     rc, _, err = _run(["detect", "train", "--resume", os.path.join(cut, "checkpoint-last.pth"), "--epochs", "3",
-                       "--task-option", "fpn_channels=8"], capsys)
+                       "--fpn-channels", "8"], capsys)
     last = err.strip().splitlines()[-1]  # (after the resume notice of the overridden epochs)
     assert rc == 2 and last.startswith("slaknet detect: error: checkpoint weights do not fit this model")
 
@@ -233,15 +227,19 @@ def test_sparse_erk_keeps_heads_dense_and_snip_is_refused(tmp_path, capsys):
 
 
 def test_bad_options_are_one_line(tmp_path, capsys):
-    rc, _, err = _run(["detect", "train", "-o", str(tmp_path / "x")] + TINY + ["--task-option", "anchor_sizes=8,16"],
-                      capsys)
-    assert rc == 2 and "anchor_sizes needs 5 values" in err
-    from slaknet.detect.options import parse_option, resolve_options
+    rc, _, err = _run(["detect", "train", "-o", str(tmp_path / "x")] + TINY + ["--anchor-sizes", "8", "16"], capsys)
+    assert rc == 2 and "--anchor-sizes needs 5 values" in err and len(err.strip().splitlines()) == 1
+    import slaknet
+    from slaknet.detect.spec import resolve_options
 
-    with pytest.raises(ConfigError, match="unknown detection option"):
-        parse_option("nonsense=1")
-    with pytest.raises(ConfigError, match="fcos needs fpn_channels divisible by 32"):
-        resolve_options({"detector": "fcos", "fpn_channels": 48}, 64)
+    with pytest.raises(ConfigError, match="unknown option 'nonsense'"):
+        slaknet.config("detection", nonsense=1)
+    with pytest.raises(ConfigError, match="unknown option 'nonsense'"):
+        resolve_options({"nonsense": 1}, 64)  # options stored in a checkpoint go through the same fields
+    with pytest.raises(ConfigError, match="fcos needs --fpn-channels divisible by 32"):
+        slaknet.config("detection", detector="fcos", fpn_channels=48)
+    with pytest.raises(ConfigError, match="--detector must be one of"):
+        slaknet.config("detection", detector="yolo")
 
 
 # ------------------------------------------------------------------------------------------------ COCO ----
@@ -314,26 +312,22 @@ def test_train_on_coco_folder_keeps_class_names(tmp_path, capsys):
 
 
 def test_recipes_and_yaml_options(tmp_path):
-    import argparse
-
-    from slaknet.detect.cli import add_arguments, train_config
+    from slaknet.train.config import config_from_argv
 
     def cfg_of(argv):
-        p = argparse.ArgumentParser()
-        add_arguments(p)
-        return train_config(p.parse_args(["train"] + argv))
+        return config_from_argv(argv, "detection")
 
     demo = cfg_of([])
-    assert demo.recipe == "det_demo" and demo.task == "detection" and demo.data == "builtin:contours"
+    assert demo.recipe == "det_demo" and demo.task_name == "detection" and demo["data"] == "builtin:contours"
     (tmp_path / "coco").mkdir()
     coco = cfg_of(["--data", str(tmp_path / "coco")])
-    assert coco.recipe == "coco" and coco.lr == 1e-4 and coco.weight_decay == 0.05 and coco.epochs == 36
-    assert coco.opt == "adamw" and coco.task_options["train_sizes"] == list(range(480, 801, 32))
-    (tmp_path / "c.yaml").write_text('epochs: 2\ntask-option: ["fpn_channels=16", "mask_layers=1"]\n')
-    cfg = cfg_of(["--config", str(tmp_path / "c.yaml"), "--task-option", "mask_layers=3", "--detector", "retinanet"])
-    assert cfg.epochs == 2 and cfg.task_options["fpn_channels"] == 16 and cfg.task_options["mask_layers"] == 3
-    assert cfg.task_options["detector"] == "retinanet"
-    with pytest.raises(ConfigError, match="classification recipe"):
+    assert coco.recipe == "coco" and coco.optim.lr == 1e-4 and coco.optim.weight_decay == 0.05
+    assert coco.optim.epochs == 36 and coco.optim.opt == "adamw" and coco.task.train_sizes == list(range(480, 801, 32))
+    (tmp_path / "c.yaml").write_text("epochs: 2\ntask:\n  fpn_channels: 16\n  mask_layers: 1\n")
+    cfg = cfg_of(["--config", str(tmp_path / "c.yaml"), "--mask-layers", "3", "--detector", "retinanet"])
+    assert cfg.optim.epochs == 2 and cfg.task.fpn_channels == 16 and cfg.task.mask_layers == 3
+    assert cfg.task.detector == "retinanet"
+    with pytest.raises(SystemExit):  # only the detection recipes are choices of `slaknet detect train`
         cfg_of(["--recipe", "imagenet"])
 
 
@@ -358,11 +352,8 @@ def test_train_from_classification_checkpoint_then_eval(tmp_path, capsys):
 
 
 _DETECT_CONFIG = """
-import argparse
-from slaknet.detect.cli import add_arguments, train_config
-p = argparse.ArgumentParser()
-add_arguments(p)
-cfg = train_config(p.parse_args(["train"] + argv))
+from slaknet.train.config import config_from_argv
+cfg = config_from_argv(argv, "detection")
 """
 
 

@@ -153,13 +153,18 @@ def test_checkpoints_that_do_not_fit_give_one_line_errors(tmp_path, capsys):
     assert "does not fit the encoder" in capsys.readouterr().err
 
 
-def test_unknown_task_option_is_one_line():
-    from slaknet.segment.task import resolve_options
+def test_unknown_task_option_is_one_line(capsys):
+    import slaknet
 
-    with pytest.raises(ConfigError, match="unknown segmentation task option"):
-        resolve_options({"decoder_chanels": 3})
-    with pytest.raises(ConfigError, match="schedule"):
-        resolve_options({"schedule": "step"})
+    with pytest.raises(ConfigError, match="unknown option 'decoder_chanels'"):
+        slaknet.config("segmentation", decoder_chanels=3)
+    with pytest.raises(ConfigError, match="--schedule must be one of poly, cosine"):
+        slaknet.config("segmentation", schedule="step")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["segment", "train", "--decoder-chanels", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --decoder-chanels" in err
 
 
 # -------------------------------------------------------------------------------------------------- data ----
@@ -262,9 +267,9 @@ def test_poly_schedule_with_linear_warmup():
     from types import SimpleNamespace
 
     from slaknet.segment.task import SegmentationTask
-    from slaknet.train.config import TrainConfig
+    import slaknet
 
-    cfg = TrainConfig(task="segmentation", task_options={"schedule": "poly"})
+    cfg = slaknet.config("segmentation", schedule="poly")
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-4)
     opt.param_groups[0]["lr_scale"] = 0.5
     trainer = SimpleNamespace(plan=SimpleNamespace(lr=1e-4))
@@ -360,27 +365,20 @@ def test_folder_training_with_layer_decay_poly_and_a_corrupt_file(tmp_path, caps
 
 
 def test_yaml_config_and_recipe_choice(tmp_path):
-    import argparse
-
-    from slaknet.segment.cli import add_seg_train_arguments, train_config
+    from slaknet.train.config import config_from_argv
 
     yml = tmp_path / "seg.yaml"
     yml.write_text("crop: 256\nlayer-decay: 0.8\nepochs: 3\n")
-    p = argparse.ArgumentParser()
-    add_seg_train_arguments(p)
-    cfg = train_config(p.parse_args(["--config", str(yml), "--data", str(tmp_path), "--epochs", "5"]))
-    assert cfg.recipe == "ade20k" and cfg.task == "segmentation" and cfg.epochs == 5  # the command line wins
-    assert cfg.task_options["crop"] == 256 and cfg.task_options["layer_decay"] == 0.8
-    assert cfg.task_options["slide_stride"] == 341 and cfg.lr == 1e-4 and cfg.warmup_steps == 1500
-    assert train_config(p.parse_args([])).recipe == "seg_demo"
+    cfg = config_from_argv(["--config", str(yml), "--data", str(tmp_path), "--epochs", "5"], "segmentation")
+    assert cfg.recipe == "ade20k" and cfg.task_name == "segmentation" and cfg.optim.epochs == 5  # command line wins
+    assert cfg.task.crop == 256 and cfg.task.layer_decay == 0.8
+    assert cfg.task.slide_stride == 341 and cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 1500
+    assert config_from_argv([], "segmentation").recipe == "seg_demo"
 
 
 _SEGMENT_CONFIG = """
-import argparse
-from slaknet.segment.cli import add_arguments, train_config
-p = argparse.ArgumentParser()
-add_arguments(p)
-cfg = train_config(p.parse_args(["train"] + argv))
+from slaknet.train.config import config_from_argv
+cfg = config_from_argv(argv, "segmentation")
 """
 
 
