@@ -4,7 +4,6 @@ Each built-in is listed by its registry, a registered strategy is what the engin
 counts are computed by hand or with plain torch, never with the engine), and unknown names are one-line
 ConfigErrors naming the registered ones.
 """
-import argparse
 import math
 
 import pytest
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 import slaknet.sparse
 from slaknet.errors import ConfigError
 from slaknet.sparse import (GrowthCriterion, InitRule, PruneCriterion, Redistribution, ScoreRedistribution,
-                            SparseConfig, SparseEngine, add_sparse_arguments, config_from_args, growth_names,
+                            SparseConfig, SparseEngine, growth_names,
                             init_names, init_rule, prune_names, redistribution_names, register_growth, register_init,
                             register_prune, register_redistribution)
 from slaknet.sparse import growth as growth_mod
@@ -282,9 +281,10 @@ def test_registered_score_redistribution_shares_by_its_scores(register):
 def test_cli_accepts_registered_init_and_redistribution(register):
     init = register(register_init, "quarter_cli", QuarterInit)
     red = register(register_redistribution, "none_cli", redist_mod.NoRedistribution)
-    p = argparse.ArgumentParser()
-    add_sparse_arguments(p)
-    cfg = config_from_args(p.parse_args(["--sparse", "--sparse-init", init, "--redistribution", red]), total_steps=5)
+    from slaknet.train.config import config_from_argv
+
+    cfg = config_from_argv(["--sparse", "--sparse-init", init, "--redistribution", red]).sparse
     assert (cfg.sparse_init, cfg.redistribution, cfg.prune) == (init, red, "magnitude")
-    with pytest.raises(ConfigError, match="sparse_init must be one of"):
-        config_from_args(p.parse_args(["--sparse", "--sparse-init", "erk"]), total_steps=5)
+    assert config_from_argv(["--prune", "magnitude"]).sparse.prune == "magnitude"
+    with pytest.raises(ConfigError, match="--sparse-init must be one of"):
+        config_from_argv(["--sparse", "--sparse-init", "erk"])

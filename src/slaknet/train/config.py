@@ -145,7 +145,7 @@ class Config:
     def as_dict(self) -> Dict[str, Any]:
         """The nested plain form (YAML of ``--print-config`` and ``config.yaml``; ``--config`` reads it back)."""
         out: Dict[str, Any] = {"task_name": self.task_name, "recipe": self.recipe}
-        for section in list(SECTIONS) + ["task"]:
+        for section in [s for s in SECTIONS if s in self.spec.sections] + ["task"]:
             obj = getattr(self, section)
             out[section] = {info.name if section != "sparse" else info.key: _plain(getattr(obj, info.name))
                             for info in field_infos(type(obj)) if not info.meta.internal}
