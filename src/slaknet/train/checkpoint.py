@@ -27,12 +27,21 @@ def atomic_save(obj: Any, path: str) -> None:
     save_torch(obj, path)
 
 
-def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a slaknet training checkpoint (weights only); one-line errors for missing / foreign files."""
+def load_training_checkpoint(path: str, lazy: bool = False) -> Dict[str, Any]:
+    """Read a slaknet training checkpoint (weights only); one-line errors for missing / foreign files.
+
+    ``lazy``: memory-map the file instead of reading it, for callers that only look at its settings (the
+    configuration of ``--resume``): the tensors are then read once, by the run that restores them.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist (check --resume)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+        except RuntimeError:
+            if not lazy:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file: read it
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable weights-only checkpoint ({first_line(exc)})") from exc
     if not isinstance(obj, dict) or "model" not in obj or "optimizer" not in obj:

@@ -41,7 +41,7 @@ def settings_from_checkpoint(path: str, spec: Any, given: Dict[str, Any], report
     from slaknet.train import checkpoint as ckpt_io
     from slaknet.train.config import config_from_stored
 
-    stored = dict(ckpt_io.load_training_checkpoint(path).get("config") or {})
+    stored = dict(ckpt_io.load_training_checkpoint(path, lazy=True).get("config") or {})
     task = str(stored.get("task") or "classification")
     if task != spec.name:
         raise CheckpointError(f"resume: {path} is a checkpoint of a {task} run; `{spec.command}` trains "
