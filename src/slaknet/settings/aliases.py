@@ -25,7 +25,7 @@ ALIASES: Dict[str, str] = {
     "target-Lnorm": "target_lnorm", "teacher_model": "teacher", "teacher-model": "teacher",
     # earlier slaknet spellings
     "pretrained": "backbone_checkpoint", "out": "output_dir", "output": "output_dir",
-    "reparameterize": "reparam",
+    "reparameterize": "reparam", "size": "input_size",
 }
 
 # flags that set an option to a fixed value
