@@ -59,7 +59,7 @@ def test_checkpoint_that_does_not_load_is_one_line(tmp_path, capsys):
     torch.save({"model": {"stages.0.0.gamma": torch.zeros(3)}}, tmp_path / "bad.pth")
     for argv in (["info", "--checkpoint", str(tmp_path / "bad.pth")],
                  ["eval", "--checkpoint", str(tmp_path / "bad.pth"), "--data", "builtin:insideness"],
-                 ["kernels", str(tmp_path / "nothere.pth"), "--out", str(tmp_path / "k")]):
+                 ["kernels", str(tmp_path / "nothere.pth"), "--output-dir", str(tmp_path / "k")]):
         _one_line_exit_2(capsys, argv)
 
 
