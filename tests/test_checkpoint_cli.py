@@ -101,6 +101,21 @@ def test_predict_reports_bad_images_and_predicts_the_rest(trained, tmp_path, cap
     assert "broken.png" in captured.err
 
 
+def test_eval_and_predict_take_threads(trained, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    _, path = trained
+    assert main(["eval", "--checkpoint", path, "--threads", "1", "--json", "-j", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 8
+    Image.new("RGB", (40, 40), (10, 100, 200)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", path, "--threads", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    assert calls == [1, 1]
+    _one_line_exit_2(capsys, ["eval", "--checkpoint", path, "--threads", "0"], "--threads")
+
+
 def test_model_safetensors_metadata_is_read(trained, tmp_path):
     from slaknet.checkpoints import read_training_info, write_safetensors
 
