@@ -59,7 +59,7 @@ def test_checkpoint_that_does_not_load_is_one_line(tmp_path, capsys):
     torch.save({"model": {"stages.0.0.gamma": torch.zeros(3)}}, tmp_path / "bad.pth")
     for argv in (["info", "--checkpoint", str(tmp_path / "bad.pth")],
                  ["eval", "--checkpoint", str(tmp_path / "bad.pth"), "--data", "builtin:insideness"],
-                 ["kernels", str(tmp_path / "nothere.pth"), "--out", str(tmp_path / "k")]):
+                 ["kernels", str(tmp_path / "nothere.pth"), "--output-dir", str(tmp_path / "k")]):
         _one_line_exit_2(capsys, argv)
 
 
@@ -99,6 +99,21 @@ def test_predict_reports_bad_images_and_predicts_the_rest(trained, tmp_path, cap
     assert [r["image"] for r in res] == good
     assert all(len(r["top"]) == 2 and {t["label"] for t in r["top"]} == {"outside", "inside"} for r in res)
     assert "broken.png" in captured.err
+
+
+def test_eval_and_predict_take_threads(trained, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    _, path = trained
+    assert main(["eval", "--checkpoint", path, "--threads", "1", "--json", "-j", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 8
+    Image.new("RGB", (40, 40), (10, 100, 200)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", path, "--threads", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    assert calls == [1, 1]
+    _one_line_exit_2(capsys, ["eval", "--checkpoint", path, "--threads", "0"], "--threads")
 
 
 def test_model_safetensors_metadata_is_read(trained, tmp_path):

@@ -193,7 +193,7 @@ def test_convert_official_layout_file(tmp_path):
     from slaknet.cli import main
 
     dst2 = tmp_path / "ema.safetensors"
-    assert main(["convert", str(src), str(dst2), "--ema", "--format", "dense", "--reparameterize", "strips",
+    assert main(["convert", str(src), str(dst2), "--ema", "--format", "dense", "--reparam", "strips",
                  "--class-names", str(names)]) == 0
     ema_model = slaknet.create_model("slak_pico", checkpoint=dst2)
     ref = slaknet.create_model("slak_pico", checkpoint=src, use_ema=True)

@@ -166,7 +166,8 @@ def test_train_checkpoint_eval_predict(tmp_path, capsys):
     rec = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))][-1]
     assert {"val_map", "val_map50", "val_mask_map"} <= set(rec)
     for ck in ("checkpoint-best.pth", "model.safetensors"):
-        rc, text, err = _run(["detect", "eval", "--checkpoint", os.path.join(out, ck), "--json"], capsys)
+        rc, text, err = _run(["detect", "eval", "--checkpoint", os.path.join(out, ck), "--json", "--threads", "1"],
+                             capsys)
         assert rc == 0, err
         res = json.loads(text)
         assert res["images"] == 4 and res["map"] == pytest.approx(rec["val_map"], abs=1e-6)
@@ -175,8 +176,8 @@ def test_train_checkpoint_eval_predict(tmp_path, capsys):
 
     Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "x.png")
     rc, text, err = _run(["detect", "predict", str(tmp_path / "x.png"), "--checkpoint",
-                          os.path.join(out, "checkpoint-best.pth"), "-o", str(tmp_path / "pred"),
-                          "--score-thresh", "0"], capsys)
+                          os.path.join(out, "checkpoint-best.pth"), "--output-dir", str(tmp_path / "pred"),
+                          "--score-thresh", "0", "--threads", "1"], capsys)
     assert rc == 0, err
     preds = json.load(open(tmp_path / "pred" / "predictions.json"))
     assert preds[0]["image"].endswith("x.png") and len(preds[0]["boxes"]) == len(preds[0]["scores"])

@@ -293,7 +293,7 @@ def test_cli_on_saved_matrices(tmp_path, capsys):
     for name, p in (("a", 1), ("b", 8)):
         np.save(tmp_path / f"{name}.npy", np.outer(np.hanning(21) ** p, np.hanning(21) ** p))
     out = tmp_path / "out"
-    assert _cli([str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(out)]) == 0
+    assert _cli([str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "t=20%" in text and "a " in text
     assert (out / "compare.png").stat().st_size > 1000 and (out / "a.png").exists()
@@ -303,14 +303,14 @@ def test_cli_on_saved_matrices(tmp_path, capsys):
         _cli([str(tmp_path / "a.npy"), "--thresholds", "0.5,2"])
     with pytest.raises(ConfigError, match="gamma"):
         _cli([str(tmp_path / "a.npy"), "--gamma", "0"])
-    assert _cli([str(tmp_path / "a.npy"), "--gamma", "1", "--out", str(out / "linear")]) == 0
+    assert _cli([str(tmp_path / "a.npy"), "--gamma", "1", "--output-dir", str(out / "linear")]) == 0
     assert (out / "linear" / "a.png").stat().st_size > 1000
 
 
 def test_cli_on_a_model(tmp_path, capsys):
     pytest.importorskip("timm")
     out = tmp_path / "out"
-    rc = _cli(["resnet18", "--features-only", "--size", "64", "--num-images", "2", "--out", str(out),
+    rc = _cli(["resnet18", "--features-only", "--input-size", "64", "--num-images", "2", "--output-dir", str(out),
                "--no-progress", "--json", "--kwargs", '{"out_indices": [1]}'])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
@@ -318,7 +318,7 @@ def test_cli_on_a_model(tmp_path, capsys):
     assert data[0]["feature_size"] == [16, 16]
     assert (out / "resnet18.npy").exists() and (out / "resnet18.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="unknown model"):
-        _cli(["no_such_model_xyz", "--out", str(out)])
+        _cli(["no_such_model_xyz", "--output-dir", str(out)])
 
 
 def test_cli_on_a_slaknet_checkpoint_with_fitted_kernels(tmp_path, capsys):
@@ -332,8 +332,8 @@ def test_cli_on_a_slaknet_checkpoint_with_fitted_kernels(tmp_path, capsys):
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "epoch": 1}, ckpt)
     out = tmp_path / "out"
-    rc = _cli([f"slak_pico={ckpt}", "--kwargs", json.dumps(kw), "--images", "benchmark", "--size", "32",
-               "--num-images", "1", "--out", str(out), "--no-progress", "--json"])
+    rc = _cli([f"slak_pico={ckpt}", "--kwargs", json.dumps(kw), "--images", "benchmark", "--input-size", "32",
+               "--num-images", "1", "--output-dir", str(out), "--no-progress", "--json"])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data[0]["name"] == "slak_pico-ckpt" and data[0]["feature_size"] == [1, 1]

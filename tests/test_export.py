@@ -172,7 +172,7 @@ def test_cli_export_from_checkpoint(pico, tmp_path, capsys):
     meta = {}
     torch.jit.load(str(out), _extra_files=meta.setdefault("f", {"slaknet.json": ""}))
     assert json.loads(meta["f"]["slaknet.json"])["reparameterized"] == "strips"
-    assert main(["export", "--model", "slak_pico", "--format", "safetensors", "-o", str(tmp_path / "x.bin")]) == 2
+    assert main(["export", "--model", "slak_pico", "--format", "safetensors", "--output-file", str(tmp_path / "x.bin")]) == 2
 
 
 def test_backbone_export_returns_every_stage(pico, tmp_path):

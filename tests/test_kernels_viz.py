@@ -174,7 +174,7 @@ def test_cli_writes_pictures_and_json(tmp_path, capsys):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": net.state_dict()}, path)
     out = tmp_path / "out"
-    assert _cli([str(path), "--out", str(out), "--channels", "3"]) == 0
+    assert _cli([str(path), "--output-dir", str(out), "--channels", "3"]) == 0
     text = capsys.readouterr().out
     assert "stages.1.0.large_kernel" in text and "large-kernel density" in text
     for name in ("density.png", "kernels_magnitude.png", "kernels_channels.png", "kernels_sparsity.png"):

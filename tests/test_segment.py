@@ -98,10 +98,11 @@ def test_train_checkpoint_eval_predict(tmp_path, capsys):
     assert cli_main(["segment", "eval", "--checkpoint", os.path.join(out, "checkpoint-best.pth"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["miou"] == pytest.approx(best, abs=1e-6) and res["images"] == 8
-    assert cli_main(["segment", "eval", "--checkpoint", os.path.join(out, "model.safetensors"), "--json"]) == 0
+    assert cli_main(["segment", "eval", "--checkpoint", os.path.join(out, "model.safetensors"), "--json",
+                     "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(log[-1]["val_miou"], abs=1e-6)
     assert cli_main(["segment", "predict", "--checkpoint", os.path.join(out, "model.safetensors"),
-                     "--data", "builtin:contours", "--count", "2", "-o", pred_dir]) == 0
+                     "--data", "builtin:contours", "--count", "2", "--output-dir", pred_dir, "--threads", "1"]) == 0
     names = sorted(os.listdir(pred_dir))
     assert names == ["val_00000_labels.png", "val_00000_mask.png", "val_00000_side.png",
                      "val_00001_labels.png", "val_00001_mask.png", "val_00001_side.png"]
@@ -305,7 +306,7 @@ def test_onnx_export_matches_eager(tmp_path, capsys):
     assert cli_main(["segment", "train", *TINY, "-o", out, "--max-steps", "1", "--epochs", "1"]) == 0
     onnx_path = str(tmp_path / "seg.onnx")
     assert cli_main(["segment", "export", "--checkpoint", os.path.join(out, "model.safetensors"),
-                     "-o", onnx_path]) == 0
+                     "--output-file", onnx_path]) == 0
     assert "max |diff| vs eager" in capsys.readouterr().out
     import onnxruntime as ort
 

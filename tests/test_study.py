@@ -238,7 +238,7 @@ def test_cli_list_and_bad_arm(capsys, tmp_path):
 
     assert main(["study", "--list", "--budget", "short"]) == 0
     assert "lk51_sparse_w13" in capsys.readouterr().out
-    assert main(["study", "--budget", "tiny", "--arms", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["study", "--budget", "tiny", "--arms", "nope", "--output-dir", str(tmp_path)]) == 2
     assert "unknown arm" in capsys.readouterr().err
 
 

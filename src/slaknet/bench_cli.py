@@ -7,12 +7,15 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="slak_tiny",
-                        help="model name (slak_tiny, slak_pico, ...) or 'branches' (SLaK-T large-kernel layers only)")
+    from slaknet.settings import CommonOptions, DataSettings, ModelSettings, RunSettings, add_setting
+
+    add_setting(parser, ModelSettings, "model", default="slak_tiny",
+                help="model name (slak_tiny, slak_pico, ...) or 'branches' (SLaK-T large-kernel layers only)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224, help="input resolution")
+    add_setting(parser, DataSettings, "input_size", default=224, dest="size", help="input resolution (default 224)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per backend (median reported)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_setting(parser, RunSettings, "threads", default=str(os.cpu_count() or 1),
+                help="torch CPU threads: N or auto (default: all cores)")
     parser.add_argument("--backends", default="official,plain,auto",
                         help="comma-separated arms: 'official' (plain convs, official NCHW layout) or "
                              "SLAKNET_DWCONV values; the first is the baseline")
@@ -21,13 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (subprocesses)")
     parser.add_argument("--peak-gmacs", type=float, default=None,
                         help="machine peak in G multiply-adds/s (default: best of a large MKL / oneDNN fp32 GEMM)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_setting(parser, RunSettings, "device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                         help="run every arm under autocast to this dtype (%% of peak stays relative to fp32)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_setting(parser, CommonOptions, "output_file", default=None, dest="json", aliases=("--json",),
+                help="also write the results to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
     from slaknet.bench import run as run_bench_command
+    from slaknet.train.machine import resolve_threads
 
+    args.threads = resolve_threads(args.threads) or os.cpu_count() or 1
     return run_bench_command(args)

@@ -6,14 +6,17 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slaknet.settings import CommonOptions, DataSettings, add_setting
+
     parser.add_argument("model", nargs="?", default=None,
                         help="registered model name (default slak_tiny, or the checkpoint's architecture; "
                              "with --checkpoint, the file must be this variant)")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="also report counts at this sparsity over all conv+linear weights (e.g. 0.4)")
-    parser.add_argument("--input-size", type=int, default=None, help="square input size (default: the checkpoint's training size, else the model's)")
-    parser.add_argument("--checkpoint", default=None, help="count a checkpoint's weights (zeros honoured)")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_setting(parser, DataSettings, "input_size", default=None,
+                help="square input size (default: the checkpoint's training size, else the model's)")
+    add_setting(parser, CommonOptions, "checkpoint", default=None, help="count a checkpoint's weights (zeros honoured)")
+    add_setting(parser, CommonOptions, "json", default=False, nargs=0, help="print machine-readable JSON")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from slaknet.io import atomic_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slaknet.settings import CommonOptions, DataSettings, RunSettings, add_setting
+
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="a model name (slaknet or timm), NAME=CHECKPOINT for trained weights, "
                              "or a saved ERF matrix FILE.npy")
@@ -27,9 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "slaknet's built-in benchmark images, or 'sample' (default): views of the "
                              "photo bundled with matplotlib; nothing is downloaded")
     parser.add_argument("--num-images", type=int, default=50, help="images to average over (default 50)")
-    parser.add_argument("--size", type=int, default=1024, help="input side in pixels (default 1024)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out", default="erf_out", help="output folder for .npy/.json/.png (default erf_out)")
+    add_setting(parser, DataSettings, "input_size", default=1024, help="input side in pixels (default 1024)")
+    add_setting(parser, RunSettings, "device", default=None,
+                help="cpu, cuda, cuda:1, ... or auto (the default: cuda if available)")
+    add_setting(parser, RunSettings, "output_dir", default="erf_out",
+                help="output folder for .npy/.json/.png (default erf_out)")
     parser.add_argument("--kwargs", default=None, metavar="JSON",
                         help='model constructor overrides for every named model, e.g. '
                              '\'{"kernel_size": [7, 7, 7, 7]}\'')
@@ -41,9 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gamma", type=float, default=0.5,
                         help="colour gamma of the heatmaps, display only (default 0.5 brightens faint "
                              "spread; 1 = linear colours as in the papers)")
-    parser.add_argument("--seed", type=int, default=0, help="image shuffling / view sampling seed")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_setting(parser, RunSettings, "seed", default=0, help="image shuffling / view sampling seed (default 0)")
+    add_setting(parser, CommonOptions, "json", default=False, nargs=0,
+                help="print the results as JSON instead of a table")
+    add_setting(parser, RunSettings, "progress", default=True, nargs=0, help="progress bar (default)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
 
 
 def _parse_thresholds(text: str) -> List[float]:
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--kwargs must be a JSON object")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     device = args.device
-    if device == "auto":
+    if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     results = []
@@ -156,10 +162,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"checkpoint not found: {checkpoint}")
             label = name + (f"-{os.path.splitext(os.path.basename(checkpoint))[0]}" if checkpoint else "")
             model = _build_model(name, checkpoint or None, kwargs, args.features_only)
-            images = erf.resolve_images(args.images, size=args.size, num_images=args.num_images,
+            images = erf.resolve_images(args.images, size=args.input_size, num_images=args.num_images,
                                         seed=args.seed)
             result = erf.compute_erf(model, images, num_images=args.num_images, device=device, name=label,
-                                     progress=not args.no_progress)
+                                     progress=args.progress)
             result.extra["images"] = args.images or "sample"
             if result.num_images < args.num_images:
                 print(f"note: {label}: only {result.num_images} usable images (asked for {args.num_images})")
@@ -169,15 +175,15 @@ def run(args: argparse.Namespace) -> int:
             stem += "_"
         used_stems.add(stem)
         if not spec.endswith(".npy"):
-            result.save(args.out, stem, thresholds)
-        erf.plot_erf(result, os.path.join(args.out, stem + ".png"), thresholds, gamma=args.gamma)
+            result.save(args.output_dir, stem, thresholds)
+        erf.plot_erf(result, os.path.join(args.output_dir, stem + ".png"), thresholds, gamma=args.gamma)
         results.append(result)
 
     if len(results) > 1:
-        erf.plot_erf_comparison(results, os.path.join(args.out, "compare.png"), thresholds, gamma=args.gamma)
+        erf.plot_erf_comparison(results, os.path.join(args.output_dir, "compare.png"), thresholds, gamma=args.gamma)
     summary = [r.summary(thresholds) for r in results]
-    os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(args.out, "erf_ratios.json")
+    os.makedirs(args.output_dir, exist_ok=True)
+    out_json = os.path.join(args.output_dir, "erf_ratios.json")
     with atomic_path(out_json) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
     if args.json:
@@ -187,6 +193,6 @@ def run(args: argparse.Namespace) -> int:
         for r in results:
             if r.num_skipped:
                 print(f"{r.name}: {r.num_skipped} image(s) skipped (NaN/inf gradient)")
-        print(f"wrote {args.out}/ (matrices .npy, summaries .json, heatmaps .png"
+        print(f"wrote {args.output_dir}/ (matrices .npy, summaries .json, heatmaps .png"
               + (", compare.png" if len(results) > 1 else "") + ", erf_ratios.json)")
     return 0

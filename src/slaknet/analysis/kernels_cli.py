@@ -9,13 +9,17 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slaknet.settings import CommonOptions, RunSettings, add_setting
+
     parser.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.safetensors; official SLaK or slaknet)")
-    parser.add_argument("--out", default="kernels_out", help="output folder (default kernels_out)")
+    add_setting(parser, RunSettings, "output_dir", default="kernels_out", help="output folder (default kernels_out)")
     parser.add_argument("--channels", type=int, default=6, help="channels shown per stage (default 6)")
-    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the file has them")
+    add_setting(parser, CommonOptions, "ema", default=None, nargs=0,
+                help="use the EMA weights when the file has them (--no-ema, the default: the raw weights)")
     parser.add_argument("--no-bn-fold", action="store_true",
                         help="show raw branch weights summed, without scaling by their BatchNorms")
-    parser.add_argument("--json", action="store_true", help="print the JSON summary instead of a table")
+    add_setting(parser, CommonOptions, "json", default=False, nargs=0,
+                help="print the JSON summary instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.channels < 1:
         raise ConfigError(f"--channels must be at least 1, got {args.channels}")
-    summary = kernel_report(args.checkpoint, args.out, channels=args.channels, prefer_ema=args.ema,
+    summary = kernel_report(args.checkpoint, args.output_dir, channels=args.channels, prefer_ema=bool(args.ema),
                             fold_bn=not args.no_bn_fold)
     if args.json:
         print(json.dumps(summary, indent=2))

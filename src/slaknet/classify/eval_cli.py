@@ -20,39 +20,55 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from slaknet.checkpoints.info import TrainingInfo
 
-__all__ = ["add_arguments", "add_checkpoint_arguments", "run", "load_model_for_inference", "normalisation",
-           "inference_transform"]
+__all__ = ["add_arguments", "add_checkpoint_arguments", "set_threads", "run", "load_model_for_inference",
+           "normalisation", "inference_transform"]
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--ema`` / ``--no-ema`` and ``--device``, shared by eval and predict."""
-    parser.add_argument("--model", default=None,
-                        help="SLaK variant the checkpoint must be (default: read from the checkpoint)")
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="use_ema", action="store_const", const=True, default=None,
-                     help="use the EMA weights (default: the raw weights when the file has them, else EMA)")
-    ema.add_argument("--no-ema", dest="use_ema", action="store_const", const=False, help="use the raw weights")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    """``--checkpoint``, ``--model``, ``--ema`` / ``--no-ema``, ``--device`` and ``--threads``, shared by eval
+    and predict (declared in :mod:`slaknet.settings`)."""
+    from slaknet.settings import CommonOptions, ModelSettings, RunSettings, add_setting
+
+    add_setting(parser, CommonOptions, "checkpoint", default=None, required=True, aliases=("--resume",))
+    add_setting(parser, ModelSettings, "model", default=None,
+                help="SLaK variant the checkpoint must be (default: read from the checkpoint)")
+    add_setting(parser, CommonOptions, "ema", default=None, nargs=0)
+    add_setting(parser, RunSettings, "device", default=None)
+    add_setting(parser, RunSettings, "threads", default=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
-                        help="official or slaknet checkpoint (.pth / .safetensors)")
+    from slaknet.settings import (AugmentSettings, CommonOptions, DataSettings, OptimSettings, RunSettings,
+                                  add_setting)
+
     add_checkpoint_arguments(parser)
-    parser.add_argument("--data", "--data-path", "--data_path", dest="data", default=None,
-                        help="image folder (ROOT/val/CLASS/*.jpg or ROOT/CLASS/*.jpg) or builtin:insideness "
-                             "(default: the checkpoint's training data)")
-    parser.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
-                        help="default: the checkpoint's training input size, else 224")
-    parser.add_argument("--crop-pct", "--crop_pct", dest="crop_pct", type=float, default=None)
-    parser.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=64)
-    parser.add_argument("--num-workers", "-j", dest="num_workers", type=int, default=4,
-                        help="data-loader workers (default 4, never more than the CPU cores)")
-    parser.add_argument("--reparam", action="store_true",
-                        help="fold BN into the kernels first (inference form; same accuracy, faster)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--val-samples", dest="val_samples", type=int, default=None,
-                        help="built-in data: held-out images (default: as trained)")
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_setting(parser, DataSettings, "data", default=None,
+                help="image folder (ROOT/val/CLASS/*.jpg or ROOT/CLASS/*.jpg) or builtin:insideness "
+                     "(default: the checkpoint's training data)")
+    add_setting(parser, DataSettings, "input_size", default=None,
+                help="image side in pixels (default: the checkpoint's training input size, else 224)")
+    add_setting(parser, AugmentSettings, "crop_pct", default=None,
+                help="centre-crop fraction of image-folder data (default: the checkpoint's, else 0.875 below "
+                     "384 px)")
+    add_setting(parser, OptimSettings, "batch_size", default=64, help="evaluation batch size (default 64)")
+    add_setting(parser, DataSettings, "num_workers", default=4)
+    add_setting(parser, CommonOptions, "reparam", default="none", const="strips",
+                help="fold the BatchNorms into the kernels first (same accuracy, faster): strips (--reparam "
+                     "alone), dense, or none (default)")
+    add_setting(parser, RunSettings, "precision", default="fp32")
+    add_setting(parser, DataSettings, "val_samples", default=None,
+                help="built-in data: held-out images (default: as trained)")
+    add_setting(parser, CommonOptions, "json", default=False, nargs=0, help="print the metrics as JSON")
+
+
+def set_threads(threads: Optional[str]) -> None:
+    """``--threads N`` / ``auto``: torch's CPU threads (absent: torch's default)."""
+    import torch
+
+    from slaknet.train.machine import resolve_threads
+
+    n = resolve_threads(threads)
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def load_model_for_inference(checkpoint: str, model_name: Optional[str] = None, use_ema: Optional[bool] = None
@@ -116,11 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, info, arch = load_model_for_inference(args.checkpoint, args.model, args.use_ema)
-    if args.reparam:
+    set_threads(args.threads)
+    model, info, arch = load_model_for_inference(args.checkpoint, args.model, args.ema)
+    if args.reparam != "none":
         import slaknet
 
-        model = slaknet.reparameterize_model(model)
+        model = slaknet.reparameterize_model(model, merge_dense=args.reparam == "dense")
     data = args.data or info.data
     if not data:
         raise ConfigError("--data is required for this checkpoint (an image folder or builtin:insideness)")
@@ -135,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(model, loader, dist.device, autocast_dtype(args.precision, dist.device),
                    progress=sys.stderr.isatty(), desc="eval")
     res.update(checkpoint=args.checkpoint, data=data, model=arch, input_size=size,
-               reparameterized=bool(args.reparam))
+               reparameterized=args.reparam != "none", reparam=args.reparam)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

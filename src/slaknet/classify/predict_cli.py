@@ -19,15 +19,17 @@ __all__ = ["add_arguments", "run", "predict", "predict_files"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from slaknet.classify.eval_cli import add_checkpoint_arguments
+    from slaknet.settings import AugmentSettings, CommonOptions, DataSettings, add_setting
 
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", dest="checkpoint", required=True,
-                        help="official or slaknet checkpoint (.pth / .safetensors)")
     add_checkpoint_arguments(parser)
     parser.add_argument("--topk", "-k", type=int, default=5, help="labels per image (default 5, at most the classes)")
-    parser.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None,
-                        help="default: the checkpoint's training input size, else 224")
-    parser.add_argument("--json", action="store_true", help="print JSON (one object per image in a list)")
+    add_setting(parser, DataSettings, "input_size", default=None,
+                help="image side in pixels (default: the checkpoint's training input size, else 224)")
+    add_setting(parser, AugmentSettings, "crop_pct", default=None,
+                help="centre-crop fraction of photos (default: the checkpoint's, else 0.875 below 384 px)")
+    add_setting(parser, CommonOptions, "json", default=False, nargs=0,
+                help="print JSON (one object per image in a list)")
 
 
 def _class_names(classes: Optional[List[str]], n: int) -> List[str]:
@@ -89,17 +91,18 @@ def predict(model: Any, images: List[str], transform: Any, class_names: List[str
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from slaknet.classify.eval_cli import inference_transform, load_model_for_inference, normalisation
+    from slaknet.classify.eval_cli import inference_transform, load_model_for_inference, normalisation, set_threads
 
     if args.topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
-    model, info, _ = load_model_for_inference(args.checkpoint, args.model, args.use_ema)
+    set_threads(args.threads)
+    model, info, _ = load_model_for_inference(args.checkpoint, args.model, args.ema)
     n = int(getattr(model, "num_classes", 0) or 0)
     if n < 1:
         raise ConfigError("the checkpoint has no classifier head; it cannot predict labels")
     builtin = str(info.data or "").startswith("builtin:")
     size = args.input_size or info.input_size or 224
-    tf = inference_transform(size, info.crop_pct, *normalisation(info, builtin), builtin)
+    tf = inference_transform(size, args.crop_pct or info.crop_pct, *normalisation(info, builtin), builtin)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     res, bad = predict_files(model, args.images, tf, _class_names(info.classes, n), args.topk, device)

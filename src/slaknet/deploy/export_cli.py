@@ -9,21 +9,22 @@ from typing import Any, Dict, List, Optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="registered model name (default slak_tiny, or the checkpoint's architecture; with "
-                             "--checkpoint, the file must be this variant)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="weights to export (official or slaknet; architecture read from the file)")
-    parser.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="take the EMA weights")
-    parser.add_argument("--format", dest="fmt", default="onnx",
-                        help="onnx (default; needs pip install 'slaknet[export]'), torchscript, exported-program, "
-                             "safetensors, or a format added with slaknet.deploy.register_format")
-    parser.add_argument("-o", "--output", default=None, help="output file (default: MODEL.<format suffix>)")
-    parser.add_argument("--reparameterize", default="strips", choices=["strips", "dense", "none"],
-                        help="inference form: lean two strips per layer (default), one dense kernel, or none")
-    parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
-                        help="example input: H W, or one value for a square (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=2, help="example batch size (default 2)")
+    from slaknet.settings import CommonOptions, DataSettings, ModelSettings, OptimSettings, add_setting
+
+    add_setting(parser, ModelSettings, "model", default=None,
+                help="registered model name (default slak_tiny, or the checkpoint's architecture; with "
+                     "--checkpoint, the file must be this variant)")
+    add_setting(parser, CommonOptions, "checkpoint", default=None,
+                help="weights to export (official or slaknet; architecture read from the file)")
+    add_setting(parser, CommonOptions, "ema", default=None, nargs=0)
+    add_setting(parser, CommonOptions, "format", default="onnx", dest="fmt")
+    add_setting(parser, CommonOptions, "output_file", default=None, aliases=("--output",),
+                help="file to write (default: MODEL.<format suffix>)")
+    add_setting(parser, CommonOptions, "reparam", default="strips", const="strips",
+                help="inference form: lean two strips per layer (default), one dense kernel, or none")
+    add_setting(parser, DataSettings, "input_size", default=None, nargs="+", metavar="N",
+                help="example input: H W, or one value for a square (default: the model's)")
+    add_setting(parser, OptimSettings, "batch_size", default=2, help="example batch size (default 2)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size")
     parser.add_argument("--static-spatial", action="store_true", help="fix height and width")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="activation range calibration (default minmax)")
     q.add_argument("--min-agreement", type=float, default=0.9,
                    help="smallest accepted top-1 agreement with fp32 on held-out images (default 0.9)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_setting(parser, CommonOptions, "json", default=False, nargs=0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpoint:
             model = SLaKBackbone.from_checkpoint(args.checkpoint, model=args.model or "slak_tiny",
                                                  out_indices=args.out_indices,
-                                                 norm_outputs=args.norm_outputs, use_ema=args.use_ema)
+                                                 norm_outputs=args.norm_outputs, use_ema=args.ema)
         else:
             model = SLaKBackbone(args.model or "slak_tiny", out_indices=args.out_indices, norm_outputs=bool(args.norm_outputs))
         model.eval()
     elif args.checkpoint:
-        model, info, _ = model_from_checkpoint(args.checkpoint, args.model, args.use_ema)
+        model, info, _ = model_from_checkpoint(args.checkpoint, args.model, args.ema)
         if size is None and info.input_size:  # the size it was trained at
             size = [info.input_size, info.input_size]
     else:
@@ -94,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
             metadata.update({k: previous[k] for k in ("class_names", "source") if previous.get(k)})
     if args.quantize:
         _check_quantize_args(args)
-    output = args.output or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
+    output = args.output_file or (os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint
                              else args.model or "slak_tiny") + ("_backbone" if args.backbone else "") + default_suffix(args.fmt)
     if args.quantize:
-        return _run_quantize(args, model, output if args.output else output[:-5] + "_int8.onnx", size,
+        return _run_quantize(args, model, output if args.output_file else output[:-5] + "_int8.onnx", size,
                              info if args.checkpoint else None, metadata)
-    result = export_model(model, output, args.fmt, reparameterize=args.reparameterize, input_size=size,
+    result = export_model(model, output, args.fmt, reparameterize=args.reparam, input_size=size,
                           batch_size=args.batch_size, dynamic_batch=not args.static_batch,
                           dynamic_spatial=not args.static_spatial, opset=args.opset, verify=not args.no_verify,
                           tolerance=args.tolerance, metadata=metadata)
@@ -147,7 +148,7 @@ def _run_quantize(args: argparse.Namespace, model: Any, output: str, size: Optio
     result = export_int8(model, output, args.calibration, input_size=size, mean=mean, std=std,
                          count=args.calibration_images, held_out=args.held_out_images,
                          exclude=args.quantize_exclude, method=args.calibration_method,
-                         reparameterize=args.reparameterize, batch_size=args.batch_size,
+                         reparameterize=args.reparam, batch_size=args.batch_size,
                          dynamic_batch=not args.static_batch, dynamic_spatial=not args.static_spatial,
                          opset=args.opset, min_agreement=args.min_agreement, builtin_options=opts,
                          metadata=metadata, progress=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -43,24 +43,33 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_eval(sub: Any) -> None:
+    from slaknet.settings import CommonOptions, DataSettings, OptimSettings, RunSettings, add_setting
+
     p = sub.add_parser("eval", help="box / mask AP of a detector checkpoint on a dataset", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
-    p.add_argument("--data", default=None, help="builtin:contours or a COCO folder (default: the checkpoint's data)")
-    p.add_argument("--val-samples", dest="val_samples", type=int, default=None, help="built-in data: images")
-    p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=8)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_setting(p, CommonOptions, "checkpoint", default=None, required=True,
+                help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
+    add_setting(p, DataSettings, "data", default=None,
+                help="builtin:contours or a COCO folder (default: the checkpoint's data)")
+    add_setting(p, DataSettings, "val_samples", default=None, help="built-in data: images (default: as trained)")
+    add_setting(p, OptimSettings, "batch_size", default=8, help="evaluation batch size (default 8)")
+    add_setting(p, RunSettings, "device", default=None)
+    add_setting(p, RunSettings, "threads", default=None)
+    add_setting(p, CommonOptions, "json", default=False, nargs=0, help="print the metrics as JSON")
 
 
 def _add_predict(sub: Any) -> None:
+    from slaknet.settings import CommonOptions, RunSettings, add_setting
+
     p = sub.add_parser("predict", help="boxes / scores / labels (JSON) and a PNG with boxes drawn per image",
                        allow_abbrev=False)
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", "-o", default="predictions", help="folder for IMAGE.png and predictions.json")
+    add_setting(p, CommonOptions, "checkpoint", default=None, required=True)
+    add_setting(p, RunSettings, "output_dir", default="predictions",
+                help="folder for IMAGE.png and predictions.json (default predictions)")
     p.add_argument("--score-thresh", dest="score_thresh", type=float, default=0.5,
                    help="minimum score to report / draw (default 0.5)")
-    p.add_argument("--device", default=None)
+    add_setting(p, RunSettings, "device", default=None)
+    add_setting(p, RunSettings, "threads", default=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +97,16 @@ def _device(name: Any) -> Any:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _set_threads(threads: Any) -> None:
+    import torch
+
+    from slaknet.train.machine import resolve_threads
+
+    n = resolve_threads(threads)
+    if n is not None:
+        torch.set_num_threads(n)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from slaknet.detect.inference import load_detector
     from slaknet.detect.metrics import evaluate_detector
@@ -95,6 +114,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _set_threads(args.threads)
     dev = _device(args.device)
     det = load_detector(args.checkpoint, device=dev)
     c = det.config
@@ -122,19 +142,20 @@ def _run_predict(args: argparse.Namespace) -> int:
     from slaknet.detect.inference import draw_detections, load_detector, predict_images, read_image, save_png
     from slaknet.io import atomic_path
 
+    _set_threads(args.threads)
     dev = _device(args.device)
     det = load_detector(args.checkpoint, device=dev)
-    os.makedirs(args.output, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     records: List[Dict[str, Any]] = []
     for path in args.images:
         img = read_image(path)
         rec = predict_images(det, [img], args.score_thresh, dev)[0]
-        png = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        png = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         save_png(draw_detections(img, rec), png)
         rec.pop("_masks", None)
         records.append(dict(image=path, drawn=png, **rec))
         print(f"{path}: {len(rec['boxes'])} detections -> {png}")
-    out = os.path.join(args.output, "predictions.json")
+    out = os.path.join(args.output_dir, "predictions.json")
     with atomic_path(out) as tmp, open(tmp, "w") as f:
         json.dump(records, f, indent=2)
     print(f"wrote {out}")

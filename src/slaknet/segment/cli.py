@@ -27,7 +27,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sub-commands train / eval / predict / export; none: the demo (options below)."""
-    from slaknet.settings import DataSettings, OptimSettings, RunSettings, add_setting
+    from slaknet.settings import CommonOptions, DataSettings, OptimSettings, RunSettings, add_setting
     from slaknet.train.config import add_config_arguments
 
     add_setting(parser, RunSettings, "output_dir",
@@ -40,31 +40,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(sub.add_parser("train", help="train (all `slaknet train` flags + segmentation options)"),
                          SPEC)
     ev = sub.add_parser("eval", help="mIoU / pixel accuracy / loss of a checkpoint on a dataset", allow_abbrev=False)
-    ev.add_argument("--checkpoint", required=True, help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
-    ev.add_argument("--data", default=None, help="builtin:contours or a folder (default: the checkpoint's data)")
-    ev.add_argument("--val-samples", dest="val_samples", type=int, default=None, help="built-in data: images")
-    ev.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=16, help="built-in data batch size")
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_setting(ev, CommonOptions, "checkpoint", default=None, required=True,
+                help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
+    add_setting(ev, DataSettings, "data", default=None,
+                help="builtin:contours or a folder (default: the checkpoint's data)")
+    add_setting(ev, DataSettings, "val_samples", default=None, help="built-in data: images (default: as trained)")
+    add_setting(ev, OptimSettings, "batch_size", default=16, help="built-in data batch size (default 16)")
+    add_setting(ev, RunSettings, "device", default=None)
+    add_setting(ev, RunSettings, "threads", default=None)
+    add_setting(ev, CommonOptions, "json", default=False, nargs=0, help="print the metrics as JSON")
     pr = sub.add_parser("predict", help="colourised mask PNGs (+ image | truth | prediction pictures)",
                         allow_abbrev=False)
     pr.add_argument("images", nargs="*", help="image files")
-    pr.add_argument("--checkpoint", required=True)
+    add_setting(pr, CommonOptions, "checkpoint", default=None, required=True)
     pr.add_argument("--masks", default=None, help="folder of ground-truth masks (same stem, .png) for the images")
     pr.add_argument("--reduce-zero-label", dest="reduce_zero_label", action="store_true",
                     help="ground-truth masks use ADE20K's labels (0 ignored, others minus one)")
-    pr.add_argument("--data", default=None, help="builtin:contours: predict its first --count validation images")
+    add_setting(pr, DataSettings, "data", default=None,
+                help="builtin:contours: predict its first --count validation images")
     pr.add_argument("--count", type=int, default=4)
-    pr.add_argument("--output-dir", "-o", dest="output_dir", default="predictions")
-    pr.add_argument("--device", default=None)
+    add_setting(pr, RunSettings, "output_dir", default="predictions",
+                help="folder for the mask PNGs (default predictions)")
+    add_setting(pr, RunSettings, "device", default=None)
+    add_setting(pr, RunSettings, "threads", default=None)
     ex = sub.add_parser("export", help="reparameterize and export to ONNX (or another slaknet export format), "
                                        "verified against eager", allow_abbrev=False)
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--output", "-o", required=True, help="file to write (e.g. seg.onnx)")
-    ex.add_argument("--format", default="onnx", help="export format (see `slaknet export --help`; default onnx)")
-    ex.add_argument("--input-size", dest="input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                    help="fixed input height and width (default: the training crop / input size)")
-    ex.add_argument("--reparam", default="strips", choices=["strips", "dense", "none"])
+    add_setting(ex, CommonOptions, "checkpoint", default=None, required=True)
+    add_setting(ex, CommonOptions, "output_file", default=None, required=True, aliases=("--output",),
+                help="file to write (e.g. seg.onnx)")
+    add_setting(ex, CommonOptions, "format", default="onnx")
+    add_setting(ex, DataSettings, "input_size", default=None, nargs=2, metavar=("H", "W"),
+                help="fixed input height and width (default: the training crop / input size)")
+    add_setting(ex, CommonOptions, "reparam", default="strips", const="strips")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +107,16 @@ def _device(name: Any) -> Any:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _set_threads(threads: Any) -> None:
+    import torch
+
+    from slaknet.train.machine import resolve_threads
+
+    n = resolve_threads(threads)
+    if n is not None:
+        torch.set_num_threads(n)
+
+
 def _eval_dataset(data: str, spec: Dict[str, Any], val_samples: Any) -> Any:
     from slaknet.segment.data import ContourSegmentation, PairedTransform, SegmentationFolder, parse_seg_data
 
@@ -123,6 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
     from slaknet.segment.metrics import scores
     from slaknet.segment.task import collate_segmentation
 
+    _set_threads(args.threads)
     net, spec = load_segmentation_checkpoint(args.checkpoint)
     data = args.data or spec.get("data")
     if not data:
@@ -193,6 +211,7 @@ def _predict(args: argparse.Namespace) -> int:
     from slaknet.segment.infer import colorize, image_tensor, load_segmentation_checkpoint, predict_logits, save_png
     from slaknet.segment.infer import side_by_side
 
+    _set_threads(args.threads)
     net, spec = load_segmentation_checkpoint(args.checkpoint)
     dev = _device(args.device)
     net.to(dev)
@@ -219,6 +238,6 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from slaknet.segment.infer import export_segmentation
 
-    res = export_segmentation(args.checkpoint, args.output, args.format, args.input_size, args.reparam)
+    res = export_segmentation(args.checkpoint, args.output_file, args.format, args.input_size, args.reparam)
     print(res.summary())
     return 0

@@ -24,7 +24,7 @@ ALIASES: Dict[str, str] = {
     "--teacher-model": "teacher",
     # earlier slaknet spellings
     "--pretrained": "backbone_checkpoint", "--out": "output_dir", "--output": "output_dir",
-    "--reparameterize": "reparam",
+    "--reparameterize": "reparam", "--size": "input_size",
 }
 
 # flags that set an option to a fixed value

@@ -48,29 +48,37 @@ def _help(info: FieldInfo, default: Any) -> str:
 
 def add_setting(parser: Any, cls: type, name: str, default: Any = argparse.SUPPRESS, help: Optional[str] = None,
                 required: bool = False, aliases: Sequence[str] = (), dest: Optional[str] = None,
-                const: Any = argparse.SUPPRESS, nargs: Optional[str] = None, metavar: Any = None) -> None:
+                const: Any = argparse.SUPPRESS, nargs: Any = None, metavar: Any = None) -> None:
     """Add the flag of field ``name`` of ``cls`` (its help, type, choices and official spellings).
 
     ``default``: SUPPRESS (absent unless given, for configurations that fill it later) or a value; ``help``
     replaces the field's text where a command uses the setting differently; ``dest`` where two flags of one
     parser would share a key; ``const``: the value of the flag given alone (``--reparam`` = strips);
-    ``nargs`` / ``metavar``: a command's own arity (``--input-size H W``). Flags of :data:`VALUE_FLAGS` for
-    the same key (``--no-ema``) come along.
+    ``nargs`` / ``metavar``: a command's own arity (``--input-size H W``); ``nargs=0`` makes a boolean a plain
+    switch that takes no value (``--json``, not ``--json true``: a command's positional arguments are never taken
+    for its value). ``aliases``: further spellings that are accepted but not listed (``--output`` for
+    ``--output-file``). Flags of :data:`VALUE_FLAGS` for the same key (``--no-ema``) and the spellings of
+    :data:`ALIASES` for it (``--out`` for ``--output-dir``) come along, unlisted too.
     """
     info = next(i for i in field_infos(cls) if i.name == name or i.key == name)
     kwargs: Dict[str, Any] = dict(dest=dest or info.key, default=default, type=flag_converter(info))
-    if info.is_list:
+    if nargs == 0:
+        if info.base is not bool or info.is_list:
+            raise TypeError(f"nargs=0 (a switch) is for boolean settings; {info.flag} is {info.type_name()}")
+        kwargs = dict(dest=kwargs["dest"], default=default, action="store_const",
+                      const=True if const is argparse.SUPPRESS else const)
+    elif info.is_list:
         kwargs["nargs"] = "+"
     elif info.base is bool:
         kwargs.update(nargs="?", const=True, metavar="BOOL")
-    if const is not argparse.SUPPRESS:
+    if const is not argparse.SUPPRESS and nargs != 0:
         kwargs.update(nargs="?", const=const)
-    if info.meta.choices is not None:
+    if info.meta.choices is not None and nargs != 0:
         kwargs["choices"] = list(info.meta.choices) + ([None] if info.optional else [])
         kwargs["metavar"] = "{" + ",".join(map(str, info.meta.choices)) + "}"
     if info.meta.metavar and info.base is not bool:
         kwargs["metavar"] = info.meta.metavar
-    if nargs is not None:
+    if nargs is not None and nargs != 0:
         kwargs["nargs"] = nargs
     if metavar is not None:
         kwargs["metavar"] = metavar
@@ -78,15 +86,16 @@ def add_setting(parser: Any, cls: type, name: str, default: Any = argparse.SUPPR
         kwargs["required"] = True
     shown_default = info.default if default is argparse.SUPPRESS else default
     kwargs["help"] = help if help is not None else _help(info, shown_default)
-    parser.add_argument(info.flag, *info.meta.short, *aliases, **kwargs)
-    for flag, key in ALIASES.items():  # official spellings: accepted, not listed
-        if key == info.key and flag != info.flag and flag not in aliases:
-            if flag not in info.meta.short and not _known(parser, flag):
-                parser.add_argument(flag, **dict(kwargs, help=argparse.SUPPRESS, required=False))
+    action = parser.add_argument(info.flag, *info.meta.short, **kwargs)
+    spellings = list(aliases) + [f for f, key in ALIASES.items() if key == info.key]
+    for flag in spellings:  # the same action under other spellings, not listed (a required flag stays satisfied)
+        if flag != info.flag and flag not in info.meta.short and not _known(parser, flag):
+            parser._option_string_actions[flag] = action
     for flag, (key, value) in VALUE_FLAGS.items():
         if key == info.key and not _known(parser, "--" + flag):
             parser.add_argument("--" + flag, dest=kwargs["dest"], action="store_const", const=value,
-                                default=argparse.SUPPRESS, help=f"same as {info.flag} false")
+                                default=argparse.SUPPRESS,
+                                help=f"the opposite of {info.flag}" if nargs == 0 else f"same as {info.flag} false")
 
 
 def _known(parser: Any, flag: str) -> bool:

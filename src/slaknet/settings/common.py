@@ -20,11 +20,15 @@ REPARAM_FORMS = ("strips", "dense", "none")
 
 @dataclasses.dataclass(frozen=True)
 class CommonOptions:
-    """Checkpoint, output and inference-form options shared by eval, predict, export, convert, info and
-    the analysis commands."""
+    """Checkpoint, output file, export format and inference-form options shared by eval, predict, export,
+    convert, info, the analysis commands and the eval / predict / export sub-commands of segment and detect."""
 
     checkpoint: Optional[str] = setting(None, "checkpoint file: an official release .pth, or slaknet's .pth / "
                                               ".safetensors (architecture read from the file)", metavar="CKPT")
+    output_file: Optional[str] = setting(None, "file to write", short=("-o",), metavar="FILE")
+    format: str = setting("onnx", "export format: onnx (needs pip install 'slaknet[export]'), torchscript, "
+                                  "exported-program, safetensors, or a format added with "
+                                  "slaknet.deploy.register_format", metavar="FORMAT")
     json: bool = setting(False, "print the result as JSON")
     reparam: str = setting("none", "inference form: strips (BatchNorms and the small kernel folded into two strips "
                                    "per layer), dense (one kernel per layer) or none (as trained)",

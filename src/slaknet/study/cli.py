@@ -11,19 +11,19 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", default="default", choices=["tiny", "short", "default", "large"],
-                        help="study size: tiny (smoke test, seconds), short (~10-15 min on 2 CPU cores), "
-                             "default (~15 min on a quiet 2-core CPU), large (GPU)")
-    parser.add_argument("--out", "-o", default=None, help="output folder (default runs/study-<budget>)")
+    from slaknet.settings import CommonOptions, DataSettings, OptimSettings, RunSettings, add_setting
+
+    add_setting(parser, CommonOptions, "budget", default="default",
+                help="study size: tiny (smoke test, seconds), short (~10-15 min on 2 CPU cores), "
+                     "default (~15 min on a quiet 2-core CPU), large (GPU)")
+    add_setting(parser, RunSettings, "output_dir", default=None, help="output folder (default runs/study-<budget>)")
     parser.add_argument("--arms", default=None,
                         help="comma-separated subset of arms (default all; see --list)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the budget's)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
-    parser.add_argument("--train-samples", dest="train_samples", type=int, default=None,
-                        help="override the budget's training images")
-    parser.add_argument("--val-samples", dest="val_samples", type=int, default=None,
-                        help="override the budget's held-out images")
-    parser.add_argument("--difficulty", type=float, default=None, help="contour wiggle / clutter / noise in [0, 1]")
+    add_setting(parser, CommonOptions, "seeds", default=None)
+    add_setting(parser, OptimSettings, "epochs", default=None, help="override the budget's epochs")
+    add_setting(parser, DataSettings, "train_samples", default=None, help="override the budget's training images")
+    add_setting(parser, DataSettings, "val_samples", default=None, help="override the budget's held-out images")
+    add_setting(parser, DataSettings, "difficulty", default=None, help="contour wiggle / clutter / noise in [0, 1]")
     parser.add_argument("--d-min", dest="d_min", type=float, default=None,
                         help="nearest ink at least this fraction of the image side from the centre")
     parser.add_argument("--d-max", dest="d_max", type=float, default=None,
@@ -32,24 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability of a decoy (open ring / extra closed contour) per image, in [0, 1]")
     parser.add_argument("--no-equal-time", dest="equal_time", action="store_false", default=None,
                         help="skip the equal-training-time controls")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: small nets gain little from more, and a shared CPU "
-                             "makes multi-threaded runs far slower)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    add_setting(parser, RunSettings, "threads", default="1",
+                help="torch CPU threads: N or auto (default 1: small nets gain little from more, and a shared CPU "
+                     "makes multi-threaded runs far slower)")
+    add_setting(parser, RunSettings, "device", default=None, help="cpu, cuda or auto (the default: cuda when available)")
     parser.add_argument("--report-only", dest="report_only", action="store_true",
                         help="only rewrite results.md and the plots from results.jsonl")
     parser.add_argument("--list", dest="list_arms", action="store_true", help="print the arms and budgets, then exit")
-    parser.add_argument("--progress", action="store_true", help="progress bars per run")
+    add_setting(parser, RunSettings, "progress", default=False, nargs=0, help="progress bars per run")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from slaknet.errors import ConfigError
     from slaknet.study.arms import BUDGETS, build_arms, get_budget
     from slaknet.study.model import receptive_radius
     from slaknet.study.report import write_report
     from slaknet.study.runner import run_study
+    from slaknet.train.machine import resolve_threads
 
     budget = get_budget(args.budget, seeds=args.seeds, epochs=args.epochs, train_samples=args.train_samples,
                         val_samples=args.val_samples, difficulty=args.difficulty, d_min=args.d_min,
@@ -63,17 +63,16 @@ def run(args: argparse.Namespace) -> int:
                   f"  {a.description}")
         print("budgets: " + ", ".join(BUDGETS))
         return 0
-    out = args.out or os.path.join("runs", f"study-{budget.name}")
+    out = args.output_dir or os.path.join("runs", f"study-{budget.name}")
     if args.report_only:
         paths = write_report(out)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = resolve_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = args.device
-    if device == "auto":
+    if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     arms: List[str] = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else []
     command = "slaknet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "slaknet study"
