@@ -46,7 +46,7 @@ import torch
 
 from slaknet.io import atomic_path
 
-__all__ = ["decide", "lookup", "forget", "decisions", "stats", "reset", "cache_dir", "cache_path",
+__all__ = ["decide", "lookup", "forget", "decisions", "stats", "reset", "generation", "cache_dir", "cache_path",
            "machine_identity", "cpu_model", "Decision", "TimingStats", "MARGIN", "DEFAULT_BUDGET_S",
            "ENV_CACHE_DIR", "ENV_BUDGET"]
 
@@ -57,6 +57,7 @@ DEFAULT_BUDGET_S = 90.0  # seconds of timing per process at most (SLaK-T 224 bat
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 MIN_SAMPLE_S, MAX_REPEAT = 0.002, 50  # one timing sample lasts >= 2 ms (short calls are repeated)
 SCHEMA = 1
+MAX_ENTRIES = 2000  # the file keeps the most recent answers (inputs of ever-changing sizes must not grow it forever)
 _OFF = {"off", "none", "no", "0", "false", "disable", "disabled"}
 
 logger = logging.getLogger("slaknet.autotune")
@@ -91,6 +92,7 @@ _disk: Optional[Dict[str, dict]] = None  # the cache file's decisions, once read
 _disk_path: Optional[str] = None
 _warned: Set[str] = set()
 _stats = TimingStats()
+_generation = [0]  # bumped by forget() / reset(), so that callers can drop answers they memoized
 
 
 # ----------------------------------------------------------------------------------------------- identity
@@ -197,6 +199,9 @@ def _load() -> Dict[str, dict]:
 
 
 def _write(path: str, entries: Dict[str, dict]) -> None:
+    if len(entries) > MAX_ENTRIES:  # keep the most recent ones ('when' sorts as text)
+        keep = sorted(entries, key=lambda k: str(entries[k].get("when", "")))[-MAX_ENTRIES:]
+        entries = {k: entries[k] for k in keep}
     payload = {"schema": SCHEMA, "machine": machine_identity(), "decisions": dict(sorted(entries.items()))}
     try:
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -350,10 +355,16 @@ def lookup(key: str) -> Optional[Decision]:
         return Decision(cached["choice"], "cache") if cached is not None else None
 
 
+def generation() -> int:
+    """A number that changes whenever answers are forgotten (:func:`forget`, :func:`reset`)."""
+    return _generation[0]
+
+
 def forget(prefix: str = "") -> int:
     """Drop the answers whose key starts with ``prefix`` (all by default) from this process and from the
     cache file, so that the next calls time them again (``slaknet bench --retime``). Returns how many."""
     with _lock:
+        _generation[0] += 1
         gone = [k for k in _decided if k.startswith(prefix)]
         for k in gone:
             del _decided[k]
@@ -386,6 +397,7 @@ def reset() -> None:
     """Forget this process's answers and re-read the cache file on next use (the file is left alone)."""
     global _disk, _disk_path, _stats
     with _lock:
+        _generation[0] += 1
         _decided.clear()
         _disk, _disk_path = None, None
         _warned.clear()

@@ -20,7 +20,7 @@ from slaknet.errors import ConfigError
 
 __all__ = ["DWConvBackend", "GemmBackend", "register_dwconv_backend", "unregister_dwconv_backend",
            "dwconv_backend", "dwconv_backends", "register_gemm_backend", "unregister_gemm_backend",
-           "gemm_backend", "gemm_backends", "KINDS"]
+           "gemm_backend", "gemm_backends", "registry_version", "KINDS"]
 
 # the two kinds of call auto decides separately: no-grad forward, and forward + both gradients
 KINDS: FrozenSet[str] = frozenset({"forward", "train"})
@@ -94,12 +94,19 @@ class GemmBackend:
 
 _DWCONV: Dict[str, DWConvBackend] = {}
 _GEMM: Dict[str, GemmBackend] = {}
+_version = [0]  # bumped on every change, so that callers can drop answers memoized for an older registry
+
+
+def registry_version() -> int:
+    """A number that changes whenever a backend is registered or removed."""
+    return _version[0]
 
 
 def _register(table: Dict, backend, replace: bool, kind: str) -> None:
     if backend.name in table and not replace:
         raise ConfigError(f"{kind} backend {backend.name!r} is already registered (pass replace=True)")
     table[backend.name] = backend
+    _version[0] += 1
 
 
 def register_dwconv_backend(backend: DWConvBackend, replace: bool = False) -> DWConvBackend:
@@ -114,6 +121,7 @@ def unregister_dwconv_backend(name: str) -> None:
     if name == "plain":
         raise ConfigError("the 'plain' depthwise conv backend cannot be removed")
     _DWCONV.pop(name, None)
+    _version[0] += 1
 
 
 def dwconv_backend(name: str) -> DWConvBackend:
@@ -141,6 +149,7 @@ def unregister_gemm_backend(name: str) -> None:
     if name == "plain":
         raise ConfigError("the 'plain' linear backend cannot be removed")
     _GEMM.pop(name, None)
+    _version[0] += 1
 
 
 def gemm_backend(name: str) -> GemmBackend:

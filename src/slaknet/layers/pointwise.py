@@ -180,6 +180,11 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
     bf16, module docstring). ``training``: whether gradients are needed (default: from the tensors).
 
     Under CPU bf16 autocast the answer is for the bf16 GEMM that :func:`linear` then runs."""
+    return _route(x, weight, None, backend, training)
+
+
+def _route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: Optional[str],
+           training: Optional[bool]) -> str:
     name = backend_name(backend, ENV_VAR, backend_names(), "linear")
     if name == "plain" or exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
         return "plain"
@@ -196,7 +201,7 @@ def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
         return "plain"
     if name != "auto":
         return name
-    grad = training if training is not None else _needs_grad(x, weight, None)
+    grad = training if training is not None else _needs_grad(x, weight, bias)
     return auto_choice("train" if grad else "forward")
 
 
@@ -250,10 +255,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``backend``: 'auto' or a registered GEMM backend ('plain', 'onednn', ...) for this call (default:
     ``SLAKNET_LINEAR``, else 'auto').
     """
-    # tracers (incl. torch.fx proxies) see F.linear and no data-dependent checks
-    needs_grad = False if exporting() else _needs_grad(x, weight, bias)
-    route = linear_backend(x, weight, backend, training=needs_grad)
+    route = _route(x, weight, bias, backend, None)  # 'plain' while tracing: no checks on proxies below
     if route != "plain" and x.is_contiguous():
+        needs_grad = _needs_grad(x, weight, bias)
         if torch.is_autocast_enabled("cpu"):  # bf16 autocast (linear_backend checked): cast once, as autocast
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = bias.to(torch.bfloat16) if bias is not None else None
