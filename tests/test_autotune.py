@@ -326,3 +326,27 @@ def test_registry_refuses_bad_records():
         unregister_dwconv_backend("plain")
     with pytest.raises(ConfigError):
         depthwise_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), None, (1, 1), backend="nonesuch")
+
+
+# ----------------------------------------------------------------------------------------------- bench
+def test_bench_reports_auto_vs_plain_and_retime_forgets(cache, capsys):
+    import argparse
+
+    from slaknet.bench import auto_report
+    from slaknet.bench_cli import add_arguments, run
+
+    log = []
+    autotune.decide("dwconv/q", ["plain", "fast"], _calls(log))
+    report, ratios = auto_report({"forward": {"plain": [2.0, 2.2, 2.1], "auto": [1.0, 1.1, 1.05]},
+                                  "train step": {"plain": [1.0], "auto": [1.5]}})
+    assert ratios == pytest.approx({"forward": 2.0, "train step": 1.0 / 1.5})
+    assert "forward 2.000x" in report and "dwconv/q" in report and "--retime" in report  # train step: slower
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--retime", "--backends", "plain,warp"])
+    assert args.retime
+    with pytest.raises(ConfigError):  # arms are checked against the registry before anything is forgotten
+        run(args)
+    assert autotune.lookup("dwconv/q") is not None
+    with pytest.raises(ConfigError):
+        run(parser.parse_args(["--retime", "--batch", "0"]))
