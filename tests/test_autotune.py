@@ -84,12 +84,13 @@ def test_stale_file_from_another_machine_or_torch_is_ignored_and_rewritten(cache
     assert data["machine"] == autotune.machine_identity() and "q/2" in data["decisions"]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'{"decisions": 3}', b""])
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'{"decisions": 3}', b"",
+                                     b'{"schema": 1, "machine": "MACHINE", "decisions": {"q/3": {"choice": 7}}}'])
 def test_corrupt_file_is_ignored_and_replaced(cache, content):
     path = autotune.cache_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        f.write(content)
+        f.write(content.replace(b'"MACHINE"', json.dumps(autotune.machine_identity()).encode()))
     log = []
     choice = autotune.decide("q/3", ["plain", "fast"], _calls(log))
     assert log
@@ -113,6 +114,16 @@ def test_unwritable_cache_folder_does_not_fail(tmp_path, monkeypatch):
         _close(depthwise_conv2d(x, w, None, (2, 15)), F.conv2d(x.double(), w.double(), None, 1, (2, 15), 1, 16))
     finally:
         autotune.reset()
+
+
+def test_odd_entries_in_a_valid_file_do_not_fail(cache):
+    _write(autotune.cache_path(), autotune.machine_identity(),
+           {"q/6": {"choice": "fast", "median_ms": {"plain": "x", "fast": None}}, "q/7": "fast", "q/8": {}})
+    log = []
+    assert autotune.decide("q/6", ["plain", "fast"], _calls(log)) == "fast" and not log  # the choice is valid
+    assert autotune.decide("q/6b", ["plain"], _calls(log)) == "plain"
+    autotune.decide("q/7", ["plain", "fast"], _calls(log))
+    assert log  # not a record: timed
 
 
 def test_cache_off_and_budget_zero(tmp_path, monkeypatch):

@@ -316,8 +316,9 @@ def decide(key: str, names: Sequence[str], make_candidates: Callable[[], Mapping
         cached = _load().get(key)
         if cached is not None and cached["choice"] in names:
             medians = cached.get("median_ms")
-            _decided[key] = Decision(cached["choice"], "cache", {k: float(v) / 1e3 for k, v in medians.items()}
-                                     if isinstance(medians, dict) else {})
+            medians = {k: v / 1e3 for k, v in medians.items() if isinstance(v, (int, float))} \
+                if isinstance(medians, dict) else {}
+            _decided[key] = Decision(cached["choice"], "cache", medians)
             _stats.cached += 1
             return cached["choice"]
         if _stats.seconds >= _budget():
