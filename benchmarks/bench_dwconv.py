@@ -4,7 +4,7 @@ For each SLaK-T strip / small-kernel shape (224 input, width 1.3) it times the f
 forward+backward (input and weight gradients) for each backend and prints medians and speedups vs
 ``plain``. Works on CPU and CUDA (``--device cuda``).
 
-    python benchmarks/bench_dwconv.py [--batch 8] [--reps 5] [--device cpu] [--backends plain,fast,fft,gemm]
+    python benchmarks/bench_dwconv.py [--batch 8] [--reps 5] [--device cpu] [--backends plain,fast,fft,gemm,...]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable, List
 import torch
 
 from slaknet.bench import SLAK_T_STAGES
-from slaknet.layers.dwconv import depthwise_conv2d
+from slaknet.layers.dwconv import backend_names, depthwise_conv2d
 
 
 def _timer(device: torch.device, fn: Callable[[], object], reps: int) -> List[float]:
@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--backends", default="plain,fast,fft,gemm")
+    ap.add_argument("--backends", default=",".join(backend_names()[1:]),
+                    help="comma-separated registered backends (default: all of them)")
     ap.add_argument("--scale", type=float, default=1.0, help="scale of spatial sizes (e.g. 2 for 448 input)")
     args = ap.parse_args()
     if args.threads:

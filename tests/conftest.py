@@ -1,11 +1,21 @@
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# auto's per-machine answers (slaknet.layers.autotune) go to a folder of this test session, shared with the
+# processes it starts (they inherit the variable), not to the user's ~/.cache
+if not os.environ.get("SLAKNET_CACHE_DIR"):
+    _cache = tempfile.mkdtemp(prefix="slaknet-test-cache-")
+    os.environ["SLAKNET_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 DATA = Path(__file__).parent / "data"
 

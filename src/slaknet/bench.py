@@ -8,11 +8,16 @@ Every figure is a ratio against a baseline measured in the same process, alterna
   NCHW-contiguous, the layout in which PyTorch's CPU kernels for the ``5 x M`` strips are slowest);
 * ``plain``: plain ``nn.Conv2d`` convs and ``F.linear`` in slaknet's layout (its LayerNorm2d hands
   channels_last tensors on);
-* ``auto`` (and ``fast``, ``fft``, ``gemm``): slaknet's depthwise operator, and its Linear on the faster
-  CPU GEMM (``SLAKNET_LINEAR``, see :mod:`slaknet.layers.pointwise`).
+* ``auto`` (and every registered depthwise-conv backend: ``fast``, ``fft``, ``gemm``, ...): slaknet's
+  depthwise operator with that backend, and its Linear on the GEMM ``SLAKNET_LINEAR`` says (default
+  ``auto``, see :mod:`slaknet.layers.pointwise`).
 
 It prints times, images/s, speedups and the fraction of the machine's peak on
 *in-bounds* multiply-adds (taps that fall on zero padding are not counted), and optionally peak memory.
+With ``auto`` and ``plain`` among the arms it also re-checks ``auto``'s cached per-machine choices
+(:mod:`slaknet.layers.autotune`): the auto / plain ratio per workload, where each choice came from, what
+timing them cost, and a hint to re-time (``--retime``: forget this machine's cached choices first, so the
+run times and rewrites them) when ``auto`` came out slower than ``plain``.
 """
 from __future__ import annotations
 
@@ -210,6 +215,35 @@ def model_workloads(model: nn.Module, x, train_inputs: Callable[[], object], los
 
 
 # ----------------------------------------------------------------------------------------------- reporting
+def auto_report(times: Dict[str, Dict[str, List[float]]]) -> Tuple[str, Dict[str, float]]:
+    """Lines saying how ``auto`` compares with ``plain`` per workload (same process, medians) and where its
+    choices came from; and the ratios (plain time / auto time, > 1: auto faster)."""
+    from slaknet.layers import autotune
+
+    lines, ratios = [], {}
+    for work, per in times.items():
+        if "auto" in per and "plain" in per and per["auto"] and per["plain"]:
+            ratios[work] = statistics.median(per["plain"]) / statistics.median(per["auto"])
+    if ratios:
+        lines.append("auto vs plain (plain time / auto time, same process): "
+                     + ", ".join(f"{w} {r:.3f}x" for w, r in ratios.items()))
+    st = autotune.stats()
+    chosen = autotune.decisions()
+    by_source: Dict[str, int] = {}
+    for d in chosen.values():
+        by_source[d.source] = by_source.get(d.source, 0) + 1
+    lines.append(f"auto's choices: {len(chosen)} ({', '.join(f'{n} {k}' for k, n in sorted(by_source.items())) or 'none'}); "
+                 f"timing cost in this process {st.seconds:.1f} s; cache {autotune.cache_path() or 'off'}")
+    for key, d in sorted(chosen.items()):
+        detail = ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in d.medians.items())
+        lines.append(f"  {key}: {d.choice} ({d.source}{'; ' + detail if detail else ''})")
+    slower = [w for w, r in ratios.items() if r < 1.0 / (1.0 + autotune.MARGIN)]
+    if slower:
+        lines.append(f"auto was more than {100 * autotune.MARGIN:.0f}% slower than plain on {', '.join(slower)}: "
+                     "the cached choices may be stale or the machine busy; re-run with --retime to time them again")
+    return "\n".join(lines), ratios
+
+
 def format_table(times: Dict[str, Dict[str, List[float]]], backends: Sequence[str], batch: int,
                  macs_per_pass: Dict[str, float], peak_gmacs: float) -> str:
     """Median times, images/s, speedup vs the first backend and % of peak per workload."""
@@ -325,11 +359,15 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.size < 32 or args.reps < 1 or args.threads < 1:
         raise ConfigError("--batch, --reps and --threads must be >= 1 and --size >= 32")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    from slaknet.layers.dwconv import BACKENDS
+    from slaknet.layers import autotune
+    from slaknet.layers.dwconv import backend_names
 
-    bad = [b for b in backends if b not in BACKENDS and b != OFFICIAL]
+    bad = [b for b in backends if b not in backend_names() and b != OFFICIAL]
     if bad or len(backends) < 1:
-        raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join((OFFICIAL, *BACKENDS))}")
+        raise ConfigError(f"unknown backend(s) {bad}; choose from {', '.join((OFFICIAL, *backend_names()))}")
+    if getattr(args, "retime", False):
+        n = autotune.forget()
+        print(f"--retime: forgot {n} cached choice(s) of this machine ({autotune.cache_path() or 'cache off'})")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     res = run_bench(args.model, args.batch, args.size, args.reps, args.threads, backends,
                     args.channels_last, [w.strip() for w in args.workloads.split(",")], args.peak_gmacs,
@@ -340,6 +378,13 @@ def run(args: argparse.Namespace) -> int:
           f"torch {torch.__version__}, peak {res['peak_gmacs']:.1f} GMAC/s (best fp32 GEMM), in-bounds GMAC per "
           f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}")
     print(res["table"])
+    report, ratios = auto_report(res["times"])  # type: ignore[arg-type]
+    print(report)
+    res["auto_vs_plain"] = ratios
+    st = autotune.stats()
+    res["autotune"] = {"timing_s": st.seconds, "timed": st.timed, "cached": st.cached, "budget": st.budget,
+                       "cache": autotune.cache_path(),
+                       "choices": {k: d.choice for k, d in autotune.decisions().items()}}
     if args.memory and args.model != "branches":
         mem = {b: _peak_memory_subprocess(args, b) for b in backends}
         print("peak training RSS increase (MiB): " + ", ".join(f"{b} {v:.0f}" for b, v in mem.items()))

@@ -17,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, RunSettings, "threads", default=str(os.cpu_count() or 1),
                 help="torch CPU threads: N or auto (default: all cores)")
     parser.add_argument("--backends", default="official,plain,auto",
-                        help="comma-separated arms: 'official' (plain convs, official NCHW layout) or "
-                             "SLAKNET_DWCONV values; the first is the baseline")
+                        help="comma-separated arms: 'official' (plain convs, official NCHW layout), 'auto' or a "
+                             "registered depthwise-conv backend (SLAKNET_DWCONV values: plain, fast, fft, gemm, "
+                             "...); the first is the baseline")
+    parser.add_argument("--retime", action="store_true",
+                        help="forget this machine's cached auto choices first, so this run times and rewrites "
+                             "them (docs/speed.md, 'How auto decides')")
     parser.add_argument("--workloads", default="forward,train step,reparam inference")
     parser.add_argument("--channels-last", action="store_true", help="run the models in channels_last")
     parser.add_argument("--memory", action="store_true", help="also measure peak training memory (subprocesses)")

@@ -26,20 +26,28 @@ bf16 tensors on a CPU without native bf16 are computed in fp32 and rounded back 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from slaknet.layers import dispatch
+from slaknet.layers.backends import ConvFn, InputGradFn, WeightGradFn
 
-__all__ = ["conv_forward", "weight_grad", "weight_grad_fft", "weight_grad_gemm", "weight_grad_plain",
-           "choose_weight_grad", "DepthwiseConvFunction"]
+__all__ = ["conv_forward", "forward_reroutes", "input_grad", "weight_grad", "weight_grad_fft", "weight_grad_gemm",
+           "weight_grad_plain", "weight_grad_by_rule", "choose_weight_grad", "DepthwiseConvFunction"]
 
 # oneDNN's NCHW depthwise forward kernel accepts a left (width) padding up to this value.
 _ONEDNN_MAX_LEFT_PAD = 6
 # keep the temporaries of the GEMM weight gradient below this many elements (chunked over channels)
 _GEMM_CHUNK_ELEMS = 1 << 24
+
+
+def forward_reroutes(x: torch.Tensor, padding: Tuple[int, int]) -> bool:
+    """Whether :func:`conv_forward` runs these inputs in channels_last instead of as given (otherwise it is
+    exactly ``F.conv2d``): a CPU input not in channels_last with a width padding oneDNN's NCHW kernel refuses."""
+    return x.device.type == "cpu" and padding[1] > _ONEDNN_MAX_LEFT_PAD \
+        and not x.is_contiguous(memory_format=torch.channels_last)
 
 
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -53,8 +61,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return conv_forward(x.float(), weight.float(), b32, padding).to(x.dtype)
     c = weight.shape[0]
     ph, pw = padding
-    if x.device.type == "cpu" and pw > _ONEDNN_MAX_LEFT_PAD \
-            and not x.is_contiguous(memory_format=torch.channels_last):
+    if forward_reroutes(x, padding):
         # the NCHW kernel would fall back to im2col; channels_last has a direct kernel for any padding
         xc = x.contiguous(memory_format=torch.channels_last)
         out = F.conv2d(xc, weight, bias, 1, (ph, pw), 1, c)
@@ -176,17 +183,36 @@ def weight_grad(method: str, x: torch.Tensor, gy: torch.Tensor, weight: torch.Te
     return weight_grad_plain(x, gy, weight, padding)
 
 
+def input_grad(gy: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int]) -> torch.Tensor:
+    """Input gradient of the 'same'-padded odd-kernel depthwise conv: the forward conv of the output
+    gradient with the flipped kernel (so it gets the forward's fast layout too)."""
+    return conv_forward(gy, weight.flip(-2, -1), None, padding)
+
+
+def weight_grad_by_rule(x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor,
+                        padding: Tuple[int, int]) -> torch.Tensor:
+    """The weight gradient by the method :func:`choose_weight_grad` picks for this shape (``fast``)."""
+    n, c, h, w = x.shape
+    method = choose_weight_grad(x.device.type, n, c, h, w, weight.shape[2], weight.shape[3])
+    return weight_grad(method, x, gy, weight, padding)
+
+
 class DepthwiseConvFunction(torch.autograd.Function):
-    """Depthwise 'same' conv with a layout-aware forward / input gradient and a chosen weight gradient."""
+    """Depthwise 'same' conv as one autograd node with chosen pieces: ``wgrad`` is a weight-gradient method
+    name ('fft', 'gemm', 'plain') or function ``(x, gy, weight, padding)``; ``forward_fn`` /
+    ``input_grad_fn`` default to the layout-aware :func:`conv_forward` / :func:`input_grad` (a registered
+    backend passes its own, :mod:`slaknet.layers.backends`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                padding: Tuple[int, int], wgrad: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # type: ignore[override]
+                padding: Tuple[int, int], wgrad: Union[str, WeightGradFn], forward_fn: Optional[ConvFn] = None,
+                input_grad_fn: Optional[InputGradFn] = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         ctx.wgrad = wgrad
+        ctx.input_grad_fn = input_grad_fn or input_grad
         ctx.has_bias = bias is not None
-        return conv_forward(x, weight, bias, padding)
+        return (forward_fn or conv_forward)(x, weight, bias, padding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -194,9 +220,12 @@ class DepthwiseConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = conv_forward(gy, weight.flip(-2, -1), None, ctx.padding)
+            gx = ctx.input_grad_fn(gy, weight, ctx.padding)
         if ctx.needs_input_grad[1]:
-            gw = weight_grad(ctx.wgrad, x, gy, weight, ctx.padding)
+            if isinstance(ctx.wgrad, str):
+                gw = weight_grad(ctx.wgrad, x, gy, weight, ctx.padding)
+            else:
+                gw = ctx.wgrad(x, gy, weight, ctx.padding)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum((0, 2, 3))
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None, None

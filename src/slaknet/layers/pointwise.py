@@ -8,9 +8,13 @@ fp32 GEMM at full speed. :class:`Linear` is an ``nn.Linear`` (same parameters an
 ``nn.Linear`` by the sparse engine, counters and timm) whose forward *and* backward use oneDNN's GEMM when
 that is faster on this machine, and which can fuse the bias and GELU into the GEMM for inference.
 
-Choice (``SLAKNET_LINEAR=auto|plain|onednn``, default ``auto``, or ``backend=`` per call of :func:`linear`): ``auto`` times both GEMMs once per process
-on a SLaK-sized problem and keeps oneDNN only if it is clearly faster (>= 1.15x); the choice is logged once
-on the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32
+Choice (``SLAKNET_LINEAR=auto|plain|onednn|<registered name>``, default ``auto``, or ``backend=`` per call of
+:func:`linear`): the GEMMs are registered backends (:class:`slaknet.layers.backends.GemmBackend`: ``plain`` =
+``F.linear``, ``onednn``). ``auto`` decides twice per machine, once for inference calls (no gradients;
+bias and GELU fused) and once for training calls (forward and both gradients): it times the candidates
+alternately on SLaK-T's MLP GEMMs (224 px, one image) and keeps ``plain`` unless another is >= 5% faster
+(median); answers are cached per machine (:mod:`slaknet.layers.autotune`) and logged once per process on
+the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32
 and bf16, under fp16 autocast, while tracing / exporting / compiling, or if the op is missing,
 ``F.linear`` runs. Results equal ``F.linear`` up to fp32 summation order (tested against float64).
 
@@ -25,22 +29,24 @@ bf16 (:func:`slaknet.layers.dispatch.bf16_via_fp32`): the same math up to summat
 from __future__ import annotations
 
 import logging
-import time
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slaknet.layers import dispatch
+from slaknet.layers import autotune, dispatch
+from slaknet.layers.backends import GemmBackend, gemm_backend, gemm_backends, register_gemm_backend
 from slaknet.layers.dispatch import autocast_dtype, backend_name, exporting
 
-__all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "ENV_VAR", "BACKENDS"]
+__all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "auto_key", "backend_names", "ENV_VAR",
+           "BACKENDS", "PLAIN", "ONEDNN"]
 
 ENV_VAR = "SLAKNET_LINEAR"
-BACKENDS = ("auto", "plain", "onednn")
 logger = logging.getLogger("slaknet.linear")
-_auto_choice: Optional[str] = None  # measured once per process
+# what 'auto' means per kind of call ('train': forward + both gradients, 'forward': no-grad inference),
+# decided on first use (timed or from the per-machine cache) or pinned (pin_auto_choice)
+_auto_choice: Optional[Dict[str, str]] = None
 
 
 def _op() -> Optional[Callable]:
@@ -57,88 +63,157 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, act, [], "none" if act == "gelu" else "")
 
 
-def _measure_auto() -> str:
-    """Time F.linear (MKL) against oneDNN on one SLaK-T-sized MLP GEMM; keep oneDNN if >= 1.15x faster."""
-    if _op() is None:
-        return "plain"
+def _plain_nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
+    y = F.linear(a, b, bias)
+    return F.gelu(y) if act == "gelu" else y
+
+
+# --- registered GEMM backends -----------------------------------------------------------------------------
+PLAIN = register_gemm_backend(GemmBackend(
+    name="plain", nt=_plain_nt, description="F.linear (MKL's sgemm on CPU), then GELU"))
+ONEDNN = register_gemm_backend(GemmBackend(
+    name="onednn", nt=lambda a, b, bias, act: _gemm(a, b, bias, act), available=lambda: _op() is not None,
+    description="oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise), bias and GELU fused"))
+
+
+def backend_names() -> Tuple[str, ...]:
+    """The values ``SLAKNET_LINEAR`` / ``backend=`` accept: 'auto' and every registered GEMM backend."""
+    return ("auto", *(b.name for b in gemm_backends()))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BACKENDS":  # kept for existing callers; always the current registry
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# SLaK-T's MLP (width 1.3, 4x expansion) at 224 px for one image: (tokens, channels) per stage
+_TIMING_STAGES = ((3136, 124), (784, 249), (196, 499), (49, 998))
+
+
+def _timing_calls(kind: str, names: Sequence[str]) -> Dict[str, Callable[[], None]]:
+    """Per candidate, the GEMMs of SLaK-T's eight MLP layers (one 224 px image): with fused bias / GELU
+    ('forward'), or forward, input and weight gradient as :class:`_GemmLinear` runs them ('train')."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1568, 499, generator=g)
-    w = torch.randn(1996, 499, generator=g)
-    b = torch.zeros(1996)
+    layers: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]] = []
+    for rows, c in _TIMING_STAGES:
+        for cin, cout, act in ((c, 4 * c, "gelu"), (4 * c, c, "none")):
+            layers.append((torch.randn(rows, cin, generator=g), torch.randn(cout, cin, generator=g),
+                           torch.randn(cout, generator=g), torch.randn(rows, cout, generator=g), act))
 
-    def best(fn: Callable[[], torch.Tensor]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def calls_for(nt: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                for x, w, b, gy, act in layers:
+                    if kind == "forward":
+                        nt(x, w, b, act)
+                        continue
+                    nt(x, w, b, "none")
+                    nt(gy, w.t(), None, "none")
+                    out_f, in_f = w.shape
+                    nt(x.t(), gy.t(), None, "none") if out_f >= in_f else nt(gy.t(), x.t(), None, "none")
+        return run
 
+    return {name: calls_for(gemm_backend(name).nt) for name in names}
+
+
+def auto_key(kind: str) -> str:
+    """The question ``auto`` times (and caches, :mod:`slaknet.layers.autotune`) for fp32 GEMMs of ``kind``
+    ('train' or 'forward') with the current number of torch threads."""
+    return f"linear/{kind}/cpu/float32/t{torch.get_num_threads()}"
+
+
+def _measure_auto(kind: str) -> str:
+    """Time the available GEMM backends on SLaK-T-sized MLP GEMMs (or read this machine's cached answer);
+    'plain' unless another is >= 5% faster."""
+    names = [b.name for b in gemm_backends() if b.name == "plain" or (b.timed and b.available())]
+    key = auto_key(kind)
     try:
-        with torch.no_grad():
-            t_plain = best(lambda: F.linear(x, w, b))
-            t_onednn = best(lambda: _gemm(x, w, b))
-    except RuntimeError:
+        choice = autotune.decide(key, names, lambda: _timing_calls(kind, names), baseline="plain",
+                                 fallback="plain", device="cpu")
+    except RuntimeError as exc:  # a GEMM this build cannot run: stay on F.linear
+        logger.info("linear on cpu: timing failed (%s); using plain", exc)
         return "plain"
-    choice = "onednn" if t_plain >= 1.15 * t_onednn else "plain"
-    logger.info("linear on cpu: %s (MKL %.2f ms vs oneDNN %.2f ms per SLaK-T MLP GEMM; set %s to override)",
-                choice, 1e3 * t_plain, 1e3 * t_onednn, ENV_VAR)
+    d = autotune.lookup(key)
+    detail = ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in d.medians.items()) if d is not None else ""
+    logger.info("linear on cpu, %s calls: %s (%s per SLaK-T MLP, %s; set %s to override)",
+                "training" if kind == "train" else "inference", choice, detail or "-",
+                d.source if d is not None else "-", ENV_VAR)
     return choice
 
 
-def auto_choice() -> str:
-    """What ``auto`` means on CPU in this process: 'onednn' or 'plain' (timed once, on first use).
+def auto_choice(kind: str = "train") -> str:
+    """What ``auto`` means on CPU in this process for fp32 GEMMs of ``kind`` ('train': calls that need
+    gradients, 'forward': inference): a GEMM backend name, e.g. 'onednn' or 'plain' (decided on first use).
 
-    The two GEMMs sum in different orders, so a run that must continue bitwise (a resumed training run)
-    records this and pins it with :func:`pin_auto_choice` instead of timing again: on machines where both
-    are about as fast, two processes can time differently.
+    The GEMMs sum in different orders, so a run that must continue bitwise (a resumed training run)
+    records ``auto_choice()`` (training calls) and pins it with :func:`pin_auto_choice` instead of deciding
+    again: on machines where both are about as fast, two processes can time differently.
     """
     global _auto_choice
     if _auto_choice is None:
-        _auto_choice = _measure_auto()
-    return _auto_choice
+        _auto_choice = {}
+    if kind not in _auto_choice:
+        _auto_choice[kind] = _measure_auto(kind)
+    return _auto_choice[kind]
 
 
 def pin_auto_choice(name: str) -> None:
-    """Make ``auto`` mean ``name`` ('onednn' or 'plain') in this process (``SLAKNET_LINEAR`` still wins)."""
+    """Make ``auto`` mean ``name`` (e.g. 'onednn' or 'plain') for training calls in this process
+    (``SLAKNET_LINEAR`` still wins); inference calls keep their own answer."""
     global _auto_choice
-    if name not in ("onednn", "plain"):
-        raise ValueError(f"auto can mean 'onednn' or 'plain', not {name!r}")
-    _auto_choice = "plain" if name == "onednn" and _op() is None else name
+    if name not in backend_names() or name == "auto":
+        raise ValueError(f"auto can mean one of {', '.join(backend_names()[1:])}, not {name!r}")
+    _auto_choice = dict(_auto_choice or {})
+    _auto_choice["train"] = name if gemm_backend(name).available() else "plain"
 
 
-def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
-    """What :func:`linear` runs for these tensors (``backend`` beats the environment): 'onednn', 'plain', or
-    'fp32' (bf16 in and out, fp32 GEMMs inside: bf16 on a CPU without native bf16, module docstring).
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def linear_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None,
+                   training: Optional[bool] = None) -> str:
+    """What :func:`linear` runs for these tensors (``backend`` beats the environment): a GEMM backend name
+    ('onednn', 'plain', ...), or 'fp32' (bf16 in and out, fp32 GEMMs inside: bf16 on a CPU without native
+    bf16, module docstring). ``training``: whether gradients are needed (default: from the tensors).
 
     Under CPU bf16 autocast the answer is for the bf16 GEMM that :func:`linear` then runs."""
-    name = backend_name(backend, ENV_VAR, BACKENDS, "linear")
+    return _route(x, weight, None, backend, training)
+
+
+def _route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: Optional[str],
+           training: Optional[bool]) -> str:
+    name = backend_name(backend, ENV_VAR, backend_names(), "linear")
     if name == "plain" or exporting():  # tracers (incl. torch.fx proxies) must not see the checks below
         return "plain"
-    if x.device.type != "cpu" or weight.device.type != "cpu" or _op() is None:
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return "plain"
+    if (name == "auto" and _op() is None) or (name != "auto" and not gemm_backend(name).available()):
         return "plain"
     amp = autocast_dtype("cpu")
     dtypes = {amp} if amp is not None else {x.dtype, weight.dtype}
     if dtypes == {torch.bfloat16}:
         # bf16 GEMMs: oneDNN if the CPU has native bf16 (measured 1.3x F.linear's bf16 path, docs/speed.md)
-        return "onednn" if dispatch.cpu_bf16_native() else "fp32"
+        return "onednn" if dispatch.cpu_bf16_native() and name in ("auto", "onednn") else "fp32"
     if dtypes != {torch.float32}:
         return "plain"
-    return auto_choice() if name == "auto" else "onednn"
+    if name != "auto":
+        return name
+    grad = training if training is not None else _needs_grad(x, weight, bias)
+    return auto_choice("train" if grad else "forward")
 
 
-def _fp32_gemm(backend: Optional[str]) -> str:
-    """The fp32 GEMM ('onednn' or 'plain') that the 'fp32' route of :func:`linear` runs."""
-    return "onednn" if backend_name(backend, ENV_VAR, BACKENDS, "linear") == "onednn" else auto_choice()
+def _fp32_gemm(backend: Optional[str], training: bool) -> str:
+    """The fp32 GEMM backend that the 'fp32' route of :func:`linear` runs."""
+    name = backend_name(backend, ENV_VAR, backend_names(), "linear")
+    return name if name != "auto" else auto_choice("train" if training else "forward")
 
 
 def _nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], act: str, gemm: str) -> torch.Tensor:
-    """``act(a @ b.T + bias)`` on oneDNN (``gemm='onednn'``, one fused call) or ``F.linear`` ('plain')."""
-    if gemm == "onednn":
-        return _gemm(a, b, bias, act)
-    y = F.linear(a, b, bias)
-    return F.gelu(y) if act == "gelu" else y
+    """``act(a @ b.T + bias)`` on GEMM backend ``gemm`` (oneDNN: one fused call; plain: ``F.linear``)."""
+    return gemm_backend(gemm).nt(a, b, bias, act)
 
 
 class _GemmLinear(torch.autograd.Function):
@@ -177,20 +252,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            gelu: bool = False, backend: Optional[str] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (then exact GELU if ``gelu``) on the fastest GEMM; any leading dims.
 
-    ``backend``: 'auto', 'plain' or 'onednn' for this call (default: ``SLAKNET_LINEAR``, else 'auto').
+    ``backend``: 'auto' or a registered GEMM backend ('plain', 'onednn', ...) for this call (default:
+    ``SLAKNET_LINEAR``, else 'auto').
     """
-    route = linear_backend(x, weight, backend)
+    route = _route(x, weight, bias, backend, None)  # 'plain' while tracing: no checks on proxies below
     if route != "plain" and x.is_contiguous():
+        needs_grad = _needs_grad(x, weight, bias)
         if torch.is_autocast_enabled("cpu"):  # bf16 autocast (linear_backend checked): cast once, as autocast
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = bias.to(torch.bfloat16) if bias is not None else None
             with torch.autocast("cpu", enabled=False):
                 return linear(x, weight, bias, gelu, backend)
-        gemm = "onednn" if route == "onednn" else _fp32_gemm(backend)
+        gemm = _fp32_gemm(backend, needs_grad) if route == "fp32" else route
         work = torch.float32 if route == "fp32" else x.dtype
         x2d = x.reshape(-1, x.shape[-1])
-        if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)):
+        if not needs_grad:
             b = bias.to(work) if bias is not None else None
             y = _nt(x2d.to(work), weight.to(work), b, "gelu" if gelu else "none", gemm).to(x.dtype)
             return y.view(*x.shape[:-1], weight.shape[0])
