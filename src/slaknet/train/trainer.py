@@ -94,7 +94,6 @@ class Trainer:
         self.stop = False
         self.stop_reason = ""
         self._interrupt = _Interrupt()
-        self.extra_modules: Dict[str, nn.Module] = {}
         self._created_dir = False
         self._started = False
 
