@@ -15,7 +15,7 @@ from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import Task, TaskData, collate
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slaknet.train.trainer import Trainer
+    from slaknet.train.run import Run
 
 __all__ = ["ClassificationTask", "build_datasets", "eval_transform"]
 
@@ -106,12 +106,12 @@ class ClassificationTask(Task):
 
     fixed_train_transform = False  # subclasses (a teacher cache) may need deterministic training inputs
 
-    def build_data(self, trainer: "Trainer") -> TaskData:
+    def build_data(self, run: "Run") -> TaskData:
         data = build_datasets(self.cfg, self.fixed_train_transform)
         self._val_loader: Optional[DataLoader] = None
         return data
 
-    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build_model(self, run: "Run", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.models.training import build_training_model
 
         model, res = build_training_model(self.cfg.model, num_classes, int(self.cfg.data.input_size))
@@ -139,28 +139,28 @@ class ClassificationTask(Task):
             return LabelSmoothingCrossEntropy(self.cfg.smoothing)
         return nn.CrossEntropyLoss()
 
-    def check(self, trainer: "Trainer") -> None:
-        if self._mixing() and trainer.batch_size % 2:
-            raise ConfigError(f"mixup/cutmix need an even --batch-size, got {trainer.batch_size}")
+    def check(self, run: "Run") -> None:
+        if self._mixing() and run.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix need an even --batch-size, got {run.batch_size}")
 
-    def val_loader(self, trainer: "Trainer") -> DataLoader:
+    def val_loader(self, run: "Run") -> DataLoader:
         if getattr(self, "_val_loader", None) is None:
             from slaknet.train.distributed import ShardSampler
 
-            d = trainer.dist
-            self._val_loader = DataLoader(trainer.data.val, batch_size=max(trainer.batch_size, 64),
-                                          sampler=ShardSampler(len(trainer.data.val), d.rank, d.world_size),
-                                          num_workers=trainer.workers, pin_memory=trainer.pin_memory,
+            d = run.dist
+            self._val_loader = DataLoader(run.data.val, batch_size=max(run.batch_size, 64),
+                                          sampler=ShardSampler(len(run.data.val), d.rank, d.world_size),
+                                          num_workers=run.workers, pin_memory=run.pin_memory,
                                           collate_fn=collate)
         return self._val_loader
 
-    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
+    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val") -> Dict[str, float]:
         from slaknet.classify.evaluate import evaluate
 
-        ev = evaluate(model, self.val_loader(trainer), trainer.device, trainer.autocast, self.cfg.channels_last,
-                      trainer.progress, desc)
+        ev = evaluate(model, self.val_loader(run), run.device, run.autocast, self.cfg.channels_last,
+                      run.progress, desc)
         out = {"loss": ev["loss"], "top1": ev["top1"]}
-        if len(trainer.data.classes) >= 6:  # top-5 of 5 classes or fewer is always 100%: not reported
+        if len(run.data.classes) >= 6:  # top-5 of 5 classes or fewer is always 100%: not reported
             out["top5"] = ev["top5"]
         return out
 

@@ -22,7 +22,7 @@ from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import Task, TaskData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slaknet.train.trainer import Trainer
+    from slaknet.train.run import Run
 
 __all__ = ["DetectionTask", "build_detection_data"]
 
@@ -59,7 +59,7 @@ class DetectionTask(Task):
         super().__init__(cfg)
         self.opts = resolve_options(cfg.task, int(cfg.data.input_size))
 
-    def build_data(self, trainer: "Trainer") -> TaskData:
+    def build_data(self, run: "Run") -> TaskData:
         from slaknet.errors import import_optional
 
         for module in ("pycocotools", "torchmetrics.detection"):  # needed by the first evaluation: fail now
@@ -68,20 +68,20 @@ class DetectionTask(Task):
         return build_detection_data(d.source, d.eval_data, d.input_size, d.train_samples, d.val_samples, d.data_seed,
                                     bool(self.opts["hflip"]))
 
-    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build_model(self, run: "Run", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.detect.model import backbone_from_config, build_detector
 
         if self.cfg.finetune:
             raise ConfigError("detection: give the backbone's classification checkpoint as --backbone-checkpoint "
                               "(task option backbone_checkpoint), not --finetune")
         body = backbone_from_config(self.cfg, self.opts["backbone_checkpoint"])
-        model = build_detector(body, num_classes, self.opts, trainer.data.mean, trainer.data.std)
+        model = build_detector(body, num_classes, self.opts, run.data.mean, run.data.std)
         self._masks = self.opts["detector"] == "mask_rcnn"
         ks = [int(k) for k in (body.kernel_sizes or [])]
         return model, {"kernels": ks, "small_kernel": body.small_kernel, "resolved_kernel_size": ks,
                        "detector": self.opts["detector"], "detection_options": dict(self.opts)}
 
-    def check(self, trainer: "Trainer") -> None:
+    def check(self, run: "Run") -> None:
         c = self.cfg
         if c.mixup or c.cutmix:
             raise ConfigError("detection has no mixup / cutmix; leave --mixup / --cutmix at 0")
@@ -93,8 +93,8 @@ class DetectionTask(Task):
     def criterion(self) -> nn.Module:
         return nn.Identity()  # unused: torchvision detectors compute their own losses
 
-    def sparse_config(self, trainer: "Trainer", total_steps: int) -> Any:
-        sc = super().sparse_config(trainer, total_steps)
+    def sparse_config(self, run: "Run", total_steps: int) -> Any:
+        sc = super().sparse_config(run, total_steps)
         if sc is None:
             return None
         from slaknet.sparse import init_rule
@@ -108,31 +108,31 @@ class DetectionTask(Task):
             sc = dataclasses.replace(sc, exclude=list(HEAD_PATTERNS))  # the backbone is sparse, FPN and heads dense
         return sc
 
-    def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
+    def snip_batch(self, run: "Run") -> Tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError("--sparse-init snip needs a classification batch; use --sparse-init ERK for detection")
 
     def collate(self, batch: List[Tuple[Any, ...]]) -> Tuple[Any, ...]:
         return detection_collate(batch)
 
-    def move_batch(self, trainer: "Trainer", batch: Sequence[Any]) -> Tuple[Any, Any]:
-        dev = trainer.device
+    def move_batch(self, run: "Run", batch: Sequence[Any]) -> Tuple[Any, Any]:
+        dev = run.device
         images = [im.to(dev, non_blocking=True) for im in batch[0]]
         targets = [{k: v.to(dev, non_blocking=True) for k, v in t.items()} for t in batch[1]]
         return images, targets
 
-    def training_loss(self, trainer: "Trainer", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+    def training_loss(self, run: "Run", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
         losses = model(x, y)
         self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
         return sum(losses.values())
 
-    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
+    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val") -> Dict[str, float]:
         from slaknet.detect.metrics import evaluate_detector
         from slaknet.detect.model import set_test_size
 
         train_sizes, max_size = model.transform.min_size, model.transform.max_size
         set_test_size(model, int(self.opts["test_size"]))
         try:
-            return evaluate_detector(model, trainer.data.val, trainer.device, int(self.opts["eval_batch"]),
+            return evaluate_detector(model, run.data.val, run.device, int(self.opts["eval_batch"]),
                                      masks=self.opts["detector"] == "mask_rcnn")
         finally:
             model.transform.min_size, model.transform.max_size = train_sizes, max_size
@@ -143,7 +143,7 @@ class DetectionTask(Task):
         scale = f"shorter side {sizes[0]}" if len(sizes) == 1 else f"multi-scale shorter side {min(sizes)}-{max(sizes)}"
         return f"{o['detector']} + FPN, {scale}" + (", flips" if o["hflip"] else "")
 
-    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+    def metadata(self, run: "Run") -> Dict[str, str]:
         return {"task": "detection", "detector": str(self.opts["detector"]),
                 "detection_options": json.dumps(self.opts)}
 

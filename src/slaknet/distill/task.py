@@ -27,7 +27,7 @@ from slaknet.train.tasks.base import TaskData, collate
 from slaknet.classify.task import ClassificationTask
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slaknet.train.trainer import Trainer
+    from slaknet.train.run import Run
 
 __all__ = ["DistillTask", "TEACHER_KEYS", "open_or_build_cache"]
 
@@ -51,8 +51,8 @@ class DistillTask(ClassificationTask):
         # a teacher cache is valid only when an image index always gives the same input tensor
         self.fixed_train_transform = bool(self.options["teacher_cache"])
 
-    def build_data(self, trainer: "Trainer") -> TaskData:
-        data = super().build_data(trainer)
+    def build_data(self, run: "Run") -> TaskData:
+        data = super().build_data(run)
         if self.options["teacher_cache"]:
             from slaknet.distill.cache import WithIndex, check_cache_allowed
 
@@ -60,13 +60,13 @@ class DistillTask(ClassificationTask):
             data.train = WithIndex(data.train)  # batches end with the image indices
         return data
 
-    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build_model(self, run: "Run", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.distill.cache import teacher_identity
 
         student, resolved = build_student(self.cfg, num_classes)
         t = self.teacher_options
         self.teacher, info = load_teacher(t["teacher"], t["teacher_checkpoint"], num_classes,
-                                          bool(t["teacher_reparam"]), device=trainer.device)
+                                          bool(t["teacher_reparam"]), device=run.device)
         info["teacher_id"] = teacher_identity(self.teacher, reparameterized=bool(t["teacher_reparam"]))
         s_ch = t_ch = 0
         if self.options["feature_loss"] is not None:
@@ -78,26 +78,26 @@ class DistillTask(ClassificationTask):
             self._taps = (FeatureTap(student), FeatureTap(self.teacher))
         self.teacher_info = info
         if self.options["teacher_cache"]:
-            self.cache = open_or_build_cache(trainer, self.teacher, info["teacher_id"], self.options,
+            self.cache = open_or_build_cache(run, self.teacher, info["teacher_id"], self.options,
                                              self._taps[1] if self._taps else None)
             if self._taps:
                 self._taps[1].remove()
             self.teacher = None  # its outputs are on disk: free its memory
         return student, {**resolved, **info, "distill_type": self.options["distill_type"]}
 
-    def extra_modules(self, trainer: "Trainer") -> Dict[str, nn.Module]:
+    def extra_modules(self, run: "Run") -> Dict[str, nn.Module]:
         fd = self._criterion.feature_loss
         return {"feature_projection": fd} if fd is not None and any(True for _ in fd.parameters()) else {}
 
     def criterion(self) -> nn.Module:
         return self._criterion
 
-    def move_batch(self, trainer: "Trainer", batch: Any) -> Tuple[Any, Any]:
+    def move_batch(self, run: "Run", batch: Any) -> Tuple[Any, Any]:
         if self.cache is not None:
             self._batch_index = batch[-1]
-        return super().move_batch(trainer, batch)
+        return super().move_batch(run, batch)
 
-    def training_loss(self, trainer: "Trainer", model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def training_loss(self, run: "Run", model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
             t_logits, t_feat = self.cache.get(self._batch_index, device=x.device)
         else:
@@ -108,7 +108,7 @@ class DistillTask(ClassificationTask):
         s_feat = self._taps[0].pop() if self._taps else None
         return self._criterion(s_logits, y, t_logits.float(), s_feat, t_feat)
 
-    def check_resume(self, trainer: "Trainer", checkpoint: Dict[str, Any]) -> None:
+    def check_resume(self, run: "Run", checkpoint: Dict[str, Any]) -> None:
         old = checkpoint.get("config") or {}  # the plan (with the teacher record) is stored flat in it
         if old.get("teacher_id") and old["teacher_id"] != self.teacher_info["teacher_id"]:
             raise CheckpointError(f"resume: the run was distilled from another teacher ({old.get('teacher')} "
@@ -128,12 +128,12 @@ class DistillTask(ClassificationTask):
         teacher = f"teacher {t.get('teacher', '?')}" + (" (reparameterized)" if t.get("teacher_reparam") else "")
         return f"{super().describe()}; distilling from {teacher}, loss {loss}"
 
-    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+    def metadata(self, run: "Run") -> Dict[str, str]:
         t = getattr(self, "teacher_info", {})
         return {"distilled_from": str(t.get("teacher", "")), "distill_type": str(self.options["distill_type"])}
 
 
-def open_or_build_cache(trainer: "Trainer", teacher: nn.Module, teacher_id: str, options: Dict[str, Any],
+def open_or_build_cache(run: "Run", teacher: nn.Module, teacher_id: str, options: Dict[str, Any],
                         feature_tap: Optional[FeatureTap]) -> Any:
     """The run's teacher cache: opened when ``--teacher-cache DIR`` holds one for this teacher and data, else
     built once (rank 0, in index order, under the run's autocast) while the other ranks wait."""
@@ -144,24 +144,24 @@ def open_or_build_cache(trainer: "Trainer", teacher: nn.Module, teacher_id: str,
     from slaknet.distill.cache import TeacherCache, TeacherCacheWriter, dataset_identity
     from slaknet.train.distributed import barrier
 
-    cfg, ds, path = trainer.cfg, trainer.data.train, options["teacher_cache"]
+    cfg, ds, path = run.cfg, run.data.train, options["teacher_cache"]
     data_id = dataset_identity(ds.dataset, data=cfg.data, input_size=cfg.input_size, data_seed=cfg.data_seed,
                                train_samples=cfg.train_samples, difficulty=cfg.difficulty)
-    teacher_id = f"{teacher_id}:{trainer.autocast}"
+    teacher_id = f"{teacher_id}:{run.autocast}"
     keys = dict(dataset_id=data_id, teacher_id=teacher_id, random_augmentation=False)
     cache = TeacherCache.open(path, **keys)
-    if cache is None and trainer.dist.is_main:
-        n, dev = len(ds), trainer.device
+    if cache is None and run.dist.is_main:
+        n, dev = len(ds), run.device
         print(f"teacher cache: running the teacher once over {n} training images -> {path}", file=sys.stderr,
               flush=True)
-        loader = DataLoader(ds, batch_size=max(trainer.batch_size, 64), shuffle=False, collate_fn=collate,
-                            num_workers=trainer.workers)
+        loader = DataLoader(ds, batch_size=max(run.batch_size, 64), shuffle=False, collate_fn=collate,
+                            num_workers=run.workers)
         writer = None
         try:
             with torch.no_grad():
                 for batch in loader:
                     x = batch[0].to(dev)
-                    with torch.autocast(dev.type, dtype=trainer.autocast, enabled=trainer.autocast is not None):
+                    with torch.autocast(dev.type, dtype=run.autocast, enabled=run.autocast is not None):
                         logits = teacher(x).float()
                     feats = feature_tap.pop().float() if feature_tap is not None else None
                     if writer is None:

@@ -27,7 +27,7 @@ from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import Task, TaskData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slaknet.train.trainer import Trainer
+    from slaknet.train.run import Run
 
 __all__ = ["SegmentationTask", "collate_segmentation"]
 
@@ -52,7 +52,7 @@ class SegmentationTask(Task):
         self.spec: Dict[str, Any] = {}
 
     # ---- data
-    def build_data(self, trainer: "Trainer") -> TaskData:
+    def build_data(self, run: "Run") -> TaskData:
         cfg, o = self.cfg, self.opts
         kind, root = parse_seg_data(cfg.data.source)
         if kind == "builtin":
@@ -71,14 +71,14 @@ class SegmentationTask(Task):
     def collate(self, batch: List[Tuple[Any, ...]]) -> Tuple[Any, ...]:
         return collate_segmentation(batch)
 
-    def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
-        ds = trainer.data.train
-        xb, yb = collate_segmentation([ds[i] for i in range(min(trainer.batch_size, len(ds)))])[:2]
+    def snip_batch(self, run: "Run") -> Tuple[torch.Tensor, torch.Tensor]:
+        ds = run.data.train
+        xb, yb = collate_segmentation([ds[i] for i in range(min(run.batch_size, len(ds)))])[:2]
         # SNIP scores with F.cross_entropy's default ignore index (-100): the ignored pixels stay ignored
         return xb, yb.masked_fill(yb == IGNORE_INDEX, -100)
 
     # ---- model
-    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build_model(self, run: "Run", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.segment.model import build_segmentation_model, encoder_kwargs, load_backbone
 
         cfg, o = self.cfg, self.opts
@@ -90,8 +90,8 @@ class SegmentationTask(Task):
         enc_rec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.items() if k != "drop_path_rate"}
         self.spec = dict(model=cfg.model.name, num_classes=int(num_classes), arch=o["arch"],
                          decoder_channels=o["decoder_channels"], aux_weight=o["aux_weight"],
-                         aux_channels=o["aux_channels"], encoder=enc_rec, classes=list(trainer.data.classes),
-                         mean=list(trainer.data.mean), std=list(trainer.data.std), crop=self.crop,
+                         aux_channels=o["aux_channels"], encoder=enc_rec, classes=list(run.data.classes),
+                         mean=list(run.data.mean), std=list(run.data.std), crop=self.crop,
                          stride=o["slide_stride"], input_size=int(cfg.input_size), data=cfg.data.source,
                          data_seed=int(cfg.data_seed), val_samples=int(cfg.val_samples))
         resolved["seg_model"] = self.spec
@@ -100,14 +100,14 @@ class SegmentationTask(Task):
     def criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
-    def training_loss(self, trainer: "Trainer", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+    def training_loss(self, run: "Run", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
         logits, aux = model(x, with_aux=True)
-        loss = trainer.criterion(logits, y)
+        loss = run.criterion(logits, y)
         if aux is not None and self.opts["aux_weight"] > 0:
-            loss = loss + self.opts["aux_weight"] * trainer.criterion(aux, y)
+            loss = loss + self.opts["aux_weight"] * run.criterion(aux, y)
         return loss
 
-    def param_groups(self, trainer: "Trainer", model: nn.Module) -> Optional[List[Dict[str, Any]]]:
+    def param_groups(self, run: "Run", model: nn.Module) -> Optional[List[Dict[str, Any]]]:
         if self.opts["layer_decay"] is None:
             return None
         from slaknet.segment.model import layer_decay_groups
@@ -115,39 +115,39 @@ class SegmentationTask(Task):
         return layer_decay_groups(model, float(self.cfg.weight_decay), float(self.opts["layer_decay"]),
                                   int(self.opts["num_layers"]))
 
-    def build_scheduler(self, trainer: "Trainer", optimizer: torch.optim.Optimizer, total_steps: int,
+    def build_scheduler(self, run: "Run", optimizer: torch.optim.Optimizer, total_steps: int,
                         warmup: int) -> Any:
         if self.opts["schedule"] != "poly":
             return None
         from timm.scheduler import PolyLRScheduler
 
         return PolyLRScheduler(optimizer, t_initial=max(int(total_steps), 1), power=self.opts["poly_power"],
-                               lr_min=0.0, warmup_t=int(warmup), warmup_lr_init=trainer.plan.lr * self.opts["warmup_ratio"],
+                               lr_min=0.0, warmup_t=int(warmup), warmup_lr_init=run.plan.lr * self.opts["warmup_ratio"],
                                warmup_prefix=False, t_in_epochs=False, cycle_limit=1)
 
     # ---- evaluation
-    def val_loader(self, trainer: "Trainer") -> DataLoader:
+    def val_loader(self, run: "Run") -> DataLoader:
         from slaknet.train.distributed import ShardSampler
 
-        d, val = trainer.dist, trainer.data.val
-        bs = max(trainer.batch_size, 16) if isinstance(val, ContourSegmentation) else 1  # folders: sizes vary
+        d, val = run.dist, run.data.val
+        bs = max(run.batch_size, 16) if isinstance(val, ContourSegmentation) else 1  # folders: sizes vary
         return DataLoader(val, batch_size=bs, sampler=ShardSampler(len(val), d.rank, d.world_size),
-                          num_workers=trainer.workers, collate_fn=collate_segmentation)
+                          num_workers=run.workers, collate_fn=collate_segmentation)
 
     @torch.no_grad()
-    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
+    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val") -> Dict[str, float]:
         from slaknet.segment.infer import confusion_over
         from slaknet.segment.metrics import scores
         from slaknet.train.distributed import all_reduce_sum
 
-        k = trainer.plan.num_classes
-        cm, loss_sum, n_pix, _ = confusion_over(model, self.val_loader(trainer), k, trainer.device, self.crop,
-                                                self.opts["slide_stride"], trainer.autocast)
+        k = run.plan.num_classes
+        cm, loss_sum, n_pix, _ = confusion_over(model, self.val_loader(run), k, run.device, self.crop,
+                                                self.opts["slide_stride"], run.autocast)
         sums = all_reduce_sum(torch.cat([cm.double().reshape(-1), torch.tensor([loss_sum, n_pix], dtype=torch.float64)]))
         s = scores(sums[:k * k].reshape(k, k))
         return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "loss": float(sums[-2] / max(float(sums[-1]), 1.0))}
 
-    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+    def metadata(self, run: "Run") -> Dict[str, str]:
         return {"task": "segmentation", "seg_model": json.dumps(self.spec)}
 
     def describe(self) -> str:

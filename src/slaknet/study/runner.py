@@ -146,7 +146,7 @@ def train_run(arm: Arm, seed: int, budget: Budget, data: Callable[[], Tuple[Cent
                       evaluate_during=False)
     trainer.fit()
     model, steps_per_epoch = trainer.model, trainer.plan.steps_per_epoch
-    ev = trainer.task.evaluate(trainer, model)
+    ev = trainer.task.evaluate(trainer.run, model)
     rec: Dict[str, Any] = {
         "val_acc": ev["top1"], "val_loss": ev["loss"],
         "train_loss_last": float(np.mean(losses.losses[-max(1, steps_per_epoch):])),

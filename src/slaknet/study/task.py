@@ -19,7 +19,7 @@ from slaknet.train.tasks import register_task
 from slaknet.train.tasks.base import Task, TaskData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slaknet.train.trainer import Trainer
+    from slaknet.train.run import Run
 
 __all__ = ["StudyTask", "study_config"]
 
@@ -52,16 +52,16 @@ class StudyTask(Task):
         self.arm, self.budget, self._data = arm, budget, data
         self.aug = torch.Generator().manual_seed(int(cfg.seed) * 7919 + 1)
 
-    def build_data(self, trainer: "Trainer") -> TaskData:
+    def build_data(self, run: "Run") -> TaskData:
         train, val = self._data()
         return TaskData(train, val, ["outside", "inside"], (0.5,), (0.5,), f"study data: {len(train)} images")
 
-    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build_model(self, run: "Run", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         from slaknet.study.runner import build_model
 
         return build_model(self.arm, self.budget), {"kernels": [self.arm.kernel_size]}
 
-    def sparse_config(self, trainer: "Trainer", total_steps: int) -> Any:
+    def sparse_config(self, run: "Run", total_steps: int) -> Any:
         if not self.arm.sparse:
             return None
         from slaknet.sparse import SparseConfig
@@ -70,15 +70,15 @@ class StudyTask(Task):
         return SparseConfig(sparsity=b.sparsity, total_steps=total_steps, growth=self.arm.growth, fix=self.arm.fix,
                             update_frequency=b.update_frequency, exclude=["stem.*", "head.*"], seed=int(self.cfg.seed))
 
-    def train_batches(self, trainer: "Trainer", epoch: int, skip_batches: int) -> Iterator[Tuple[torch.Tensor, ...]]:
-        ds, bs = trainer.data.train, trainer.batch_size
+    def train_batches(self, run: "Run", epoch: int, skip_batches: int) -> Iterator[Tuple[torch.Tensor, ...]]:
+        ds, bs = run.data.train, run.batch_size
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + epoch))
         for b in range(skip_batches, len(ds) // bs):
             yield ds.batch(order[b * bs:(b + 1) * bs], augment=self.aug)
 
     @torch.no_grad()
-    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val", bs: int = 256) -> Dict[str, float]:
-        ds, dev = trainer.data.val, trainer.device
+    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val", bs: int = 256) -> Dict[str, float]:
+        ds, dev = run.data.val, run.device
         was = model.training
         model.eval()
         correct, loss_sum = 0, 0.0

@@ -141,7 +141,7 @@ def safetensors_metadata(tr: "Trainer") -> Dict[str, str]:
             "val_samples": str(cfg.val_samples), "input_size": str(int(cfg.input_size)),
             "kernel_size": json.dumps(tr.plan.model.get("resolved_kernel_size")),
             "mean": json.dumps([float(v) for v in tr.data.mean]), "std": json.dumps([float(v) for v in tr.data.std])}
-    meta.update(tr.task.metadata(tr))
+    meta.update(tr.task.metadata(tr.run))
     return meta
 
 

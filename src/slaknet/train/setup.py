@@ -1,12 +1,14 @@
-"""Building a run before its first step: machine, output folder, resume source, data, plan, model, optimizer,
-sparse engine, EMA, DDP and logging -- in a fixed order, so that every random draw happens as it always did.
+"""The builder of a run (:class:`slaknet.train.run.Run`): machine, output folder, resume source, data, plan,
+model, optimizer, sparse engine, EMA, DDP and logging -- in a fixed order, so that every random draw happens
+as it always did. The task's hooks receive the run being built.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -18,58 +20,63 @@ from slaknet.train.logs import RunLogger
 from slaknet.train.machine import autocast_dtype, cap_workers, resolve_threads, seed_everything
 from slaknet.train.optim import build_optimizer, build_scheduler
 from slaknet.train.rundir import CKPT_LAST, prepare_output_dir
+from slaknet.train.run import ResumePoint, Run, RunPlan
 from slaknet.train.samplers import train_sampler
 
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
-__all__ = ["setup_trainer", "load_finetune", "make_scheduler"]
+__all__ = ["build_run", "load_finetune", "make_scheduler"]
 
 log = logging.getLogger("slaknet.train")
 
 
-def setup_trainer(tr: "Trainer") -> None:
-    """Everything :meth:`Trainer.fit` needs before the loop (in the order the random draws require)."""
-    cfg = tr.cfg
+def build_run(tr: "Trainer") -> None:
+    """Fill ``tr.run`` with everything :meth:`Trainer.fit` needs before the loop (in the order the random draws
+    require); the resume checkpoint, if any, is read here, once, and restored."""
+    cfg, run = tr.cfg, tr.run
     threads = resolve_threads(cfg.threads)
     if threads:
         torch.set_num_threads(threads)
-    tr.dist = init_distributed(cfg.device)
-    tr.device = tr.dist.device
-    resume_path, resumed = _resume_source(tr)
+    run.dist = init_distributed(cfg.device)
+    run.device = run.dist.device
+    run.resume = _resume_source(tr)
+    resumed = run.resume.checkpoint if run.resume is not None else None
     tr._resumed = resumed is not None
-    linear_auto = _pin_machine_choices(tr, resumed)
-    tr.autocast = autocast_dtype(cfg.precision, tr.device)
+    linear_auto = _pin_machine_choices(run, resumed)
+    run.autocast = autocast_dtype(cfg.precision, run.device)
     seed_everything(int(cfg.seed), tr.task.init_seed_key)
-    _setup_data(tr, linear_auto)
-    _setup_model(tr, resumed)
+    _setup_data(run, linear_auto)
+    _setup_model(run, resumed)
     if resumed is not None:
         tr.restore(resumed)
-        tr.history = list(resumed.get("history", []))
-        tr.resume_path = resume_path
+        run.history[:] = list(resumed.get("history", []))
+        tr.resume_path = run.resume.path
     tr._resumed_rng = resumed.get("rng") if resumed is not None else None
+    if run.resume is not None:
+        run.resume = dataclasses.replace(run.resume, checkpoint={})  # restored: do not keep the tensors alive
     del resumed
-    tr.model_ddp = tr.model
-    if tr.dist.distributed:
-        tr.model_ddp = nn.parallel.DistributedDataParallel(
-            tr.model, device_ids=[tr.device.index] if tr.device.type == "cuda" else None)
-    tr.task.num_classes = tr.plan.num_classes
-    tr.mix = tr.task.batch_transform()
-    tr.criterion = tr.task.criterion()
+    run.model_ddp = run.model
+    if run.dist.distributed:
+        run.model_ddp = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    tr.task.num_classes = run.plan.num_classes
+    run.mix = tr.task.batch_transform()
+    run.criterion = tr.task.criterion()
     _setup_logging(tr)
     import time
 
     tr._cpu0 = time.process_time()
 
 
-def _resume_source(tr: "Trainer") -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+def _resume_source(tr: "Trainer") -> Optional[ResumePoint]:
     """Prepare the output folder and read the checkpoint to continue from (if any)."""
     cfg, out = tr.cfg, tr.out_dir
     path = cfg.resume
     if out and not path and cfg.auto_resume and os.path.isfile(os.path.join(out, CKPT_LAST)):
         path = os.path.join(out, CKPT_LAST)
     resumed = ckpt_io.load_training_checkpoint(path) if path else None
-    if out and tr.dist.is_main:
+    if out and tr.run.dist.is_main:
         tr._created_dir = prepare_output_dir(out, resuming=resumed is not None, overwrite=bool(cfg.overwrite))
     barrier()
     if resumed is not None:
@@ -78,43 +85,41 @@ def _resume_source(tr: "Trainer") -> Tuple[Optional[str], Optional[Dict[str, Any
             if k in old and old[k] != cfg[k]:
                 raise CheckpointError(f"resume: {k} was {old[k]!r} in the checkpoint, now {cfg[k]!r}; "
                                       "resume with the same settings (or start a new --output-dir)")
-    return path, resumed
+    return ResumePoint(path, resumed) if resumed is not None else None
 
 
-def _pin_machine_choices(tr: "Trainer", resumed: Optional[Dict[str, Any]]) -> Optional[str]:
+def _pin_machine_choices(run: "Run", resumed: Optional[Dict[str, Any]]) -> Optional[str]:
     """What summation orders depend on, kept from the run's start so that a resume is bitwise."""
-    if tr.device.type != "cpu":
+    if run.device.type != "cpu":
         return None
     from slaknet.layers import pointwise
 
     old = resumed.get("config", {}) if resumed is not None else {}
     if old.get("linear_auto") in ("onednn", "plain"):
         pointwise.pin_auto_choice(old["linear_auto"])  # the 1x1 layers' GEMM ('auto' is timed)
-    if resumed is not None and str(tr.cfg.threads).lower() == "auto" and old.get("resolved_threads"):
+    if resumed is not None and str(run.cfg.threads).lower() == "auto" and old.get("resolved_threads"):
         torch.set_num_threads(int(old["resolved_threads"]))  # 'auto' follows the machine's load
     return pointwise.auto_choice()
 
 
-def _setup_data(tr: "Trainer", linear_auto: Optional[str]) -> None:
+def _setup_data(run: "Run", linear_auto: Optional[str]) -> None:
     """Datasets, sampler, workers and the plan (steps, scaled lr, warm-up)."""
-    from slaknet.train.trainer import RunPlan
-
-    cfg, d = tr.cfg, tr.dist
-    tr.data = tr.task.build_data(tr)
-    classes = tr.data.classes
+    cfg, d = run.cfg, run.dist
+    run.data = run.task.build_data(run)
+    classes = run.data.classes
     num_classes = int(cfg.num_classes or len(classes))
     if num_classes < len(classes):
         raise ConfigError(f"--num-classes {num_classes} is smaller than the {len(classes)} classes in the data")
-    tr.batch_size = bs = int(cfg.batch_size)
-    n_train = tr.task.num_train_samples(tr)
+    run.batch_size = bs = int(cfg.batch_size)
+    n_train = run.task.num_train_samples(run)
     if n_train < bs * d.world_size:
         raise ConfigError(f"the training set has {n_train} images, fewer than one batch "
                           f"({bs} x {d.world_size} processes); lower --batch-size")
-    tr.task.check(tr)
-    tr.sampler = train_sampler(range(n_train), int(cfg.seed), d.rank, d.world_size)
-    tr.workers = cap_workers(int(cfg.num_workers))
-    tr.pin_memory = bool(cfg.pin_mem) and tr.device.type == "cuda"
-    batches = len(tr.sampler) // bs
+    run.task.check(run)
+    run.sampler = train_sampler(range(n_train), int(cfg.seed), d.rank, d.world_size)
+    run.workers = cap_workers(int(cfg.num_workers))
+    run.pin_memory = bool(cfg.pin_mem) and run.device.type == "cuda"
+    batches = len(run.sampler) // bs
     uf = int(cfg.update_freq)
     steps = batches // uf
     if steps < 1:
@@ -123,74 +128,74 @@ def _setup_data(tr: "Trainer", linear_auto: Optional[str]) -> None:
     eff = bs * uf * d.world_size
     lr = float(cfg.lr) if cfg.lr is not None else 4e-3 * eff / 4096
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(float(cfg.warmup_epochs) * steps))
-    tr.plan = RunPlan(world_size=d.world_size, effective_batch=eff, batches_per_epoch=batches, steps_per_epoch=steps,
+    run.plan = RunPlan(world_size=d.world_size, effective_batch=eff, batches_per_epoch=batches, steps_per_epoch=steps,
                       total_steps=total, warmup=min(int(warmup), max(total - 1, 0)), lr=lr, num_classes=num_classes,
-                      linear_auto=linear_auto, resolved_threads=torch.get_num_threads(), workers=tr.workers)
+                      linear_auto=linear_auto, resolved_threads=torch.get_num_threads(), workers=run.workers)
 
 
-def _setup_model(tr: "Trainer", resumed: Optional[Dict[str, Any]]) -> None:
+def _setup_model(run: "Run", resumed: Optional[Dict[str, Any]]) -> None:
     """Model (finetune weights, device, memory format, SyncBN), optimizer, schedule, scaler, sparse engine, EMA."""
     import dataclasses
 
     from timm.utils import ModelEmaV3
 
-    cfg, plan = tr.cfg, tr.plan
-    model, resolved = tr.task.build_model(tr, plan.num_classes)
-    tr.plan = dataclasses.replace(plan, model=dict(resolved))
+    cfg, plan = run.cfg, run.plan
+    model, resolved = run.task.build_model(run, plan.num_classes)
+    run.plan = dataclasses.replace(plan, model=dict(resolved))
     if cfg.finetune and resumed is None:
         load_finetune(model, cfg.finetune)
-    model.to(tr.device)
+    model.to(run.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and tr.dist.distributed:
-        if tr.device.type == "cuda":
+    if cfg.sync_bn and run.dist.distributed:
+        if run.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif tr.dist.is_main:
+        elif run.dist.is_main:
             log.warning("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); BatchNorm stays per-process")
-    tr.model = model
-    tr.extra_modules = {k: m.to(tr.device) for k, m in tr.task.extra_modules(tr).items()}
-    tr.optimizer = _build_optimizer(tr)
-    tr.scheduler = make_scheduler(tr)
-    tr.scaler = torch.amp.GradScaler(tr.device.type) if tr.autocast == torch.float16 else None
-    tr.engine = None
-    tr.sparse_config = tr.task.sparse_config(tr, tr.plan.total_steps)
-    if tr.sparse_config is not None:
+    run.model = model
+    run.extra_modules = {k: m.to(run.device) for k, m in run.task.extra_modules(run).items()}
+    run.optimizer = _build_optimizer(run)
+    run.scheduler = make_scheduler(run)
+    run.scaler = torch.amp.GradScaler(run.device.type) if run.autocast == torch.float16 else None
+    run.engine = None
+    run.sparse_config = run.task.sparse_config(run, run.plan.total_steps)
+    if run.sparse_config is not None:
         from slaknet.sparse import SparseEngine, init_rule
 
         snip = None
-        if init_rule(tr.sparse_config.sparse_init).needs_batch:  # SNIP (on resume the saved masks replace its)
-            xb, yb = tr.task.snip_batch(tr)
-            snip = (xb.to(tr.device), yb.to(tr.device))
-        tr.engine = SparseEngine(model, tr.optimizer, tr.sparse_config, snip_batch=snip)
-    tr.ema = None
+        if init_rule(run.sparse_config.sparse_init).needs_batch:  # SNIP (on resume the saved masks replace its)
+            xb, yb = run.task.snip_batch(run)
+            snip = (xb.to(run.device), yb.to(run.device))
+        run.engine = SparseEngine(model, run.optimizer, run.sparse_config, snip_batch=snip)
+    run.ema = None
     if cfg.model_ema:
-        if tr.engine is not None:
-            tr.engine.apply_masks()
-        tr.ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+        if run.engine is not None:
+            run.engine.apply_masks()
+        run.ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
 
 
-def _build_optimizer(tr: "Trainer") -> torch.optim.Optimizer:
+def _build_optimizer(run: "Run") -> torch.optim.Optimizer:
     """The model's parameter groups (the task's, or weight decay on >= 2-D weights), plus the task's extra
     modules (same rule), in one optimizer."""
-    groups = tr.task.param_groups(tr, tr.model)
-    if not tr.extra_modules:
-        return build_optimizer(tr.model, tr.cfg, lr=tr.plan.lr, param_groups=groups)
+    groups = run.task.param_groups(run, run.model)
+    if not run.extra_modules:
+        return build_optimizer(run.model, run.cfg, lr=run.plan.lr, param_groups=groups)
     if groups is None:
-        holder = nn.ModuleDict({"model": tr.model, **tr.extra_modules})
-        return build_optimizer(holder, tr.cfg, lr=tr.plan.lr)
+        holder = nn.ModuleDict({"model": run.model, **run.extra_modules})
+        return build_optimizer(holder, run.cfg, lr=run.plan.lr)
     from timm.optim import param_groups_weight_decay
 
-    extra = nn.ModuleDict(tr.extra_modules)
-    return build_optimizer(tr.model, tr.cfg, lr=tr.plan.lr,
-                           param_groups=list(groups) + param_groups_weight_decay(extra, float(tr.cfg.weight_decay)))
+    extra = nn.ModuleDict(run.extra_modules)
+    return build_optimizer(run.model, run.cfg, lr=run.plan.lr,
+                           param_groups=list(groups) + param_groups_weight_decay(extra, float(run.cfg.weight_decay)))
 
 
-def make_scheduler(tr: "Trainer") -> Any:
+def make_scheduler(run: "Run") -> Any:
     """The task's lr schedule, or warm-up + cosine to ``min_lr``, over the plan's steps."""
-    plan = tr.plan
-    sched = tr.task.build_scheduler(tr, tr.optimizer, plan.total_steps, plan.warmup)
+    plan = run.plan
+    sched = run.task.build_scheduler(run, run.optimizer, plan.total_steps, plan.warmup)
     if sched is None:
-        sched = build_scheduler(tr.optimizer, dict(lr=plan.lr, min_lr=tr.cfg.min_lr), plan.total_steps, plan.warmup)
+        sched = build_scheduler(run.optimizer, dict(lr=plan.lr, min_lr=run.cfg.min_lr), plan.total_steps, plan.warmup)
     return sched
 
 
@@ -198,11 +203,11 @@ def _setup_logging(tr: "Trainer") -> None:
     """Progress mode, logger, config.yaml and the run header (rank 0)."""
     from slaknet.train.reporting import header_lines
 
-    cfg, main = tr.cfg, tr.dist.is_main
+    cfg, run, main = tr.cfg, tr.run, tr.run.dist.is_main
     tty = sys.stderr.isatty()
-    tr.progress = bool(tty if cfg.progress is None else cfg.progress) and main
-    tr.progress_lines = main and not tr.progress and cfg.progress is None  # no terminal: plain lines
-    tr.logger = RunLogger(tr.out_dir, main, bool(cfg.tensorboard), cfg.log_dir)
+    run.progress = bool(tty if cfg.progress is None else cfg.progress) and main
+    run.progress_lines = main and not run.progress and cfg.progress is None  # no terminal: plain lines
+    run.logger = RunLogger(tr.out_dir, main, bool(cfg.tensorboard), cfg.log_dir)
     if main and tr.out_dir:
         import yaml
 

@@ -31,8 +31,9 @@ from slaknet.train.distributed import all_reduce_sum, barrier
 from slaknet.train.logs import StepProgress
 from slaknet.train.machine import seed_everything
 from slaknet.train.rundir import CKPT_BEST, CKPT_LAST, remove_created_dir, resume_command
+from slaknet.train.run import Run, RunPlan, TrainState
 
-__all__ = ["Trainer", "TrainState", "RunPlan", "Callback", "NonFiniteLossError"]
+__all__ = ["Trainer", "TrainState", "RunPlan", "Run", "Callback", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(SlaknetError):
@@ -46,47 +47,6 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", loss: float) -> None: ...
     def on_epoch_end(self, trainer: "Trainer", record: Dict[str, Any]) -> None: ...
     def on_train_end(self, trainer: "Trainer", summary: Dict[str, Any]) -> None: ...
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Progress of a run; everything here is stored in checkpoints."""
-
-    epoch: int = 0              # next epoch to run (0-based; the one in progress)
-    batch_in_epoch: int = 0     # batches of `epoch` already consumed (mid-epoch checkpoints)
-    step: int = 0               # optimizer steps done
-    best_metric: float = -1.0
-    best_epoch: int = -1
-    elapsed: float = 0.0        # training seconds over all sessions
-    bad_files: List[str] = dataclasses.field(default_factory=list)  # distinct unreadable training files
-    loss_sum: float = 0.0       # this epoch's partial sums (so a mid-epoch resume reports the whole epoch)
-    loss_n: int = 0
-    seen: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """Values derived from the config, the data and the machine (never written back into the config)."""
-
-    world_size: int
-    effective_batch: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup: int
-    lr: float
-    num_classes: int
-    linear_auto: Optional[str] = None
-    resolved_threads: int = 1
-    workers: int = 0
-    model: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def as_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(d.pop("model"))
-        d["resolved_warmup_steps"] = d.pop("warmup")
-        d["resolved_lr"] = d.pop("lr")
-        return d
 
 
 class _Interrupt:
@@ -129,13 +89,26 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.evaluate_during = evaluate_during
         self.state = TrainState()
-        self.history: List[Dict[str, Any]] = []
+        # the run's parts (model, optimizer, data, plan...): one typed object, built by setup.build_run
+        self.run = Run(cfg=cfg, task=self.task, out_dir=self.out_dir, state=self.state)
         self.stop = False
         self.stop_reason = ""
         self._interrupt = _Interrupt()
-        self.extra_modules: Dict[str, nn.Module] = {}
         self._created_dir = False
         self._started = False
+
+    def __getattr__(self, name: str) -> Any:
+        """The run's parts read through the trainer (``trainer.model``, ``trainer.plan``...): see :class:`Run`."""
+        if name.startswith("__") or name == "run":
+            raise AttributeError(name)
+        run = self.__dict__.get("run")
+        if run is not None and name in run.__dataclass_fields__:
+            return getattr(run, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        return self.run.history
 
     # ------------------------------------------------------------------------------------- public ----
     def fit(self) -> Dict[str, Any]:
@@ -158,16 +131,16 @@ class Trainer:
             raise
         finally:
             self._interrupt.restore()
-            if hasattr(self, "logger"):
-                self.logger.close()
+            if self.run.logger is not None:
+                self.run.logger.close()
             torch.set_num_threads(prev_threads)
 
     def replan(self, total_steps: int, warmup: int) -> None:
         """Re-plan the schedule for ``total_steps`` (e.g. a time budget measured after the first steps)."""
         from slaknet.train.setup import make_scheduler
 
-        self.plan = dataclasses.replace(self.plan, total_steps=int(total_steps), warmup=int(warmup))
-        self.scheduler = make_scheduler(self)
+        self.run.plan = dataclasses.replace(self.plan, total_steps=int(total_steps), warmup=int(warmup))
+        self.run.scheduler = make_scheduler(self.run)
         self.scheduler.step_update(self.state.step)
 
     @property
@@ -176,9 +149,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- setup ----
     def _setup(self) -> None:
-        from slaknet.train.setup import setup_trainer
+        from slaknet.train.setup import build_run
 
-        setup_trainer(self)
+        build_run(self)
 
     # --------------------------------------------------------------------------------------- loop ----
     def _loop(self) -> None:
@@ -221,7 +194,7 @@ class Trainer:
         t_epoch = time.perf_counter()
         n_batches = self.plan.batches_per_epoch - st.batch_in_epoch
         try:
-            for bi, batch in enumerate(self.task.train_batches(self, epoch, st.batch_in_epoch)):
+            for bi, batch in enumerate(self.task.train_batches(self.run, epoch, st.batch_in_epoch)):
                 if bi >= n_batches:
                     break
                 accum_end = (st.batch_in_epoch + 1) % uf == 0
@@ -243,7 +216,7 @@ class Trainer:
 
     def _forward_backward(self, batch: Sequence[torch.Tensor], accum_end: bool, epoch: int, bi: int) -> float:
         dev, uf = self.device, int(self.cfg.update_freq)
-        x, y = self.task.move_batch(self, batch)
+        x, y = self.task.move_batch(self.run, batch)
         if len(batch) > 3 and isinstance(batch[3], torch.Tensor):  # (x, y, unreadable count, first bad index)
             self._new_bad.update(int(i) for i in batch[3].tolist() if int(i) >= 0)
         if self.mix is not None:
@@ -253,7 +226,7 @@ class Trainer:
         no_sync = self.dist.distributed and not accum_end
         with (self.model_ddp.no_sync() if no_sync else nullcontext()):
             with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
-                loss = self.task.training_loss(self, self.model_ddp, x, y)
+                loss = self.task.training_loss(self.run, self.model_ddp, x, y)
             lv = float(loss.detach())
             flags = torch.tensor([0.0 if math.isfinite(lv) else 1.0, 1.0 if self._interrupt.requested else 0.0])
             if self.dist.distributed:
@@ -376,10 +349,10 @@ class Trainer:
             for m in [self.model] + ([self.ema.module] if self.ema is not None else []):
                 recalibrate_bn(m, self.data.train, int(cfg.bn_recalibrate), self.batch_size, self.device,
                                self.autocast, cfg.channels_last)
-        ev = self.task.evaluate(self, self.model, "val")
+        ev = self.task.evaluate(self.run, self.model, "val")
         rec.update({f"val_{k}": v for k, v in ev.items()})
         if self.ema is not None and cfg.model_ema_eval:
-            eve = self.task.evaluate(self, self.ema.module, "val ema")
+            eve = self.task.evaluate(self.run, self.ema.module, "val ema")
             rec.update({f"ema_{k}": v for k, v in eve.items()})
         metric = rec.get(self.task.best_metric)
         if metric is not None and metric > self.state.best_metric:
@@ -421,7 +394,7 @@ class Trainer:
 
     def restore(self, obj: Dict[str, Any]) -> None:
         """Load a training checkpoint into model, optimizer, schedule, scaler, sparse engine, EMA and state."""
-        self.task.check_resume(self, obj)
+        self.task.check_resume(self.run, obj)
         try:
             self.model.load_state_dict(obj["model"], strict=True)
         except RuntimeError as exc:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from slaknet.data import BUILTIN_MEAN, BUILTIN_STD
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slaknet.train.trainer import Trainer
+    from slaknet.train.run import Run
 
 __all__ = ["Task", "TaskData", "collate"]
 
@@ -73,29 +73,29 @@ class Task:
         return self._spec_text("predict_command", "")
 
     # ---- to implement
-    def build_data(self, trainer: "Trainer") -> TaskData:
+    def build_data(self, run: "Run") -> TaskData:
         raise NotImplementedError
 
-    def build_model(self, trainer: "Trainer", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def build_model(self, run: "Run", num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
         """The model and a dict of what was resolved for it (stored in the plan / checkpoint)."""
         raise NotImplementedError
 
     def criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def evaluate(self, trainer: "Trainer", model: nn.Module, desc: str = "val") -> Dict[str, float]:
+    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val") -> Dict[str, float]:
         """Metrics on the held-out data, keyed without prefix (``loss``, ``top1``...)."""
         raise NotImplementedError
 
     # ---- optional
-    def check(self, trainer: "Trainer") -> None:
+    def check(self, run: "Run") -> None:
         """Task-specific one-line ConfigErrors once the data and batch size are known."""
 
     def batch_transform(self) -> Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]]:
         """E.g. Mixup / CutMix on the device batch (None: none)."""
         return None
 
-    def sparse_config(self, trainer: "Trainer", total_steps: int) -> Any:
+    def sparse_config(self, run: "Run", total_steps: int) -> Any:
         """The :class:`slaknet.sparse.SparseConfig` of the run (None: dense): the config's ``sparse`` section
         with the planned step count, and the run's seed where no mask seed is given."""
         import dataclasses
@@ -112,30 +112,30 @@ class Task:
         return dataclasses.replace(sc, total_steps=int(total_steps), seed=int(seed), include=filt(sc.include),
                                    exclude=filt(sc.exclude))
 
-    def snip_batch(self, trainer: "Trainer") -> Tuple[torch.Tensor, torch.Tensor]:
+    def snip_batch(self, run: "Run") -> Tuple[torch.Tensor, torch.Tensor]:
         """The first training batch (fixed order) for SNIP's saliency at initialisation."""
-        ds = trainer.data.train
-        xb, yb = collate([ds[i] for i in range(min(trainer.batch_size, len(ds)))])[:2]
+        ds = run.data.train
+        xb, yb = collate([ds[i] for i in range(min(run.batch_size, len(ds)))])[:2]
         return xb, yb
 
     def collate(self, batch: List[Tuple[Any, ...]]) -> Tuple[Any, ...]:
         """How the default :meth:`train_batches` stacks samples (detection keeps per-image target lists)."""
         return collate(batch)
 
-    def move_batch(self, trainer: "Trainer", batch: Sequence[Any]) -> Tuple[Any, Any]:
+    def move_batch(self, run: "Run", batch: Sequence[Any]) -> Tuple[Any, Any]:
         """``(inputs, targets)`` of a training batch on the trainer's device."""
-        dev = trainer.device
+        dev = run.device
         return batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
 
-    def training_loss(self, trainer: "Trainer", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+    def training_loss(self, run: "Run", model: nn.Module, x: Any, y: Any) -> torch.Tensor:
         """The scalar loss of one (already mixed) batch, inside autocast. ``model`` is the DDP-wrapped model.
 
         Override when the loss needs more than ``criterion(model(x), y)``: a teacher (distillation), a
         model that computes its own losses (torchvision detection), auxiliary heads (segmentation).
         """
-        return trainer.criterion(model(x), y)
+        return run.criterion(model(x), y)
 
-    def extra_modules(self, trainer: "Trainer") -> Dict[str, nn.Module]:
+    def extra_modules(self, run: "Run") -> Dict[str, nn.Module]:
         """Trainable modules outside the model (e.g. a feature-distillation projection).
 
         The trainer moves them to the device, optimizes their parameters with the model's (optimizer
@@ -144,35 +144,35 @@ class Task:
         """
         return {}
 
-    def param_groups(self, trainer: "Trainer", model: nn.Module) -> Optional[List[Dict[str, Any]]]:
+    def param_groups(self, run: "Run", model: nn.Module) -> Optional[List[Dict[str, Any]]]:
         """Optimizer parameter groups of ``model`` (None: the trainer's weight-decay groups). A group may carry
         ``lr_scale`` (timm's schedulers multiply the scheduled lr by it), e.g. layer-wise lr decay."""
         return None
 
-    def build_scheduler(self, trainer: "Trainer", optimizer: torch.optim.Optimizer, total_steps: int,
+    def build_scheduler(self, run: "Run", optimizer: torch.optim.Optimizer, total_steps: int,
                         warmup: int) -> Any:
         """The per-step lr schedule (None: the trainer's warm-up + cosine). Must have ``step_update(step)``
         and ``state_dict()``, like timm's schedulers."""
         return None
 
-    def check_resume(self, trainer: "Trainer", checkpoint: Dict[str, Any]) -> None:
+    def check_resume(self, run: "Run", checkpoint: Dict[str, Any]) -> None:
         """Refuse (one-line CheckpointError) a training checkpoint this task cannot continue, e.g. one made
         with another teacher. Called before any state is loaded."""
 
-    def num_train_samples(self, trainer: "Trainer") -> int:
-        return len(trainer.data.train)
+    def num_train_samples(self, run: "Run") -> int:
+        return len(run.data.train)
 
-    def train_batches(self, trainer: "Trainer", epoch: int, skip_batches: int) -> Iterable[Tuple[torch.Tensor, ...]]:
+    def train_batches(self, run: "Run", epoch: int, skip_batches: int) -> Iterable[Tuple[torch.Tensor, ...]]:
         """Training batches of ``epoch`` from batch ``skip_batches`` on (resume in the middle of an epoch)."""
         from slaknet.train.samplers import SkipSampler
 
-        sampler = trainer.sampler
+        sampler = run.sampler
         sampler.set_epoch(epoch)
         gen = torch.Generator()
         gen.manual_seed(int(self.cfg.seed) * 7919 + epoch)
-        return DataLoader(trainer.data.train, batch_size=trainer.batch_size,
-                          sampler=SkipSampler(sampler, skip_batches * trainer.batch_size),
-                          num_workers=trainer.workers, pin_memory=trainer.pin_memory, drop_last=True,
+        return DataLoader(run.data.train, batch_size=run.batch_size,
+                          sampler=SkipSampler(sampler, skip_batches * run.batch_size),
+                          num_workers=run.workers, pin_memory=run.pin_memory, drop_last=True,
                           collate_fn=self.collate, generator=gen, persistent_workers=False)
 
     @classmethod
@@ -184,6 +184,6 @@ class Task:
         """Extra header words (e.g. the augmentation used)."""
         return ""
 
-    def metadata(self, trainer: "Trainer") -> Dict[str, str]:
+    def metadata(self, run: "Run") -> Dict[str, str]:
         """String metadata for ``model.safetensors`` (beside the trainer's own keys)."""
         return {}
