@@ -282,3 +282,33 @@ def test_header_says_how_many_large_kernel_weights_are_sparse(tmp_path, capsys):
         train(config_from_argv(TINY + ["--max-steps", "1", "-o", out] + extra))
         header = [line for line in capsys.readouterr().out.splitlines() if "sparse layers:" in line]
         assert len(header) == 1 and expected in header[0], header
+
+
+# ------------------------------------------------------------------------------------ exact resume ----
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_mid_epoch_with_data_workers_is_exact(tmp_path, monkeypatch, workers):
+    """Random crops / flips made in worker processes, a SIGKILL mid-epoch, --auto-resume: the same weights."""
+    from conftest import run_killed_at_step
+
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # the two processes must use the same 1x1 GEMM
+    data = str(tmp_path / "data")
+    _folder(data, side=40, n=8, corrupt=False)
+    args = ["--data", data, "--recipe", "small", "--input-size", "32", "-b", "4", "--epochs", "2", "-j",
+            str(workers), "--ckpt-every-steps", "1", "--seed", "2", "--threads", "1", "--progress", "false",
+            "--tensorboard", "false", "--no-sparse"]
+    ref = str(tmp_path / "ref")
+    train(config_from_argv(args + ["-o", ref]))
+    out = str(tmp_path / "killed")
+    proc = run_killed_at_step("from slaknet.train.config import config_from_argv\ncfg = config_from_argv(argv)",
+                              [*args, "-o", out], step=5)  # 4 steps an epoch: killed in the second epoch
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert mid["epoch"] == 1 and mid["batch_in_epoch"] == 1
+    train(config_from_argv(args + ["-o", out, "--auto-resume"]))
+    a = torch.load(os.path.join(ref, "checkpoint-last.pth"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
