@@ -14,7 +14,7 @@ import torch
 
 from conftest import subprocess_env
 from slaknet.cli import main as cli_main
-from slaknet.errors import ConfigError
+from slaknet.errors import CheckpointError, ConfigError
 from slaknet.train.engine import train
 from slaknet.train.config import config_from_argv
 
@@ -312,3 +312,20 @@ def test_resume_mid_epoch_with_data_workers_is_exact(tmp_path, monkeypatch, work
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
+
+
+def test_auto_resume_of_a_finished_run_changes_nothing_and_other_tasks_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    args = TINY + ["--epochs", "1", "--max-steps", "1000", "-o", out]
+    first = train(config_from_argv(args))
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in ("checkpoint-last.pth", "summary.json",
+                                                                  "model.safetensors", "log.jsonl")}
+    capsys.readouterr()
+    again = train(config_from_argv(args + ["--auto-resume"]))
+    err = capsys.readouterr().err
+    assert "is finished (1/1 epochs): nothing to do" in err and again["already_finished"] is True
+    assert again["final_top1"] == first["final_top1"]
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in before} == before
+    with pytest.raises(CheckpointError, match="checkpoint of a classification run, not distillation"):
+        train(config_from_argv(args + ["--auto-resume", "--teacher-checkpoint", os.path.join(out, "model.safetensors")],
+                               "distillation"))
