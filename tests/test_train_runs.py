@@ -329,3 +329,21 @@ def test_auto_resume_of_a_finished_run_changes_nothing_and_other_tasks_are_refus
     with pytest.raises(CheckpointError, match="checkpoint of a classification run, not distillation"):
         train(config_from_argv(args + ["--auto-resume", "--teacher-checkpoint", os.path.join(out, "model.safetensors")],
                                "distillation"))
+
+
+def test_too_small_input_and_single_class_folders_are_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="--input-size 16 is smaller than slak_pico's total stride 32"):
+        config_from_argv(["--input-size", "16", "-o", str(out)])
+    assert cli_main(["train", "--input-size", "24", "-o", str(out)]) == 2
+    assert "total stride 32" in capsys.readouterr().err and not out.exists()
+    data = str(tmp_path / "one")
+    _folder(data, side=40, n=4, corrupt=False)
+    import shutil
+
+    for split in ("train", "val"):
+        shutil.rmtree(os.path.join(data, split, "dog"))
+    assert cli_main(["train", "--data", data, "--input-size", "32", "-b", "2", "-j", "0", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has 1 class ('cat'): classification needs at least 2" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # the folder made for the run is removed again

@@ -140,6 +140,12 @@ class ClassificationTask(Task):
         return nn.CrossEntropyLoss()
 
     def check(self, run: "Run") -> None:
+        classes = list(run.data.classes)
+        if len(classes) < 2:
+            where = self.cfg.data.source
+            raise ConfigError(f"{where} has {len(classes)} class{'' if len(classes) == 1 else 'es'} "
+                              f"({', '.join(map(repr, classes)) or 'none'}): classification needs at least 2 "
+                              "(one sub-folder per class under train/ and val/)")
         if self._mixing() and run.batch_size % 2:
             raise ConfigError(f"mixup/cutmix need an even --batch-size, got {run.batch_size}")
 
