@@ -3,6 +3,7 @@ recipes (issue 17). Tiny runs: slak_pico at 32 px, 64 images."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -125,12 +126,13 @@ def _folder(root, side=40, n=6, corrupt=True):
             f.write(b"\xff\xd8\xff\xe0 truncated")
 
 
-def test_corrupt_file_counted_once_over_epochs_and_stored(tmp_path, capsys):
+def test_corrupt_file_counted_once_over_epochs_and_stored(tmp_path, capsys, caplog):
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     _folder(data)
-    with pytest.warns(UserWarning, match="broken.jpg"):
+    with caplog.at_level(logging.WARNING, logger="slaknet.train"):
         s = train(config_from_argv(["--data", data, "--input-size", "32", "-b", "4", "--epochs", "3", "-j", "0",
                                     "--progress", "false", "--tensorboard", "false", "-o", out]))
+    assert "broken.jpg" in caplog.text and "UserWarning" not in caplog.text  # one logged line
     assert s["bad_images"] == 1 and s["bad_files"] == [os.path.join(data, "train", "cat", "broken.jpg")]
     assert [r["bad_images"] for r in _log(out)] == [1, 1, 1]
     assert "skipped 1 unreadable file" in capsys.readouterr().out
@@ -347,3 +349,26 @@ def test_too_small_input_and_single_class_folders_are_refused_before_anything_is
     err = capsys.readouterr().err
     assert "has 1 class ('cat'): classification needs at least 2" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # the folder made for the run is removed again
+
+
+def test_user_mistakes_are_one_line_with_the_fix_named(tmp_path, capsys):
+    from slaknet.checkpoints.reader import read_checkpoint
+
+    assert cli_main(["train", "--data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "r")]) == 2
+    assert "data folder" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    good = tmp_path / "ok.pth"
+    torch.save({"model": {"w": torch.ones(3)}}, good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="damaged or not a PyTorch checkpoint .*copy or download it again"):
+        read_checkpoint(str(tmp_path / "cut.pth"))
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path / "run")
+    train(config_from_argv(TINY + ["--epochs", "1", "--max-steps", "1", "-o", out]))
+    from slaknet.data import InsidenessDataset, dump_pngs
+
+    dump_pngs(InsidenessDataset("val", 1, 32), str(tmp_path / "imgs"), 1)
+    png = next((tmp_path / "imgs").glob("*.png"))
+    capsys.readouterr()
+    rc = cli_main(["predict", str(tmp_path / "bad.jpg"), str(png), "--checkpoint", os.path.join(out, "model.safetensors")])
+    captured = capsys.readouterr()
+    assert rc == 2 and str(png) in captured.out and "could not be read" in captured.err  # the good one is done

@@ -60,6 +60,8 @@ def _torchvision(cfg: Any, what: str, train_tf: Any, eval_tf: Any) -> Tuple[Any,
 
 def _folder(cfg: Any, root: str, train_tf: Any, eval_tf: Any) -> Tuple[Any, Any, list]:
     train_root = os.path.join(root, "train")
+    if not os.path.exists(root):
+        raise ConfigError(f"data folder {root!r} does not exist")
     if not os.path.isdir(train_root):
         raise ConfigError(f"{root!r} has no train/ folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
     val_root = cfg.eval_data or os.path.join(root, "val")
