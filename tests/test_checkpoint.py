@@ -1,6 +1,7 @@
 """Official-checkpoint compatibility: exact keys, release formats, old names, inference, clear errors."""
 import argparse
 import collections
+import os
 
 import pytest
 import torch
@@ -185,3 +186,54 @@ def test_single_kernel_and_mixed_stage_checkpoints(tmp_path):
         loaded = slaknet.create_model("slak_pico", checkpoint=tmp_path / "mixed_fused.pth").eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), fused(x))
+
+
+def test_identical_tensors_give_identical_safetensors_files_with_the_umask_mode(tmp_path):
+    """Two processes (hash-ordered headers differ between processes) write the same bytes; mode follows umask."""
+    import hashlib
+    import stat
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = ("import sys, torch\nfrom slaknet.checkpoints.writer import write_safetensors\n"
+              "write_safetensors({'w': torch.arange(6.).view(2, 3), 'b': torch.ones(2)}, sys.argv[1],"
+              " {'model': 'slak_pico', 'classes': '[\"a\", \"b\"]', 'input_size': 64, 'zeta': 'z'})\n")
+    digests = set()
+    for i in range(2):
+        path = tmp_path / f"m{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=subprocess_env())
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        mask = os.umask(0)
+        os.umask(mask)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m0.safetensors"), "pt") as f:
+        assert f.metadata()["input_size"] == "64" and torch.equal(f.get_tensor("w"), torch.arange(6.).view(2, 3))
+
+
+def test_named_model_must_fit_the_file_and_pretrained_cfg_follows_it(tmp_path):
+    from timm.data import resolve_data_config
+
+    from slaknet.checkpoints.writer import write_safetensors
+
+    pico = slaknet.create_model("slak_pico", num_classes=3, kernel_size=(15, 7, 7, 7))
+    path = str(tmp_path / "pico.safetensors")
+    write_safetensors(pico.state_dict(), path, {"model": "slak_pico", "input_size": 48, "classes": '["a", "b", "c"]',
+                                                "mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]"})
+    for wrong in ("slak_tiny", "slak_pico_k7"):  # other depths / widths; the same widths but 7x7 blocks
+        with pytest.raises(CheckpointError, match=f"does not fit --model {wrong}: it looks like slak_pico"):
+            slaknet.create_model(wrong, checkpoint=path)
+    model = slaknet.create_model("slak_pico", checkpoint=path)
+    data = resolve_data_config({}, model=model)
+    assert data["input_size"] == (3, 48, 48) and data["mean"] == (0.5, 0.5, 0.5) and data["std"] == (0.25,) * 3
+    assert model.pretrained_cfg["num_classes"] == 3 and model.pretrained_cfg["label_names"] == ("a", "b", "c")
+    k7 = slaknet.create_model("slak_pico_k7", num_classes=3)
+    path7 = str(tmp_path / "k7.safetensors")
+    write_safetensors(k7.state_dict(), path7, {"model": "slak_pico_k7"})
+    assert slaknet.create_model("slak_pico_k7", checkpoint=path7).kernel_sizes == k7.kernel_sizes
+    with pytest.raises(CheckpointError, match="it looks like slak_pico_k7"):
+        slaknet.create_model("slak_pico", checkpoint=path7)

@@ -126,3 +126,11 @@ def test_slak_pico_strip_form_counts_all_strips():
         size = 128 // 4 // 2 ** i
         small += d * wd * _hand_inbounds(5, 5, size, size)
     assert strips.macs_inbounds == train.macs_inbounds - small
+
+
+def test_counts_print_in_units_that_fit():
+    from slaknet.analysis.counting import count_model, human_count
+
+    assert [human_count(n) for n in (7, 1234, 1_082_050, 8_110_000_000)] == ["7", "1.23 K", "1.08 M", "8.11 G"]
+    text = count_model(slaknet.create_model("slak_pico"), 32).table()
+    assert "0.00 G" not in text and " M" in text  # a 32 px slak_pico has a few million MACs, not "0.00 G"

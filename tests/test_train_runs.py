@@ -3,6 +3,7 @@ recipes (issue 17). Tiny runs: slak_pico at 32 px, 64 images."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 from conftest import subprocess_env
 from slaknet.cli import main as cli_main
-from slaknet.errors import ConfigError
+from slaknet.errors import CheckpointError, ConfigError
 from slaknet.train.engine import train
 from slaknet.train.config import config_from_argv
 
@@ -125,12 +126,13 @@ def _folder(root, side=40, n=6, corrupt=True):
             f.write(b"\xff\xd8\xff\xe0 truncated")
 
 
-def test_corrupt_file_counted_once_over_epochs_and_stored(tmp_path, capsys):
+def test_corrupt_file_counted_once_over_epochs_and_stored(tmp_path, capsys, caplog):
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     _folder(data)
-    with pytest.warns(UserWarning, match="broken.jpg"):
+    with caplog.at_level(logging.WARNING, logger="slaknet.train"):
         s = train(config_from_argv(["--data", data, "--input-size", "32", "-b", "4", "--epochs", "3", "-j", "0",
                                     "--progress", "false", "--tensorboard", "false", "-o", out]))
+    assert "broken.jpg" in caplog.text and "UserWarning" not in caplog.text  # one logged line
     assert s["bad_images"] == 1 and s["bad_files"] == [os.path.join(data, "train", "cat", "broken.jpg")]
     assert [r["bad_images"] for r in _log(out)] == [1, 1, 1]
     assert "skipped 1 unreadable file" in capsys.readouterr().out
@@ -282,3 +284,91 @@ def test_header_says_how_many_large_kernel_weights_are_sparse(tmp_path, capsys):
         train(config_from_argv(TINY + ["--max-steps", "1", "-o", out] + extra))
         header = [line for line in capsys.readouterr().out.splitlines() if "sparse layers:" in line]
         assert len(header) == 1 and expected in header[0], header
+
+
+# ------------------------------------------------------------------------------------ exact resume ----
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_mid_epoch_with_data_workers_is_exact(tmp_path, monkeypatch, workers):
+    """Random crops / flips made in worker processes, a SIGKILL mid-epoch, --auto-resume: the same weights."""
+    from conftest import run_killed_at_step
+
+    monkeypatch.setenv("SLAKNET_LINEAR", "onednn")  # the two processes must use the same 1x1 GEMM
+    data = str(tmp_path / "data")
+    _folder(data, side=40, n=8, corrupt=False)
+    args = ["--data", data, "--recipe", "small", "--input-size", "32", "-b", "4", "--epochs", "2", "-j",
+            str(workers), "--ckpt-every-steps", "1", "--seed", "2", "--threads", "1", "--progress", "false",
+            "--tensorboard", "false", "--no-sparse"]
+    ref = str(tmp_path / "ref")
+    train(config_from_argv(args + ["-o", ref]))
+    out = str(tmp_path / "killed")
+    proc = run_killed_at_step("from slaknet.train.config import config_from_argv\ncfg = config_from_argv(argv)",
+                              [*args, "-o", out], step=5)  # 4 steps an epoch: killed in the second epoch
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    mid = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert mid["epoch"] == 1 and mid["batch_in_epoch"] == 1
+    train(config_from_argv(args + ["-o", out, "--auto-resume"]))
+    a = torch.load(os.path.join(ref, "checkpoint-last.pth"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [h["val_top1"] for h in a["history"]] == [h["val_top1"] for h in b["history"]]
+
+
+def test_auto_resume_of_a_finished_run_changes_nothing_and_other_tasks_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    args = TINY + ["--epochs", "1", "--max-steps", "1000", "-o", out]
+    first = train(config_from_argv(args))
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in ("checkpoint-last.pth", "summary.json",
+                                                                  "model.safetensors", "log.jsonl")}
+    capsys.readouterr()
+    again = train(config_from_argv(args + ["--auto-resume"]))
+    err = capsys.readouterr().err
+    assert "is finished (1/1 epochs): nothing to do" in err and again["already_finished"] is True
+    assert again["final_top1"] == first["final_top1"]
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in before} == before
+    with pytest.raises(CheckpointError, match="checkpoint of a classification run, not distillation"):
+        train(config_from_argv(args + ["--auto-resume", "--teacher-checkpoint", os.path.join(out, "model.safetensors")],
+                               "distillation"))
+
+
+def test_too_small_input_and_single_class_folders_are_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="--input-size 16 is smaller than slak_pico's total stride 32"):
+        config_from_argv(["--input-size", "16", "-o", str(out)])
+    assert cli_main(["train", "--input-size", "24", "-o", str(out)]) == 2
+    assert "total stride 32" in capsys.readouterr().err and not out.exists()
+    data = str(tmp_path / "one")
+    _folder(data, side=40, n=4, corrupt=False)
+    import shutil
+
+    for split in ("train", "val"):
+        shutil.rmtree(os.path.join(data, split, "dog"))
+    assert cli_main(["train", "--data", data, "--input-size", "32", "-b", "2", "-j", "0", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has 1 class ('cat'): classification needs at least 2" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # the folder made for the run is removed again
+
+
+def test_user_mistakes_are_one_line_with_the_fix_named(tmp_path, capsys):
+    from slaknet.checkpoints.reader import read_checkpoint
+
+    assert cli_main(["train", "--data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "r")]) == 2
+    assert "data folder" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    good = tmp_path / "ok.pth"
+    torch.save({"model": {"w": torch.ones(3)}}, good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="damaged or not a PyTorch checkpoint .*copy or download it again"):
+        read_checkpoint(str(tmp_path / "cut.pth"))
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path / "run")
+    train(config_from_argv(TINY + ["--epochs", "1", "--max-steps", "1", "-o", out]))
+    from slaknet.data import InsidenessDataset, dump_pngs
+
+    dump_pngs(InsidenessDataset("val", 1, 32), str(tmp_path / "imgs"), 1)
+    png = next((tmp_path / "imgs").glob("*.png"))
+    capsys.readouterr()
+    rc = cli_main(["predict", str(tmp_path / "bad.jpg"), str(png), "--checkpoint", os.path.join(out, "model.safetensors")])
+    captured = capsys.readouterr()
+    assert rc == 2 and str(png) in captured.out and "could not be read" in captured.err  # the good one is done

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import threading
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -314,7 +313,8 @@ class SafeImageFolder(Dataset):
                 first = (index + k) % n if first < 0 else first
                 if path not in self.bad_files:
                     self.bad_files.append(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}")
+                    log.warning("skipping unreadable image %s: %s: %s", path, type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
                 continue
             x = self.transform(img) if self.transform is not None else img
             if self.with_index:

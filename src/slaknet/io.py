@@ -28,10 +28,11 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
-    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; a written file should get the usual umask mode
     try:
         yield tmp
         if os.path.isfile(tmp):
+            # mkstemp makes 0600 (and some writers re-create the file): give it the usual umask mode
+            os.chmod(tmp, _default_mode())
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)

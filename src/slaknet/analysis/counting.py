@@ -26,7 +26,15 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["Counts", "count_model", "conv_tap_coverage"]
+__all__ = ["Counts", "count_model", "conv_tap_coverage", "human_count"]
+
+
+def human_count(n: float) -> str:
+    """A count in the unit that fits it (never ``0.00 G``): ``12.35 K``, ``65.00 M``, ``8.11 G``."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)}"
 
 
 @dataclass
@@ -43,16 +51,17 @@ class Counts:
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
 
+
     def table(self) -> str:
         """Human-readable summary."""
         label = f"at {self.sparsity:.0%} sparsity (uniform over conv+linear)" if self.sparsity else "non-zero"
         rows = [
-            ("parameters (dense)", f"{self.params / 1e6:.2f} M"),
-            (f"parameters {label}", f"{self.params_nonzero / 1e6:.2f} M"),
-            (f"MACs dense, padded taps @ {self.input_size[0]}x{self.input_size[1]}", f"{self.macs_dense / 1e9:.2f} G"),
-            ("MACs dense, in-bounds taps", f"{self.macs_inbounds / 1e9:.2f} G"),
-            (f"MACs {label}, padded taps", f"{self.macs_nonzero_padded / 1e9:.2f} G"),
-            (f"MACs {label}, in-bounds", f"{self.macs_nonzero / 1e9:.2f} G"),
+            ("parameters (dense)", human_count(self.params)),
+            (f"parameters {label}", human_count(self.params_nonzero)),
+            (f"MACs dense, padded taps @ {self.input_size[0]}x{self.input_size[1]}", human_count(self.macs_dense)),
+            ("MACs dense, in-bounds taps", human_count(self.macs_inbounds)),
+            (f"MACs {label}, padded taps", human_count(self.macs_nonzero_padded)),
+            (f"MACs {label}, in-bounds", human_count(self.macs_nonzero)),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in rows)

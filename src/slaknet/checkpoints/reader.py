@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Union
 
@@ -64,10 +65,13 @@ def read_checkpoint(path: PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not a weights-only PyTorch checkpoint ({first_line(exc)}). "
-            "slaknet never unpickles arbitrary objects; re-save the state dict alone "
-            "(torch.save(model.state_dict(), ...)) or as safetensors") from exc
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc).replace(" ", "_").lower():
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds pickled Python objects, not only tensors; slaknet never unpickles arbitrary objects; re-save the state dict alone "
+                "(torch.save(model.state_dict(), ...)) or as safetensors") from exc
+        reason = first_line(exc).split(". ")[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a PyTorch checkpoint "
+                              f"({reason}); copy or download it again") from exc
 
 
 def normalize_key(key: str) -> str:

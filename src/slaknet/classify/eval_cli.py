@@ -71,6 +71,12 @@ def set_threads(threads: Optional[str]) -> None:
         torch.set_num_threads(n)
 
 
+def _names(classes: Sequence[str], at_most: int = 6) -> str:
+    """``a, b, c`` (and ``... N in all`` for long lists), for one-line messages."""
+    names = [str(c) for c in classes]
+    return ", ".join(names[:at_most]) + (f", ... {len(names)} in all" if len(names) > at_most else "")
+
+
 def load_model_for_inference(checkpoint: str, model_name: Optional[str] = None, use_ema: Optional[bool] = None
                              ) -> Tuple["torch.nn.Module", "TrainingInfo", str]:
     """``(model in eval mode, training info, architecture name)`` for ``checkpoint`` (see
@@ -119,7 +125,8 @@ def _dataset(data: str, info: "TrainingInfo", args: argparse.Namespace, size: in
     ds = SafeImageFolder(root, inference_transform(size, args.crop_pct or info.crop_pct, mean, std, False),
                          report_bad=True)
     if info.classes and list(info.classes) != list(ds.classes):
-        raise ConfigError(f"class folders of {data} differ from the classes the checkpoint was trained on")
+        raise ConfigError(f"the class folders of {data} ({_names(ds.classes)}) differ from the classes the "
+                          f"checkpoint was trained on ({_names(info.classes)})")
     return ds, list(ds.classes)
 
 

@@ -117,5 +117,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"slaknet predict: skipped: {reason}", file=sys.stderr)
     if bad:
         print(f"slaknet predict: {len(bad)} of {len(args.images)} images could not be read", file=sys.stderr)
-        return 1
+        return 2  # a user's file: the exit code of every user mistake
     return 0

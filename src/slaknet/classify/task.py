@@ -60,6 +60,8 @@ def _torchvision(cfg: Any, what: str, train_tf: Any, eval_tf: Any) -> Tuple[Any,
 
 def _folder(cfg: Any, root: str, train_tf: Any, eval_tf: Any) -> Tuple[Any, Any, list]:
     train_root = os.path.join(root, "train")
+    if not os.path.exists(root):
+        raise ConfigError(f"data folder {root!r} does not exist")
     if not os.path.isdir(train_root):
         raise ConfigError(f"{root!r} has no train/ folder (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
     val_root = cfg.eval_data or os.path.join(root, "val")
@@ -140,6 +142,12 @@ class ClassificationTask(Task):
         return nn.CrossEntropyLoss()
 
     def check(self, run: "Run") -> None:
+        classes = list(run.data.classes)
+        if len(classes) < 2:
+            where = self.cfg.data.source
+            raise ConfigError(f"{where} has {len(classes)} class{'' if len(classes) == 1 else 'es'} "
+                              f"({', '.join(map(repr, classes)) or 'none'}): classification needs at least 2 "
+                              "(one sub-folder per class under train/ and val/)")
         if self._mixing() and run.batch_size % 2:
             raise ConfigError(f"mixup/cutmix need an even --batch-size, got {run.batch_size}")
 

@@ -18,7 +18,7 @@ from slaknet.models.checkpoint import (ArchSpec, describe_model, describe_state_
 from slaknet.models.slak import MODEL_SPECS
 
 __all__ = ["create_model", "list_models", "reparameterize_model", "guess_variant", "architecture_name",
-           "check_variant", "model_for_state_dict", "model_from_checkpoint"]
+           "check_variant", "model_for_state_dict", "model_from_checkpoint", "set_pretrained_cfg"]
 
 log = logging.getLogger(__name__)
 _WIDTH_FACTORS = (1.0, 1.3, 1.5, 2.0)
@@ -29,15 +29,31 @@ def list_models() -> List[str]:
     return list(MODEL_SPECS)
 
 
+def _single_kernel(name: str) -> bool:
+    """Whether variant ``name`` has one M x M kernel per block (the ``_k7`` twins) rather than SLaK's branches."""
+    return "small_kernel" in MODEL_SPECS[name] and MODEL_SPECS[name]["small_kernel"] is None
+
+
+def _same_kind(name: str, spec: ArchSpec) -> bool:
+    """Same block kind (single kernel vs large + small branches); a dense-merged file cannot tell."""
+    return spec.reparameterized == "dense" or _single_kernel(name) == (spec.small_kernel is None)
+
+
 def guess_variant(spec: ArchSpec) -> Tuple[Optional[str], Optional[float]]:
-    """The registered variant and width factor whose depths and widths equal the checkpoint's, if any."""
+    """The registered variant and width factor whose depths, widths and block kind equal the checkpoint's (the
+    depths and widths alone where no variant has its block kind), if any."""
+    fits = []
     for name, s in MODEL_SPECS.items():
         if tuple(s["depths"]) != spec.depths:
             continue
         for wf in _WIDTH_FACTORS:
             if tuple(int(d * wf) for d in s["dims"]) == spec.widths:
-                return name, wf
-    return None, None
+                fits.append((name, wf))
+                break
+    for name, wf in fits:
+        if _same_kind(name, spec):
+            return name, wf
+    return fits[0] if fits else (None, None)
 
 
 def architecture_name(spec: ArchSpec) -> str:
@@ -61,7 +77,7 @@ def check_variant(name: str, spec: ArchSpec, source: str = "the checkpoint") -> 
         create_model(name)  # the one-line "unknown model" error with suggestions
     depths = tuple(MODEL_SPECS[name]["depths"])
     widths_fit = any(tuple(int(d * wf) for d in MODEL_SPECS[name]["dims"]) == spec.widths for wf in _WIDTH_FACTORS)
-    if depths != spec.depths or not widths_fit:
+    if depths != spec.depths or not widths_fit or not _same_kind(name, spec):
         raise CheckpointError(f"{source} does not fit --model {name}: it looks like {architecture_name(spec)}; "
                               "leave --model out to use the checkpoint's own architecture")
 
@@ -81,10 +97,33 @@ def create_model(name: str, checkpoint: Optional[Union[str, os.PathLike]] = None
         raise ConfigError(f"unknown model '{name}'{hint} (available: {', '.join(MODEL_SPECS)})")
     if checkpoint is None:
         return _build(name, **overrides)
-    sd = extract_state_dict(read_checkpoint(checkpoint), use_ema=use_ema)
+    path = os.fspath(checkpoint)
+    obj = read_checkpoint(path)
+    sd = extract_state_dict(obj, use_ema=use_ema)
+    check_variant(name, describe_state_dict(sd), source=path)
     model = model_for_state_dict(name, sd, **overrides)
+    set_pretrained_cfg(model, read_training_info(path, obj))
     log.info("loaded %s: %s", checkpoint, describe_model(model).summary())
     return model
+
+
+def set_pretrained_cfg(model: nn.Module, info: TrainingInfo) -> None:
+    """Make ``model.pretrained_cfg`` (what timm's ``resolve_data_config`` reads) say what the checkpoint was
+    trained with: input size, classes, normalisation, crop."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    in_chans = int(cfg.get("input_size", (3,))[0])
+    if info.input_size:
+        cfg["input_size"] = (in_chans, int(info.input_size), int(info.input_size))
+    if info.mean is not None and info.std is not None:
+        cfg["mean"], cfg["std"] = tuple(info.mean), tuple(info.std)
+    if info.crop_pct is not None:
+        cfg["crop_pct"] = float(info.crop_pct)
+    cfg["num_classes"] = int(getattr(model, "num_classes", cfg.get("num_classes", 0)) or 0)
+    if info.classes:
+        cfg["label_names"] = tuple(info.classes)
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = cfg
 
 
 def model_for_state_dict(name: str, sd: Mapping[str, Any], **overrides: Any) -> nn.Module:
@@ -126,6 +165,7 @@ def model_from_checkpoint(checkpoint: Union[str, os.PathLike], name: Optional[st
         check_variant(name, spec, source=path)
     base = name or guess_variant(spec)[0] or (info.model if info.model in MODEL_SPECS else None) or "slak_tiny"
     model = model_for_state_dict(base, sd)
+    set_pretrained_cfg(model, info)
     return model.eval(), info, architecture_name(spec)
 
 

@@ -215,10 +215,24 @@ def _build(spec: TaskSpec, flat: Mapping[str, Any], recipe: str, config_file: Op
     trial = dataclasses.replace(objs["sparse"], total_steps=objs["sparse"].total_steps or 1)
     trial.validate()  # the engine's own cross-field rules (the step count is the trainer's)
     cfg = Config(task_name=spec.name, recipe=recipe, config=config_file, **objs)
+    _check_input_size(cfg)
     check = getattr(cfg.task, "check_config", None)
     if callable(check):
         check(cfg)
     return cfg
+
+
+# a SLaK network downsamples by 4 in its stem and by 2 three times: 32 px is the smallest input with one pixel
+# in the last stage
+SLAK_TOTAL_STRIDE = 32
+
+
+def _check_input_size(cfg: Config) -> None:
+    """The input must reach the model's last stage: checked here, before any folder is made."""
+    name = str(cfg.model.name)
+    if name.startswith("slak_") and int(cfg.data.input_size) < SLAK_TOTAL_STRIDE:
+        raise ConfigError(f"--input-size {cfg.data.input_size} is smaller than {name}'s total stride "
+                          f"{SLAK_TOTAL_STRIDE}: use --input-size {SLAK_TOTAL_STRIDE} or more")
 
 
 def _finish(spec: TaskSpec, flat: Dict[str, Any]) -> None:

@@ -18,7 +18,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.config import Config
     from slaknet.train.tasks.base import Task, TaskData
 
-__all__ = ["Run", "TrainState", "RunPlan", "ResumePoint"]
+__all__ = ["Run", "TrainState", "RunPlan", "ResumePoint", "RunFinished"]
+
+
+class RunFinished(Exception):
+    """Resuming a run that has done all its epochs: nothing to train, nothing rewritten."""
 
 
 @dataclasses.dataclass

@@ -76,6 +76,8 @@ def _resume_source(tr: "Trainer") -> Optional[ResumePoint]:
     if out and not path and cfg.auto_resume and os.path.isfile(os.path.join(out, CKPT_LAST)):
         path = os.path.join(out, CKPT_LAST)
     resumed = ckpt_io.load_training_checkpoint(path) if path else None
+    if resumed is not None:
+        _check_resumable(tr, path, resumed)
     if out and tr.run.dist.is_main:
         tr._created_dir = prepare_output_dir(out, resuming=resumed is not None, overwrite=bool(cfg.overwrite))
     barrier()
@@ -86,6 +88,21 @@ def _resume_source(tr: "Trainer") -> Optional[ResumePoint]:
                 raise CheckpointError(f"resume: {k} was {old[k]!r} in the checkpoint, now {cfg[k]!r}; "
                                       "resume with the same settings (or start a new --output-dir)")
     return ResumePoint(path, resumed) if resumed is not None else None
+
+
+def _check_resumable(tr: "Trainer", path: str, resumed: Dict[str, Any]) -> None:
+    """Refuse a checkpoint of another task; stop (:class:`RunFinished`, nothing written) when the run is done."""
+    from slaknet.train.run import RunFinished
+
+    old = resumed.get("config") or {}
+    task = str(old.get("task") or "classification")
+    if task != tr.cfg.task_name:
+        raise CheckpointError(f"{path} is a checkpoint of a {task} run, not {tr.cfg.task_name}: start a new "
+                              "--output-dir (or resume it with its own command)")
+    done = int(resumed.get("epoch", 0) or 0)
+    if done >= int(tr.cfg.epochs) and not int(resumed.get("batch_in_epoch", 0) or 0):
+        raise RunFinished(f"the run in {os.path.dirname(path) or '.'} is finished ({done}/{tr.cfg.epochs} epochs): "
+                          "nothing to do (--epochs N to train further, --overwrite to start afresh)")
 
 
 def _pin_machine_choices(run: "Run", resumed: Optional[Dict[str, Any]]) -> Optional[str]:

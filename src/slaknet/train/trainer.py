@@ -8,7 +8,9 @@ unreadable-file counting, logs (JSON lines, TensorBoard, progress, curves, summa
 Determinism: at the start of every epoch all RNGs are re-seeded from ``(seed, epoch, rank)`` and the data
 order is a function of ``(seed, epoch)``, so resuming from an epoch-end checkpoint replays exactly what an
 uninterrupted run does. Mid-epoch checkpoints (``--ckpt-every-steps``, Ctrl-C) also store the RNG states,
-the position in the epoch and the epoch's partial loss sums; with ``--num-workers 0`` they resume exactly.
+the position in the epoch and the epoch's partial loss sums; items made by data-loader workers are a function of
+``(seed, epoch, index)`` (:class:`slaknet.train.samplers.SeededItems`), so mid-epoch resumes are exact with any
+number of workers.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from slaknet.train.distributed import all_reduce_sum, barrier
 from slaknet.train.logs import StepProgress
 from slaknet.train.machine import seed_everything
 from slaknet.train.rundir import CKPT_BEST, CKPT_LAST, remove_created_dir, resume_command
-from slaknet.train.run import Run, RunPlan, TrainState
+from slaknet.train.run import Run, RunFinished, RunPlan, TrainState
 
 __all__ = ["Trainer", "TrainState", "RunPlan", "Run", "Callback", "NonFiniteLossError"]
 
@@ -116,7 +118,10 @@ class Trainer:
         prev_threads = torch.get_num_threads()
         self._interrupt.install()
         try:
-            self._setup()
+            try:
+                self._setup()
+            except RunFinished as done:
+                return self._finished_summary(str(done))
             self._started = True
             for cb in self.callbacks:
                 cb.on_train_start(self)
@@ -134,6 +139,18 @@ class Trainer:
             if self.run.logger is not None:
                 self.run.logger.close()
             torch.set_num_threads(prev_threads)
+
+    def _finished_summary(self, message: str) -> Dict[str, Any]:
+        """The stored summary of a finished run that was asked to resume (its files are left as they are)."""
+        import json
+
+        if self.dist_main:
+            print(message, file=sys.stderr, flush=True)
+        path = os.path.join(self.out_dir or ".", "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return dict(json.load(f), already_finished=True)
+        return {"already_finished": True}
 
     def replan(self, total_steps: int, warmup: int) -> None:
         """Re-plan the schedule for ``total_steps`` (e.g. a time budget measured after the first steps)."""

@@ -164,13 +164,16 @@ class Task:
 
     def train_batches(self, run: "Run", epoch: int, skip_batches: int) -> Iterable[Tuple[torch.Tensor, ...]]:
         """Training batches of ``epoch`` from batch ``skip_batches`` on (resume in the middle of an epoch)."""
-        from slaknet.train.samplers import SkipSampler
+        from slaknet.train.samplers import SeededItems, SkipSampler
 
         sampler = run.sampler
         sampler.set_epoch(epoch)
         gen = torch.Generator()
         gen.manual_seed(int(self.cfg.seed) * 7919 + epoch)
-        return DataLoader(run.data.train, batch_size=run.batch_size,
+        items = run.data.train
+        if run.workers > 0:  # augmentation in workers: a function of (seed, epoch, index), for exact resume
+            items = SeededItems(items, int(self.cfg.seed), epoch)
+        return DataLoader(items, batch_size=run.batch_size,
                           sampler=SkipSampler(sampler, skip_batches * run.batch_size),
                           num_workers=run.workers, pin_memory=run.pin_memory, drop_last=True,
                           collate_fn=self.collate, generator=gen, persistent_workers=False)
