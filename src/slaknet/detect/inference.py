@@ -66,7 +66,10 @@ def load_detector(path: str, use_ema: Optional[bool] = None, device: Any = "cpu"
 
     obj = read_checkpoint(path)
     cfg = _settings(os.fspath(path), obj)
-    opts = resolve_options(cfg.get("task_options"), int(cfg.get("input_size") or 800))
+    # the options as the run resolved them (detector auto settled from the data); the configured ones else
+    opts = resolve_options(cfg.get("detection_options") or cfg.get("task_options"), int(cfg.get("input_size") or 800))
+    if opts["detector"] == "auto":
+        raise CheckpointError(f"{path} does not record which detector --detector auto chose")
     classes = list(cfg.get("classes") or [])
     if not classes:
         raise CheckpointError(f"{path} does not record its class names")
