@@ -241,3 +241,14 @@ def test_prediction_pictures_carry_names_and_scores():
     text = (drawn != plain).any(0)
     assert text[4:20, 4:50].sum() > 20  # the label "dog 0.87" at the box's top-left corner
     assert _label_text(drawn.permute(1, 2, 0).numpy()).sum() > 10
+
+
+def test_masks_in_training_only_score_the_held_out_split_on_boxes(tmp_path, capsys):
+    flags = _own_files(tmp_path, masks=True, bad_boxes=False)
+    _boxes_only(tmp_path / "labels" / "val.json", [f"v{i}.png" for i in range(3)], bad_boxes=False)  # no masks
+    out = tmp_path / "run"
+    rc, text, err = _run(["detect", "train", "-o", str(out), "--epochs", "1"] + flags + QUIET, capsys)
+    assert rc == 0, err
+    assert "mask_rcnn + FPN (auto: the data have masks)" in text and "mask AP" not in text
+    rec = [json.loads(x) for x in open(out / "log.jsonl")][-1]
+    assert "val_map" in rec and "val_mask_map" not in rec
