@@ -323,7 +323,12 @@ def test_recipes_and_yaml_options(tmp_path):
     (tmp_path / "coco").mkdir()
     coco = cfg_of(["--data", str(tmp_path / "coco")])
     assert coco.recipe == "coco" and coco.optim.lr == 1e-4 and coco.optim.weight_decay == 0.05
-    assert coco.optim.epochs == 36 and coco.optim.opt == "adamw" and coco.task.train_sizes == list(range(480, 801, 32))
+    assert coco.optim.epochs == 36 and coco.optim.opt == "adamw" and coco.task.multi_scale == 0.6
+    from slaknet.detect.spec import resolve_options
+
+    sizes = resolve_options(coco.task, coco.data.input_size)  # 480-800 step 32, test 800, longer side <= 1333
+    assert sizes["train_sizes"] == list(range(480, 801, 32)) and sizes["test_size"] == 800
+    assert sizes["max_size"] == 1333
     (tmp_path / "c.yaml").write_text("epochs: 2\ntask:\n  fpn_channels: 16\n  mask_layers: 1\n")
     cfg = cfg_of(["--config", str(tmp_path / "c.yaml"), "--mask-layers", "3", "--detector", "retinanet"])
     assert cfg.optim.epochs == 2 and cfg.task.fpn_channels == 16 and cfg.task.mask_layers == 3

@@ -5,6 +5,8 @@ Examples::
     slaknet detect                                         # ~5 min demo: closed contours among open decoys
     slaknet detect train -o runs/det                       # the demo data, one model, all `slaknet train` flags
     slaknet detect train --data /data/coco --backbone-checkpoint SLaK_tiny_checkpoint.pth --model slak_tiny
+    slaknet detect train --train-annotations train.json --train-images imgs/ --val-annotations val.json \
+        --val-images imgs/ -o runs/mine                     # your own COCO files (--recipe auto reads them)
     slaknet detect eval --checkpoint runs/det/checkpoint-best.pth
     slaknet detect predict img.jpg --checkpoint runs/det/checkpoint-best.pth -o pred/
 
@@ -43,6 +45,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_eval(sub: Any) -> None:
+    from slaknet.detect.spec import DetectionOptions
     from slaknet.settings import CommonOptions, DataSettings, OptimSettings, RunSettings, add_setting
 
     p = sub.add_parser("eval", help="box / mask AP of a detector checkpoint on a dataset", allow_abbrev=False)
@@ -50,6 +53,9 @@ def _add_eval(sub: Any) -> None:
                 help="checkpoint-best.pth / checkpoint-last.pth / model.safetensors")
     add_setting(p, DataSettings, "data", default=None,
                 help="builtin:contours or a COCO folder (default: the checkpoint's data)")
+    add_setting(p, DetectionOptions, "val_annotations", default=None,
+                help="COCO JSON to evaluate on (with --val-images; default: the checkpoint's held-out split)")
+    add_setting(p, DetectionOptions, "val_images", default=None, help="folder of --val-annotations' images")
     add_setting(p, DataSettings, "val_samples", default=None, help="built-in data: images (default: as trained)")
     add_setting(p, OptimSettings, "batch_size", default=8, help="evaluation batch size (default 8)")
     add_setting(p, RunSettings, "device", default=None)
@@ -110,24 +116,30 @@ def _set_threads(threads: Any) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from slaknet.detect.inference import load_detector
     from slaknet.detect.metrics import evaluate_detector
-    from slaknet.detect.task import build_detection_data
+    from slaknet.detect.task import held_out_data
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if (args.val_annotations is None) != (args.val_images is None):
+        raise ConfigError("--val-annotations FILE and --val-images DIR go together")
     _set_threads(args.threads)
     dev = _device(args.device)
     det = load_detector(args.checkpoint, device=dev)
     c = det.config
-    data = args.data or c.get("data")
+    given = bool(args.data or args.val_annotations)
+    data = args.data or (args.val_annotations if args.val_annotations else c.get("data"))
     if not data:
-        raise ConfigError("--data is required for this checkpoint (builtin:contours or a COCO folder)")
-    ds = build_detection_data(data, c.get("eval_data") if not args.data else None,
-                              int(c.get("input_size") or det.options["test_size"]), 1,
-                              args.val_samples or int(c.get("val_samples") or 100), int(c.get("data_seed") or 0),
-                              hflip=False).val
+        raise ConfigError("--data is required for this checkpoint (builtin:contours, a COCO folder, or "
+                          "--val-annotations FILE --val-images DIR)")
+    # the held-out files: given here, else the ones the run used (unless --data names other data)
+    files = ({"val_annotations": args.val_annotations, "val_images": args.val_images} if args.val_annotations
+             else {} if args.data else det.options)
+    ds = held_out_data(data, None if given else c.get("eval_data"), files, det.classes,
+                       int(c.get("input_size") or det.options["test_size"]),
+                       args.val_samples or int(c.get("val_samples") or 100), int(c.get("data_seed") or 0))
     if list(getattr(ds, "classes", det.classes)) != det.classes:
         raise ConfigError(f"the classes of {data} differ from the checkpoint's ({len(det.classes)} classes)")
-    res = evaluate_detector(det.model, ds, dev, args.batch_size, masks=det.masks)
+    res = evaluate_detector(det.model, ds, dev, args.batch_size, masks=det.masks and bool(ds.has_masks))
     res.update(checkpoint=args.checkpoint, data=data, images=len(ds), detector=det.options["detector"])
     if args.json:
         print(json.dumps(res, indent=2))

@@ -110,6 +110,7 @@ class ContourDetection(Dataset):
     """``count`` built-in images of side ``size`` for ``split``, rendered once on first access (cached)."""
 
     classes = CONTOUR_CLASSES
+    has_masks = True  # every object has a filled mask (--detector auto: mask_rcnn)
 
     def __init__(self, split: str, count: int, size: int = 96, seed: int = 0, flip: bool = False) -> None:
         if count < 1 or size < 32:

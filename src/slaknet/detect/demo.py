@@ -41,10 +41,10 @@ def _picture(runs: List[Dict[str, Any]], path: str, n: int = 4) -> None:
         x, t = ds.item(i)
         gt = {"boxes": t["boxes"].tolist(), "scores": [1.0] * len(t["boxes"]), "names": ["gt"] * len(t["boxes"]),
               "_masks": t["masks"].bool()}
-        row = [(x.clamp(0, 1) * 255).to(torch.uint8), draw_detections(x, gt, "lime")]
+        row = [(x.clamp(0, 1) * 255).to(torch.uint8), draw_detections(x, gt, "lime", labels=False)]
         for r in runs:
             det = LoadedDetector(r["model"].eval(), ["closed contour"], r["opts"])
-            row.append(draw_detections(x, predict_images(det, [x], 0.5)[0], "red"))
+            row.append(draw_detections(x, predict_images(det, [x], 0.5)[0], "red", labels=False))  # 96 px tiles
         tiles += row
     grid = make_grid(torch.stack(tiles), nrow=2 + len(runs), padding=2, pad_value=255)
     save_png(grid, path)

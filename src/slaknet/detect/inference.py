@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -65,7 +66,10 @@ def load_detector(path: str, use_ema: Optional[bool] = None, device: Any = "cpu"
 
     obj = read_checkpoint(path)
     cfg = _settings(os.fspath(path), obj)
-    opts = resolve_options(cfg.get("task_options"), int(cfg.get("input_size") or 800))
+    # the options as the run resolved them (detector auto settled from the data); the configured ones else
+    opts = resolve_options(cfg.get("detection_options") or cfg.get("task_options"), int(cfg.get("input_size") or 800))
+    if opts["detector"] == "auto":
+        raise CheckpointError(f"{path} does not record which detector --detector auto chose")
     classes = list(cfg.get("classes") or [])
     if not classes:
         raise CheckpointError(f"{path} does not record its class names")
@@ -79,7 +83,6 @@ def load_detector(path: str, use_ema: Optional[bool] = None, device: Any = "cpu"
 def read_image(path: str) -> torch.Tensor:
     """An RGB image file as a float tensor [3, H, W] in [0, 1] (one-line ConfigError when unreadable)."""
     from PIL import Image
-    import numpy as np
 
     try:
         with Image.open(path) as im:
@@ -110,8 +113,9 @@ def predict_images(det: LoadedDetector, images: Sequence[torch.Tensor], score_th
     return result
 
 
-def draw_detections(image: torch.Tensor, rec: Dict[str, Any], colour: str = "red") -> torch.Tensor:
-    """``image`` (float [3, H, W] in [0, 1]) with the boxes (and masks, half-transparent) drawn, uint8."""
+def draw_detections(image: torch.Tensor, rec: Dict[str, Any], colour: str = "red", labels: bool = True) -> torch.Tensor:
+    """``image`` (float [3, H, W] in [0, 1]) with the boxes (and masks, half-transparent) drawn, uint8; ``labels``:
+    each box's class name and score written inside its top-left corner (PIL's default font, white on ``colour``)."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     im = (image.clamp(0, 1) * 255).to(torch.uint8)
@@ -119,9 +123,24 @@ def draw_detections(image: torch.Tensor, rec: Dict[str, Any], colour: str = "red
     if masks is not None and len(masks):
         im = draw_segmentation_masks(im, masks, alpha=0.35, colors=colour)
     if rec["boxes"]:
-        labels = [f"{n} {s:.2f}" for n, s in zip(rec["names"], rec["scores"])] if image.shape[-1] >= 200 else None
-        im = draw_bounding_boxes(im, torch.tensor(rec["boxes"]), labels=labels, colors=colour, width=1)
+        im = draw_bounding_boxes(im, torch.tensor(rec["boxes"]), colors=colour, width=1)
+        if labels:
+            im = _draw_labels(im, rec["boxes"], [f"{n} {s:.2f}" for n, s in zip(rec["names"], rec["scores"])], colour)
     return im
+
+
+def _draw_labels(image: torch.Tensor, boxes: Sequence[Sequence[float]], texts: Sequence[str], colour: str) -> torch.Tensor:
+    """``texts`` on filled ``colour`` tags at the boxes' top-left corners (lowest-scoring first, so the best is on top)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    draw, font = ImageDraw.Draw(pil), ImageFont.load_default()
+    for box, text in reversed(list(zip(boxes, texts))):
+        at = (int(box[0]) + 2, int(box[1]) + 1)
+        left, top, right, bottom = draw.textbbox(at, text, font=font)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+        draw.text(at, text, fill="white", font=font)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
 
 
 def save_png(image: torch.Tensor, path: str) -> None:

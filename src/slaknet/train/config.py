@@ -285,12 +285,13 @@ def resolve(spec: TaskSpec, given: Mapping[str, Any], recipe: str = "auto", conf
         if recipe == "auto" or recipe not in spec.recipe_names:
             recipe = recipe if recipe in spec.recipe_names else spec.recipes[0].name
     else:
+        data = given.get("data") or (spec.given_data(given) if spec.given_data else None)
         if recipe == "auto":
-            recipe = spec.choose_recipe(given.get("data"), given)
-        flat = _recipe_values(spec, recipe, given.get("data"))
+            recipe = spec.choose_recipe(data, given)
+        flat = _recipe_values(spec, recipe, data)
         flat.update(given)
-        if flat.get("data") is None and spec.default_data:
-            flat["data"] = spec.default_data
+        if flat.get("data") is None:
+            flat["data"] = data or spec.default_data
     _finish(spec, flat)
     return _build(spec, flat, recipe, config_file)
 

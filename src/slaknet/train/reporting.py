@@ -118,6 +118,7 @@ def _summary(tr: "Trainer") -> Dict[str, Any]:
     }
     if tr.ema is not None and "ema_top1" in final:
         s["final_ema_top1"] = final["ema_top1"]
+    s.update(tr.task.summary_fields(tr.run))
     try:
         from slaknet.analysis.counting import count_model
 

@@ -49,7 +49,8 @@ class Recipe:
 class TaskSpec:
     """Everything the command line and :func:`slaknet.config` need to know about a task, without importing it.
 
-    ``choose_recipe(data)`` answers ``--recipe auto``; ``task_class`` is ``"module:Class"`` (imported when a run
+    ``choose_recipe(data, given)`` answers ``--recipe auto``; ``given_data(given)``: the data that options other
+    than ``--data`` name (detection's ``--train-annotations FILE``), used as ``data`` when it is not given; ``task_class`` is ``"module:Class"`` (imported when a run
     starts); ``command`` is the command that trains it (``slaknet segment train``); ``sections``: the general
     configuration sections its command shows (all by default).
     """
@@ -64,6 +65,7 @@ class TaskSpec:
     predict_command: str = ""
     description: str = ""
     default_data: Optional[str] = None
+    given_data: Optional[Callable[[Mapping[str, Any]], Optional[str]]] = None
     sections: Tuple[str, ...] = ("data", "model", "optim", "augment", "run", "sparse")
 
     def recipe(self, name: str) -> Recipe:

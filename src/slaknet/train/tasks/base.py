@@ -187,6 +187,10 @@ class Task:
         """Extra header words (e.g. the augmentation used)."""
         return ""
 
+    def summary_fields(self, run: "Run") -> Dict[str, Any]:
+        """Task-specific entries of ``summary.json`` (e.g. the deciding metric by its name, the classes)."""
+        return {}
+
     def metadata(self, run: "Run") -> Dict[str, str]:
         """String metadata for ``model.safetensors`` (beside the trainer's own keys)."""
         return {}
