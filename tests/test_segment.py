@@ -189,25 +189,33 @@ def _write_pair(img_path, mask_path, mask, seed):
     Image.fromarray(mask.astype(np.uint8)).save(mask_path)
 
 
-def test_ade20k_layout_reduces_zero_label_and_skips_corrupt_files(tmp_path):
-    root = str(tmp_path / "ade")
+def _object_info(root, n=150):
+    """ADE20K's objectInfo150.txt: a header, then Idx Ratio Train Val Name (tab-separated)."""
+    rows = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i}\t0.01\t10\t1\tname{i};alias" for i in range(1, n + 1)]
+    with open(os.path.join(root, "objectInfo150.txt"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def test_ade20k_layout_reduces_zero_label_and_leaves_corrupt_files_out(tmp_path):
+    root = str(tmp_path / "ADEChallengeData2016")
     mask = np.array([[0, 1, 2, 3], [150, 0, 1, 1]] * 4, np.uint8)  # 8 x 4
     for split, names in (("training", ["a", "b", "c"]), ("validation", ["v"])):
         for i, n in enumerate(names):
             _write_pair(f"{root}/images/{split}/{n}.jpg", f"{root}/annotations/{split}/{n}.png", mask, i)
+    _object_info(root)
     with open(f"{root}/images/training/b.jpg", "wb") as f:
         f.write(b"not a jpeg")
     tf = PairedTransform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    ds = SegmentationFolder(root, "train", tf, report_bad=True)
-    assert ds.layout == "ade20k" and len(ds) == 3 and len(ds.classes) == 150
+    with pytest.warns(UserWarning, match="skipping unreadable pair"):
+        ds = SegmentationFolder(root, "train", tf, report_bad=True)  # b.jpg is left out by the scan
+    assert ds.layout == "ade20k" and ds.reduce_zero_label and len(ds) == 2 and len(ds.classes) == 150
+    assert ds.classes[:2] == ["name1", "name2"] and ds.labels.source == "objectInfo150.txt"
+    assert [(b.path, b.kind) for b in ds.left_out] == [(f"{root}/images/training/b.jpg", "unreadable")]
     x, y, bad, first = ds[0]
     expect = np.array([[255, 0, 1, 2], [149, 255, 0, 0]] * 4)  # 0 -> ignored, others minus one
     assert y.tolist() == expect.tolist() and (bad, first) == (0, -1) and x.shape == (3, 8, 4)
-    with pytest.warns(UserWarning, match="skipping unreadable pair"):
-        _, _, bad, first = ds[1]  # b.jpg is corrupt: c is used instead, b counted
-    assert (bad, first) == (1, 1) and ds.bad_files == [f"{root}/images/training/b.jpg"]
     val = SegmentationFolder(root, "val", tf, classes=ds.classes)
-    assert len(val) == 1 and val.classes == ds.classes
+    assert len(val) == 1 and val.classes == ds.classes and val.reduce_zero_label
 
 
 def test_plain_images_masks_layout(tmp_path):
@@ -341,12 +349,12 @@ def test_folder_training_with_layer_decay_poly_and_a_corrupt_file(tmp_path, caps
         f.write(b"broken")
     with open(f"{root}/classes.txt", "w") as f:
         f.write("a\nb\nc\n")
-    args = ["segment", "train", "--data", root, "--model", "slak_pico", "--kernel-size", "7", "7", "7", "7", "5",
+    args = ["segment", "train", "--data", root, "--recipe", "ade20k", "--model", "slak_pico", "--kernel-size", "7", "7", "7", "7", "5",
             "--width-factor", "1.0", "--drop-path", "0", "--crop", "32", "--slide-stride", "16", "-b", "4", "--update-freq", "1",
             "--epochs", "1", "--num-workers", "0", "--progress", "false", "--tensorboard", "false", "--threads", "1",
             "--decoder-channels", "16", "--aux-channels", "8", "--lr", "1e-3", "--warmup-steps", "1", "-o", out]
     with pytest.warns(UserWarning, match="skipping unreadable pair"):
-        assert cli_main(args) == 0  # ade20k recipe (auto for folders): layer decay 0.9 + poly schedule
+        assert cli_main(args) == 0  # ade20k recipe: layer decay 0.9 + poly schedule
     cfg = json.load(open(os.path.join(out, "summary.json")))
     assert cfg["recipe"] == "ade20k" and cfg["bad_images"] == 1 and cfg["bad_files"][0].endswith("03.png")
     ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
@@ -417,3 +425,209 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(rec) == 1 and rec[0]["step"] == 2  # 32 images / (8 x 2 processes), rank 0 logs
     assert 0.0 <= rec[0]["val_miou"] <= 100.0
     assert torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]["world_size"] == 2
+
+
+# -------------------------------------------------------------------------------------- your own data ----
+def _scene(i, size=32):
+    """A mask with background 0 and one square of class 1 or 2."""
+    mask = np.zeros((size, size), np.uint8)
+    top, left = 2 + (3 * i) % 12, 2 + (5 * i) % 12
+    mask[top:top + 14, left:left + 14] = 1 + i % 2
+    return mask
+
+
+def _user_folder(root, n_train=8, n_val=3, bad_value=False, bad_size=None):
+    """A plain images/ + masks/ folder as a user would make one: background 0, classes 0..2, 32 px; ``bad_value``:
+    label 200 in train mask 03; ``bad_size``: ("train" | "val", stem) whose mask is 4 px too short."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            mask = _scene(i + (100 if split == "val" else 0))
+            if bad_value and split == "train" and i == 3:
+                mask[0, 0] = 200
+            _write_pair(f"{root}/{split}/images/{i:02d}.png", f"{root}/{split}/masks/{i:02d}.png", mask, i)
+            if bad_size == (split, f"{i:02d}"):
+                Image.fromarray(mask[:-4]).save(f"{root}/{split}/masks/{i:02d}.png")
+    return root
+
+
+def _ade_folder(root, n=6, size=32):
+    """An ADEChallengeData2016-layout folder whose label 0 covers most pixels (labels 1, 2 in small squares)."""
+    for split, m in (("training", n), ("validation", 2)):
+        for i in range(m):
+            mask = np.zeros((size, size), np.uint8)
+            mask[4:10, 4:10] = 1 + i % 2
+            _write_pair(f"{root}/images/{split}/{i:02d}.jpg", f"{root}/annotations/{split}/{i:02d}.png", mask, i)
+    return root
+
+
+USER = ["--progress", "false", "--tensorboard", "false", "--threads", "1", "--num-workers", "0", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """A tiny run with `--recipe auto` on a user folder whose validation pair 01 has a mask of another size."""
+    base = tmp_path_factory.mktemp("user")
+    root, out = _user_folder(str(base / "data"), bad_size=("val", "01")), str(base / "run")
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.warns(UserWarning, match="differ in size"):
+        assert cli_main(["segment", "train", "--data", root, *USER, "-o", out]) == 0
+    return root, out, text.getvalue()
+
+
+def test_auto_recipe_reads_a_small_folder(tmp_path, monkeypatch):
+    from slaknet.segment import spec
+    from slaknet.train.config import config_from_argv
+
+    root = _user_folder(str(tmp_path / "data"))
+    cfg = config_from_argv(["--data", root], "segmentation")
+    assert cfg.recipe == "seg_small" and cfg["model"] == "slak_pico" and cfg.model.fit_kernels
+    assert cfg.task.crop == 32 and cfg.data.input_size == 32  # the images' own size
+    assert cfg.optim.epochs == 100 and cfg.optim.batch_size == 4  # from the 8 training pairs
+    assert cfg.task.layer_decay is None and cfg.task.decoder_channels == 64
+    assert config_from_argv(["--data", root, "--crop", "64"], "segmentation").task.crop == 64  # flags still win
+    monkeypatch.setattr(spec, "BIG_PAIRS", 8)
+    monkeypatch.setattr(spec, "BIG_SIDE", 32)
+    assert config_from_argv(["--data", root], "segmentation").recipe == "ade20k"  # big folders of big images
+    assert "ade20k from 8 training pairs of >= 32 px" in spec.explain_recipe(root, "ade20k")
+
+
+def test_classes_come_from_the_data_and_label_0_is_background(tmp_path):
+    root = _user_folder(str(tmp_path / "data"))
+    tf = PairedTransform((0, 0, 0), (1, 1, 1))
+    ds = SegmentationFolder(root, "train", tf)
+    assert ds.classes == ["class_0", "class_1", "class_2"] and not ds.reduce_zero_label
+    assert ds.labels.source == "the masks"
+    _, y = ds[0]
+    assert y.tolist() == _scene(0).astype(int).tolist()  # 0 stays a class: nothing ignored
+    assert SegmentationFolder(root, "train", tf, num_classes=5).classes[-1] == "class_4"
+    with open(f"{root}/classes.txt", "w") as f:
+        f.write("background\nsquare\nother square\n")
+    assert SegmentationFolder(root, "train", tf).classes == ["background", "square", "other square"]
+
+
+def test_ade20k_layout_ignores_label_0_unless_told_otherwise(tmp_path, capsys):
+    import slaknet
+
+    root = _ade_folder(str(tmp_path / "ade"))
+    tf = PairedTransform((0, 0, 0), (1, 1, 1))
+    ds = SegmentationFolder(root, "train", tf)
+    assert ds.reduce_zero_label and ds.classes == ["class_1", "class_2"]
+    assert ds.labels.ignored_share(ds.scan) > 0.9
+    ds = SegmentationFolder(root, "train", tf, reduce_zero_label=False)
+    assert ds.classes == ["class_0", "class_1", "class_2"] and int(ds[0][1].max()) == 1
+    cfg = slaknet.config("segmentation", data=root, reduce_zero_label=False)
+    assert cfg.task.reduce_zero_label is False and cfg.recipe == "seg_small"
+    plain = _user_folder(str(tmp_path / "plain"))
+    assert SegmentationFolder(plain, "train", tf, reduce_zero_label=True).classes == ["class_1", "class_2"]
+    # the header says what is ignored, its share, and warns that it is most pixels
+    out = str(tmp_path / "run")
+    assert cli_main(["segment", "train", "--data", root, *USER, "--max-steps", "1", "-o", out]) == 0
+    text = capsys.readouterr().out
+    assert "label 0 ignored (--reduce-zero-label: on for the ADE20K layout)" in text
+    assert "ignored: 255 and 0 = 96.5% of the training pixels" in text  # 6 x 6 of 32 x 32 labelled
+    assert "warning: most training pixels (96%) are ignored" in text and "--reduce-zero-label false" in text
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["reduce_zero_label"] is True and s["classes"] == ["class_1", "class_2"]
+
+
+def test_a_label_beyond_the_classes_is_one_line_before_training(tmp_path, capsys):
+    root, out = _user_folder(str(tmp_path / "data"), bad_value=True), str(tmp_path / "run")
+    assert cli_main(["segment", "train", "--data", root, *USER, "-o", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train/masks/03.png has label 200, beyond the 3 classes" in err
+    assert "--num-classes 201" in err and not os.path.exists(out)  # no half-made run folder
+    with open(f"{root}/classes.txt", "w") as f:
+        f.write("a\nb\nc\n")
+    assert cli_main(["segment", "train", "--data", root, *USER, "-o", out]) == 2
+    assert "has label 200, beyond the 3 classes (labels 0..2; from classes.txt)" in capsys.readouterr().err
+
+
+def test_masks_outside_the_scanned_sample_are_checked_as_they_load(tmp_path):
+    from slaknet.segment.folders import scan_split
+
+    root = _user_folder(str(tmp_path / "data"), bad_value=True)
+    scan = scan_split(root, "train", limit=2)  # masks 00 and 04 read; 03 (label 200) is not in the sample
+    assert scan.sampled and scan.scanned == 2 and 200 not in scan.counts
+    ds = SegmentationFolder(root, "train", PairedTransform((0, 0, 0), (1, 1, 1)), report_bad=True, scan=scan)
+    with pytest.warns(UserWarning, match="03.png has label 200"):
+        _, _, bad, first = ds[3]
+    assert (bad, first) == (1, 3)
+
+
+def test_a_bad_pair_is_never_replaced_by_its_neighbour_at_evaluation(tmp_path):
+    from slaknet.segment.infer import confusion_over
+    from slaknet.segment.task import collate_segmentation
+    from torch.utils.data import DataLoader
+
+    root = _user_folder(str(tmp_path / "data"), n_val=3, bad_size=("val", "01"))
+    tf = PairedTransform((0, 0, 0), (1, 1, 1))
+    with pytest.warns(UserWarning, match="differ in size"):
+        val = SegmentationFolder(root, "val", tf, report_bad=True, substitute=False)
+    assert len(val) == 2 and [(os.path.basename(b.path), b.kind) for b in val.left_out] == [("01.png", "size")]
+    # a pair that breaks after the scan (mask 02 rewritten 4 px short) is skipped and counted, not replaced
+    Image.fromarray(_scene(102)[:-4]).save(f"{root}/val/masks/02.png")
+    skipped = set()
+    with pytest.warns(UserWarning, match="differ in size"):
+        cm, _, n_pix, bad = confusion_over(nn.Conv2d(3, 3, 1), DataLoader(val, batch_size=1, collate_fn=collate_segmentation),
+                                           3, torch.device("cpu"), skipped=skipped)
+    assert bad == 1 and skipped == {1} and n_pix == 32 * 32 and int(cm.sum()) == 32 * 32  # only pair 00
+
+
+def test_user_folder_run_header_sizes_and_summary(user_run):
+    root, out, text = user_run
+    assert "recipe seg_small for 8 training pairs ~32 px, plain layout (--recipe auto:" in text
+    assert "classes: 3 from the masks (labels 0..2): class_0, class_1, class_2; label 0 is a class" in text
+    assert "ignored: 255 = 0.0% of the training pixels" in text
+    assert "sizes: training crop 32 px (--crop, kernels fitted to it); evaluation: each image whole" in text
+    assert "left out before training: 1 pair (1 with mask and image sizes differing, 0 unreadable; val 1)" in text
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["best_metric"] == "val_miou" and s["best_miou"] == s["best_value"] is not None
+    assert "best_top1" not in s and "chance_top1" not in s
+    assert s["num_classes"] == 3 and s["classes"] == ["class_0", "class_1", "class_2"]
+    assert s["size_mismatch"] == 1 and s["val_bad_images"] == 1 and s["val_bad_files"][0].endswith("val/images/01.png")
+    ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ck["classes"] == s["classes"] and ck["config"]["seg_model"]["reduce_zero_label"] is False
+
+
+def test_kernels_are_fitted_to_the_crop_trained_on(tmp_path, capsys):
+    from slaknet.models.slak import MODEL_SPECS
+    from slaknet.models.training import fit_kernel_sizes
+
+    root, out = _user_folder(str(tmp_path / "data")), str(tmp_path / "run")
+    assert cli_main(["segment", "train", "--data", root, *USER, "--max-steps", "1", "--crop", "64",
+                     "--input-size", "32", "-o", out]) == 0
+    text = capsys.readouterr().out
+    assert "recipe seg_small: input 64 px" in text and "training crop 64 px" in text
+    assert "--input-size 32 unused (folders train on the crop)" in text
+    spec = MODEL_SPECS["slak_pico"]
+    expect = list(fit_kernel_sizes(tuple(spec["kernel_size"]), spec.get("small_kernel", 5), 64))
+    ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ck["config"]["kernels"] == expect != list(fit_kernel_sizes(tuple(spec["kernel_size"]), 5, 32))
+    assert ck["config"]["seg_model"]["crop"] == 64 and ck["config"]["seg_model"]["stride"] == 43
+
+
+def test_eval_counts_a_bad_pair_once(user_run, capsys):
+    root, out, _ = user_run
+    with pytest.warns(UserWarning, match="differ in size"):
+        assert cli_main(["segment", "eval", "--checkpoint", os.path.join(out, "checkpoint-best.pth"), "--json",
+                         "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["images"] == 2 and res["bad_images"] == 1  # 3 pairs: 01 left out, 00 and 02 each counted once
+    log = _log(out)
+    assert res["miou"] == pytest.approx(log[-1]["val_miou"], abs=1e-6)
+
+
+def test_predict_writes_the_good_inputs_and_reports_the_bad(user_run, tmp_path, capsys):
+    root, out, _ = user_run
+    bad, pred = str(tmp_path / "bad.jpg"), str(tmp_path / "pred")
+    with open(bad, "wb") as f:
+        f.write(b"not a jpeg")
+    assert cli_main(["segment", "predict", bad, f"{root}/val/images/00.png", "--masks", f"{root}/val/masks",
+                     "--checkpoint", os.path.join(out, "model.safetensors"), "-o", pred, "--threads", "1"]) == 2
+    cap = capsys.readouterr()
+    assert sorted(os.listdir(pred)) == ["00_labels.png", "00_mask.png", "00_side.png"]
+    assert cap.err.count("\n") == 1 and "cannot read image" in cap.err and "bad.jpg" in cap.err
+    assert "1 input failed" in cap.out

@@ -8,19 +8,20 @@ Examples::
     slaknet segment predict photo.jpg --checkpoint runs/.../model.safetensors -o masks/
 
 ``train`` takes every ``slaknet train`` flag (progress, JSON lines, TensorBoard, resume, ``--sparse``,
-torchrun...) plus the segmentation options below; its recipes are ``seg_demo`` (built-in data) and
-``ade20k`` (folders: the paper's UperNet recipe).
+torchrun...) plus the segmentation options below; its recipes are ``seg_demo`` (built-in data),
+``seg_small`` (small folders of small images, sized from the data) and ``ade20k`` (big folders: the paper's
+UperNet recipe). ``predict`` writes every input it can read and exits 2 at the end if any could not be.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 from slaknet.errors import ConfigError
 
-from slaknet.segment.spec import SPEC
+from slaknet.segment.spec import SPEC, SegmentationOptions
 
 __all__ = ["add_arguments", "run"]
 
@@ -49,13 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(ev, RunSettings, "device", default=None)
     add_setting(ev, RunSettings, "threads", default=None)
     add_setting(ev, CommonOptions, "json", default=False, nargs=0, help="print the metrics as JSON")
+    add_setting(ev, SegmentationOptions, "reduce_zero_label", default=None,
+                help="the masks hold ADE20K-style labels (0 ignored, the others minus one); default: as trained")
     pr = sub.add_parser("predict", help="colourised mask PNGs (+ image | truth | prediction pictures)",
                         allow_abbrev=False)
     pr.add_argument("images", nargs="*", help="image files")
     add_setting(pr, CommonOptions, "checkpoint", default=None, required=True)
     pr.add_argument("--masks", default=None, help="folder of ground-truth masks (same stem, .png) for the images")
-    pr.add_argument("--reduce-zero-label", dest="reduce_zero_label", action="store_true",
-                    help="ground-truth masks use ADE20K's labels (0 ignored, others minus one)")
+    add_setting(pr, SegmentationOptions, "reduce_zero_label", default=None,
+                help="--masks hold ADE20K-style labels (0 ignored, the others minus one); default: as trained")
     add_setting(pr, DataSettings, "data", default=None,
                 help="builtin:contours: predict its first --count validation images")
     pr.add_argument("--count", type=int, default=4)
@@ -117,7 +120,7 @@ def _set_threads(threads: Any) -> None:
         torch.set_num_threads(n)
 
 
-def _eval_dataset(data: str, spec: Dict[str, Any], val_samples: Any) -> Any:
+def _eval_dataset(data: str, spec: Dict[str, Any], val_samples: Any, reduce_zero_label: Any = None) -> Any:
     from slaknet.segment.data import ContourSegmentation, PairedTransform, SegmentationFolder, parse_seg_data
 
     kind, root = parse_seg_data(data)
@@ -125,9 +128,9 @@ def _eval_dataset(data: str, spec: Dict[str, Any], val_samples: Any) -> Any:
         return ContourSegmentation("val", int(val_samples or spec.get("val_samples") or 200),
                                    int(spec.get("input_size", 64)), int(spec.get("data_seed", 0)),
                                    spec["mean"], spec["std"])
-    ds = SegmentationFolder(root, "val", PairedTransform(spec["mean"], spec["std"]), classes=spec.get("classes"),
-                            report_bad=True)
-    return ds
+    reduce = reduce_zero_label if reduce_zero_label is not None else spec.get("reduce_zero_label")
+    return SegmentationFolder(root, "val", PairedTransform(spec["mean"], spec["std"]), classes=spec.get("classes"),
+                              report_bad=True, reduce_zero_label=reduce, substitute=False)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -145,67 +148,86 @@ def _eval(args: argparse.Namespace) -> int:
     data = args.data or spec.get("data")
     if not data:
         raise ConfigError("--data is required for this checkpoint")
-    ds = _eval_dataset(data, spec, args.val_samples)
+    ds = _eval_dataset(data, spec, args.val_samples, args.reduce_zero_label)
     dev = _device(args.device)
     net.to(dev)
     bs = max(1, int(args.batch_size)) if isinstance(ds, ContourSegmentation) else 1
     loader = DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=collate_segmentation)
     k = int(spec["num_classes"])
     t0 = time.perf_counter()
-    cm, loss_sum, n_pix, bad = confusion_over(net, loader, k, dev, spec.get("crop"), spec.get("stride"))
+    cm, loss_sum, n_pix, met = confusion_over(net, loader, k, dev, spec.get("crop"), spec.get("stride"))
+    bad = met + len(getattr(ds, "left_out", ()))  # with the pairs the scan set aside: each counted once, none replaced
     s = scores(cm)
-    res = {"checkpoint": args.checkpoint, "data": data, "images": len(ds), "miou": s["miou"],
-           "pixel_acc": s["pixel_acc"], "loss": loss_sum / max(n_pix, 1.0), "bad_images": bad,
+    res = {"checkpoint": args.checkpoint, "data": data, "images": len(ds) - met,
+           "miou": s["miou"], "pixel_acc": s["pixel_acc"], "loss": loss_sum / max(n_pix, 1.0), "bad_images": bad,
            "seconds": round(time.perf_counter() - t0, 2),
            "iou": dict(zip(spec.get("classes") or [str(i) for i in range(k)], s["iou"]))}
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(f"{args.checkpoint} on {data}: mIoU {res['miou']:.2f}  pixel acc {res['pixel_acc']:.2f}%  "
-              f"loss {res['loss']:.4f}  ({len(ds)} images, {res['seconds']:.1f}s"
-              + (f", {bad} unreadable skipped" if bad else "") + ")")
+              f"loss {res['loss']:.4f}  ({res['images']} images, {res['seconds']:.1f}s"
+              + (f", {bad} bad pairs skipped" if bad else "") + ")")
     return 0
 
 
-def _predict_inputs(args: argparse.Namespace, spec: Dict[str, Any]) -> List[Any]:
-    """``[(name, uint8 image, ground truth or None)]`` from the image files or the built-in data."""
+def _read_input(path: str, args: argparse.Namespace, labels: Any) -> Tuple[str, Any, Any]:
+    """``(name, uint8 image, ground truth or None)`` of an image file; a one-line ConfigError if unreadable."""
+    import numpy as np
+    from PIL import Image
+
+    from slaknet.segment.folders import read_mask
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for damaged files
+        raise ConfigError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    stem = os.path.splitext(os.path.basename(path))[0]
+    mpath = os.path.join(args.masks, stem + ".png") if args.masks else None
+    gt = None
+    if mpath and os.path.isfile(mpath):
+        try:
+            gt = labels.to_labels(read_mask(mpath))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"cannot read mask {mpath}: {type(exc).__name__}: {exc}") from exc
+    return stem, img, gt
+
+
+def _predict_inputs(args: argparse.Namespace, spec: Dict[str, Any]) -> Iterator[Tuple[str, Any, Any]]:
+    """``(name, uint8 image, ground truth or None)`` of the built-in data, then of each image file; a file
+    that cannot be read yields ``(path, None, error message)``."""
     import numpy as np
 
-    from slaknet.segment.data import IGNORE_INDEX, parse_seg_data, render_contours
+    from slaknet.segment.data import parse_seg_data, render_contours
+    from slaknet.segment.folders import LabelScheme
 
-    items: List[Any] = []
+    if not args.data and not args.images:
+        raise ConfigError("nothing to predict: give image files or --data builtin:contours")
     if args.data:
         if parse_seg_data(args.data)[0] != "builtin":
             raise ConfigError("predict --data takes builtin:contours; pass image files (and --masks) for folders")
         for i in range(max(1, args.count)):
             img, lab = render_contours(int(spec.get("data_seed", 0)), "val", i, int(spec.get("input_size", 64)))
-            items.append((f"val_{i:05d}", img, lab.astype(np.int64)))
-    from PIL import Image
-
+            yield f"val_{i:05d}", img, lab.astype(np.int64)
+    reduce = args.reduce_zero_label if args.reduce_zero_label is not None else spec.get("reduce_zero_label")
+    labels = LabelScheme(list(spec.get("classes") or []), bool(reduce), "the checkpoint")
     for path in args.images:
-        if not os.path.isfile(path):
-            raise ConfigError(f"image {path!r} does not exist")
         try:
-            with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB"))
-        except Exception as exc:
-            raise ConfigError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-        gt = None
-        stem = os.path.splitext(os.path.basename(path))[0]
-        mpath = os.path.join(args.masks, stem + ".png") if args.masks else None
-        if mpath and os.path.isfile(mpath):
-            with Image.open(mpath) as im:
-                gt = np.asarray(im).astype(np.int64)
-            if args.reduce_zero_label:
-                gt = np.where(gt == 0, IGNORE_INDEX, gt - 1)
-                gt[gt == IGNORE_INDEX - 1] = IGNORE_INDEX
-        items.append((stem, img, gt))
-    if not items:
-        raise ConfigError("nothing to predict: give image files or --data builtin:contours")
-    return items
+            yield _read_input(path, args, labels)
+        except ConfigError as exc:
+            yield path, None, str(exc)
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Masks (and pictures) for every input that can be read; an input that cannot is reported in one line
+    and the command exits 2 once the others are written."""
+    import sys
+
     import torch
 
     from slaknet.segment.infer import colorize, image_tensor, load_segmentation_checkpoint, predict_logits, save_png
@@ -216,8 +238,12 @@ def _predict(args: argparse.Namespace) -> int:
     dev = _device(args.device)
     net.to(dev)
     k = int(spec["num_classes"])
-    written, with_gt = [], 0
+    written, with_gt, failed = [], 0, []
     for name, img, gt in _predict_inputs(args, spec):
+        if img is None:
+            failed.append(name)
+            print(f"slaknet segment predict: error: {gt}", file=sys.stderr)
+            continue
         x = image_tensor(img, spec["mean"], spec["std"]).to(dev)
         with torch.no_grad():
             pred = predict_logits(net, x, k, spec.get("crop"), spec.get("stride"))[0].argmax(0).cpu().numpy()
@@ -231,8 +257,9 @@ def _predict(args: argparse.Namespace) -> int:
                      os.path.join(args.output_dir, f"{name}_side.png"))
     print(f"wrote {len(written)} colourised masks (NAME_mask.png; class indices in NAME_labels.png)"
           + (f" and {with_gt} image | truth | prediction pictures (NAME_side.png)" if with_gt else "")
-          + f" to {os.path.abspath(args.output_dir)}")
-    return 0
+          + f" to {os.path.abspath(args.output_dir)}"
+          + (f"; {len(failed)} input{'s' if len(failed) > 1 else ''} failed (above)" if failed else ""))
+    return 2 if failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -7,22 +7,17 @@ short gap somewhere along it. A pixel is ``inside`` (1) when it lies inside a cl
 region is enclosed is decided by a gap that can be half an image away, so the label of a pixel depends on
 context far from it. The stroke of the closed contours is ignored (255) in the loss and the metric.
 
-Folders (``--data ROOT``):
-
-* ADE20K layout: ``ROOT/images/{training,validation}/*.jpg`` with ``ROOT/annotations/{training,validation}/*.png``.
-  Label 0 ("other") becomes 255 (ignored) and every other label is shifted down by one, as mmseg's
-  ``reduce_zero_label`` (150 classes).
-* plain pairing: ``ROOT/{train,val}/images/*`` with ``ROOT/{train,val}/masks/*.png`` (same stem), or
-  ``ROOT/images`` + ``ROOT/masks`` (the last tenth, by sorted name, is held out). Mask values are class
-  indices, 255 is ignored.
-
-``ROOT/classes.txt`` (one name per line) names the classes; otherwise they are ``class_0``... Unreadable
-image or mask files are skipped (the next pair is used), warned about once and counted by the trainer.
+Folders (``--data ROOT``): the layouts, the scan of the masks before training and what labels mean
+(255 ignored; 0 a class unless ``reduce_zero_label``, the ADE20K layout's default; classes from
+``classes.txt`` or the masks) are :mod:`slaknet.segment.folders`'. :class:`SegmentationFolder` serves the
+pairs the scan kept. A pair that turns out bad only when it is loaded (a file that cannot be decoded, or a
+mask outside the scanned sample with another size or a label beyond the classes) is warned about once; in
+training the next pair stands in for it and the trainer counts it; in evaluation (``substitute=False``) it
+is skipped and counted, never replaced.
 """
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from slaknet.data import IMG_EXTENSIONS, dihedral
+from slaknet.data import dihedral
 from slaknet.errors import ConfigError
+from slaknet.segment.folders import (ADE20K_NUM_CLASSES, IGNORE_INDEX, LabelScheme, SplitScan, check_labels,
+                                     find_pairs, label_scheme, read_mask, scan_split)
 
 __all__ = ["IGNORE_INDEX", "CONTOUR_CLASSES", "render_contours", "ContourSegmentation", "SegmentationFolder",
-           "PairedTransform", "parse_seg_data", "find_pairs", "read_classes", "ADE20K_NUM_CLASSES"]
+           "PairedTransform", "parse_seg_data", "find_pairs", "ADE20K_NUM_CLASSES"]
 
-IGNORE_INDEX = 255
 CONTOUR_CLASSES = ["outside", "inside"]
 ADE20K_NUM_CLASSES = 150
 _SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -175,53 +171,6 @@ def parse_seg_data(spec: str) -> Tuple[str, str]:
     return "folder", spec
 
 
-def _files(folder: str, exts: Sequence[str]) -> Dict[str, str]:
-    return {os.path.splitext(n)[0]: os.path.join(folder, n) for n in sorted(os.listdir(folder))
-            if n.lower().endswith(tuple(exts)) and not n.startswith(".")}
-
-
-def _pair(img_dir: str, mask_dir: str) -> List[Tuple[str, str]]:
-    if not os.path.isdir(img_dir) or not os.path.isdir(mask_dir):
-        raise ConfigError(f"expected image folder {img_dir!r} and mask folder {mask_dir!r}")
-    imgs, masks = _files(img_dir, IMG_EXTENSIONS), _files(mask_dir, (".png",))
-    pairs = [(imgs[k], masks[k]) for k in sorted(imgs) if k in masks]
-    if not pairs:
-        raise ConfigError(f"no image/mask pairs (same file stem, masks .png) in {img_dir!r} and {mask_dir!r}")
-    return pairs
-
-
-def find_pairs(root: str, split: str) -> Tuple[str, List[Tuple[str, str]]]:
-    """``(layout, [(image, mask)])`` of ``split`` (train / val) under ``root``; one-line errors otherwise."""
-    if not os.path.isdir(root):
-        raise ConfigError(f"data folder {root!r} does not exist")
-    ade = {"train": "training", "val": "validation"}[split]
-    if os.path.isdir(os.path.join(root, "images", ade)) and os.path.isdir(os.path.join(root, "annotations")):
-        return "ade20k", _pair(os.path.join(root, "images", ade), os.path.join(root, "annotations", ade))
-    if os.path.isdir(os.path.join(root, split, "images")):
-        return "plain", _pair(os.path.join(root, split, "images"), os.path.join(root, split, "masks"))
-    if os.path.isdir(os.path.join(root, "images")):
-        pairs = _pair(os.path.join(root, "images"), os.path.join(root, "masks"))
-        cut = len(pairs) - max(1, len(pairs) // 10) if len(pairs) > 1 else len(pairs)
-        return "plain", pairs[:cut] if split == "train" else pairs[cut:] or pairs
-    raise ConfigError(f"{root!r} is neither ADE20K-style (images/{ade}, annotations/{ade}) nor images/ + "
-                      f"masks/ (optionally under train/ and val/)")
-
-
-def read_classes(root: str, layout: str, num_classes: Optional[int]) -> List[str]:
-    """Class names from ``ROOT/classes.txt``, else ``class_i`` for ``num_classes`` (ADE20K: 150)."""
-    path = os.path.join(root, "classes.txt")
-    if os.path.isfile(path):
-        with open(path) as f:
-            names = [ln.strip() for ln in f if ln.strip()]
-        if layout == "ade20k" and len(names) == ADE20K_NUM_CLASSES + 1:
-            names = names[1:]  # a list that still names label 0 ("other")
-        return names
-    n = num_classes or (ADE20K_NUM_CLASSES if layout == "ade20k" else None)
-    if not n:
-        raise ConfigError(f"{root!r} has no classes.txt: pass --num-classes (mask values 0..N-1, 255 ignored)")
-    return [f"class_{i}" for i in range(int(n))]
-
-
 class PairedTransform:
     """Image + mask together: random rescale (``scale`` range, relative to a shorter side of ``crop``), random
     crop to ``crop`` (padding with 0 / 255 where the image is smaller), horizontal flip; then normalise.
@@ -262,16 +211,34 @@ class PairedTransform:
 
 
 class SegmentationFolder(Dataset):
-    """Image / mask pairs of a folder (module docstring). Items ``(x, y, unreadable met, first bad index)``
-    with ``report_bad``, else ``(x, y)``; ``samples`` and ``known_bad`` are what the trainer counts with."""
+    """The usable image / mask pairs of a folder split (module docstring). Items ``(x, y, bad pairs met,
+    first bad index)`` with ``report_bad``, else ``(x, y)``; ``samples`` and ``known_bad`` are what the
+    trainer counts with, ``left_out`` the pairs the scan set aside (:class:`~slaknet.segment.folders.LeftOut`).
+
+    ``classes`` (e.g. a checkpoint's) are checked against the masks; without them the classes come from
+    :func:`~slaknet.segment.folders.label_scheme`, or are ``labels`` (checked against this split too).
+    ``scan``: a scan of this split made already.
+    ``substitute`` False (evaluation): a pair found bad while loading yields an empty item (``x`` 3x0x0)
+    counted in the third field, never its neighbour.
+    """
 
     def __init__(self, root: str, split: str, transform: PairedTransform, classes: Optional[List[str]] = None,
-                 num_classes: Optional[int] = None, report_bad: bool = False) -> None:
+                 num_classes: Optional[int] = None, report_bad: bool = False,
+                 reduce_zero_label: Optional[bool] = None, scan: Optional[SplitScan] = None,
+                 substitute: bool = True, labels: Optional[LabelScheme] = None) -> None:
         self.root, self.split = root, split
-        self.layout, self.samples = find_pairs(root, split)
-        self.classes = list(classes) if classes is not None else read_classes(root, self.layout, num_classes)
-        self.transform, self.report_bad = transform, report_bad
-        self.reduce_zero_label = self.layout == "ade20k"
+        self.scan = scan if scan is not None else scan_split(root, split)
+        self.layout = self.scan.layout
+        self.samples = list(self.scan.pairs)
+        self.left_out = list(self.scan.left_out)
+        if labels is not None:
+            check_labels(labels, [self.scan])
+            self.labels = labels
+        else:
+            self.labels = label_scheme(root, self.layout, [self.scan], num_classes, reduce_zero_label, classes)
+        self.classes = self.labels.classes
+        self.reduce_zero_label = self.labels.reduce_zero_label
+        self.transform, self.report_bad, self.substitute = transform, report_bad, substitute
         self.bad_files: List[str] = []
         self.known_bad: set = set()
 
@@ -279,42 +246,46 @@ class SegmentationFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The RGB uint8 image and the (label-mapped) mask of pair ``index``; raises for unreadable files."""
+        """The RGB uint8 image and the class-index mask of pair ``index``; raises for a pair that is bad."""
         from PIL import Image
 
         img_path, mask_path = self.samples[index]
         with Image.open(img_path) as im:
             img = np.asarray(im.convert("RGB"))
-        with Image.open(mask_path) as im:
-            mask = np.asarray(im).astype(np.int64)
-        if mask.ndim != 2:
-            raise ValueError(f"mask {mask_path} is not single-channel (mode with {mask.ndim} axes)")
+        mask = read_mask(mask_path)
         if mask.shape != img.shape[:2]:
-            raise ValueError(f"mask {mask.shape} and image {img.shape[:2]} sizes differ")
-        if self.reduce_zero_label:
-            mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
-            mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
-        return img, mask
+            raise ValueError(f"mask {mask.shape[0]}x{mask.shape[1]} and image {img.shape[0]}x{img.shape[1]} "
+                             "differ in size")
+        self.labels.check(mask, mask_path)
+        return img, self.labels.to_labels(mask)
+
+    def _bad(self, i: int, exc: Exception) -> None:
+        if self.samples[i][0] not in self.bad_files:
+            self.bad_files.append(self.samples[i][0])
+            warnings.warn(f"skipping bad pair {self.samples[i][0]}: {type(exc).__name__}: {exc}")
 
     def __getitem__(self, index: int) -> Tuple[Any, ...]:
         n = len(self.samples)
         bad, first = 0, -1
-        for k in range(min(n, 50)):
+        for k in range(min(n, 50) if self.substitute else 1):
             i = (index + k) % n
-            if i in self.known_bad:
+            if i in self.known_bad and self.substitute:
                 continue
             try:
                 img, mask = self.load(i)
+            except ConfigError:
+                raise
             except Exception as exc:  # PIL raises many types for damaged files
                 bad += 1
                 first = i if first < 0 else first
-                if self.samples[i][0] not in self.bad_files:
-                    self.bad_files.append(self.samples[i][0])
-                    warnings.warn(f"skipping unreadable pair {self.samples[i][0]}: {type(exc).__name__}: {exc}")
+                self._bad(i, exc)
                 continue
             x, y = self.transform(img, mask)
             return (x, y, bad, first) if self.report_bad else (x, y)
-        raise RuntimeError(f"50 consecutive unreadable image/mask pairs in {self.root!r} around index {index}")
+        if not self.substitute:  # evaluation: the bad pair is skipped and counted, no other stands in
+            x, y = torch.zeros(3, 0, 0), torch.zeros(0, 0, dtype=torch.long)
+            return (x, y, bad, first) if self.report_bad else (x, y)
+        raise RuntimeError(f"50 consecutive bad image/mask pairs in {self.root!r} around index {index}")
 
     def describe(self) -> str:
         return (f"{self.layout} segmentation folder {self.root} ({self.split}): {len(self.samples)} pairs, "

@@ -87,7 +87,7 @@ def run_demo(out_dir: str = "runs/seg-demo", epochs: Optional[int] = None, train
         s = tr.fit()
         last = tr.history[-1] if tr.history else {}
         rows.append(dict(model=model, kernels=tr.plan.model.get("kernels"), params=s.get("params"),
-                         macs=s.get("macs"), miou=last.get("val_miou"), best_miou=s.get("best_top1"),
+                         macs=s.get("macs"), miou=last.get("val_miou"), best_miou=s.get("best_miou"),
                          pixel_acc=last.get("val_pixel_acc"), train_seconds=s.get("train_seconds"),
                          threads=s.get("torch_threads"), epochs=cfg.optim.epochs,
                          train_samples=cfg.data.train_samples, val_samples=cfg.data.val_samples,

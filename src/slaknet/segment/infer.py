@@ -99,9 +99,11 @@ def predict_logits(net: nn.Module, x: torch.Tensor, num_classes: int, crop: Opti
 @torch.no_grad()
 def confusion_over(net: nn.Module, batches: Iterable[Sequence[torch.Tensor]], num_classes: int, device: torch.device,
                    crop: Optional[int] = None, stride: Optional[int] = None,
-                   autocast: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, float, float, int]:
-    """``(confusion matrix, summed pixel cross-entropy, valid pixels, unreadable files met)`` of ``net`` (eval
-    mode for the call) over ``(x, y, ...)`` batches."""
+                   autocast: Optional[torch.dtype] = None,
+                   skipped: Optional[set] = None) -> Tuple[torch.Tensor, float, float, int]:
+    """``(confusion matrix, summed pixel cross-entropy, valid pixels, bad pairs met)`` of ``net`` (eval mode for
+    the call) over ``(x, y[, bad count, first bad index])`` batches. Empty items (a bad pair of a folder that
+    substitutes none) are skipped; their indices go to ``skipped``."""
     from slaknet.segment.data import IGNORE_INDEX
     from slaknet.segment.metrics import confusion_matrix
 
@@ -111,9 +113,13 @@ def confusion_over(net: nn.Module, batches: Iterable[Sequence[torch.Tensor]], nu
     loss_sum, n_pix, bad = 0.0, 0.0, 0
     try:
         for batch in batches:
-            x, y = batch[0].to(device), batch[1].to(device)
             if len(batch) > 2:
                 bad += int(batch[2].sum())
+                if skipped is not None and len(batch) > 3:
+                    skipped.update(int(i) for i in batch[3].tolist() if int(i) >= 0)
+            if batch[0].numel() == 0:
+                continue
+            x, y = batch[0].to(device), batch[1].to(device)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 logits = predict_logits(net, x, num_classes, crop, stride).float()
             loss_sum += float(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum"))

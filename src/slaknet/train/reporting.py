@@ -48,7 +48,7 @@ def header_lines(tr: "Trainer") -> List[str]:
     workers = _plural(tr.workers, "data worker")
     if tr.workers < int(cfg.num_workers):
         workers += f" (capped from {cfg.num_workers}: {tr.workers} cores)"
-    lines.append(f"  recipe {cfg.recipe}: input {cfg.input_size} px" + (f", {aug}" if aug else "")
+    lines.append(f"  recipe {cfg.recipe}: input {tr.task.input_side()} px" + (f", {aug}" if aug else "")
                  + f", {sparse}, {workers}")
     threads = f" ({_plural(torch.get_num_threads(), 'thread')})" if tr.device.type == "cpu" else ""
     lines.append(f"  {cfg.epochs} epochs x {plan.steps_per_epoch} steps, batch {cfg.batch_size} x {cfg.update_freq} x "
@@ -61,6 +61,7 @@ def header_lines(tr: "Trainer") -> List[str]:
                      "(pass --lr to rescale, or --update-freq to match)")
     if tr.engine is not None:
         lines.append("  " + _sparse_layers_line(tr.engine.density_report()))
+    lines += ["  " + line for line in tr.task.header_lines(tr.run)]
     if tr._resumed:
         st = tr.state
         where = (f"epoch {st.epoch + 1}/{cfg.epochs}, batch {st.batch_in_epoch}/{plan.batches_per_epoch}"
@@ -103,26 +104,35 @@ def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
 
 
 def _summary(tr: "Trainer") -> Dict[str, Any]:
+    """summary.json: the run's numbers. The best evaluation is ``best_value`` of ``best_metric`` (the task's
+    deciding key, e.g. ``val_miou``), also under its own name (``best_miou``; ``best_top1`` for tasks
+    decided by top-1, which also get ``final_top1`` / ``final_top5`` / ``chance_top1``)."""
     cfg, st = tr.cfg, tr.state
     final = tr.history[-1] if tr.history else {}
+    metric = tr.task.best_metric
+    best = st.best_metric if st.best_epoch >= 0 else None
     s: Dict[str, Any] = {
-        "model": cfg["model"], "data": cfg["data"], "recipe": cfg.recipe, "epochs_done": st.epoch, "steps": st.step,
-        "final_top1": final.get("val_top1"), "final_top5": final.get("val_top5"),
-        "best_top1": st.best_metric if st.best_epoch >= 0 else None,
+        "model": cfg["model"], "data": cfg["data"], "recipe": cfg.recipe, "epochs_done": st.epoch, "steps": st.step}
+    if metric == "val_top1":
+        s.update(final_top1=final.get("val_top1"), final_top5=final.get("val_top5"))
+    s.update({
+        "best_metric": metric, "best_value": best, "best_" + metric.split("_", 1)[-1]: best,
         "best_epoch": st.best_epoch + 1 if st.best_epoch >= 0 else None,
+        "num_classes": int(tr.plan.num_classes), "classes": list(tr.data.classes),
         "train_seconds": round(st.elapsed, 1), "bad_images": len(st.bad_files), "bad_files": list(st.bad_files),
         "cpu_seconds_this_session": round(float(getattr(tr, "_cpu_seconds", 0.0)), 1),
-        "torch_threads": torch.get_num_threads(), "lr": tr.plan.lr,
-        "chance_top1": 100.0 / max(len(tr.data.classes), 1), "output_dir": tr.out_dir,
+        "torch_threads": torch.get_num_threads(), "lr": tr.plan.lr, "output_dir": tr.out_dir,
         "stopped_by": tr.stop_reason or None,
-    }
+    })
+    if metric == "val_top1":
+        s["chance_top1"] = 100.0 / max(len(tr.data.classes), 1)
     if tr.ema is not None and "ema_top1" in final:
         s["final_ema_top1"] = final["ema_top1"]
     s.update(tr.task.summary_fields(tr.run))
     try:
         from slaknet.analysis.counting import count_model
 
-        c = count_model(tr.model, int(cfg.input_size))
+        c = count_model(tr.model, tr.task.input_side())
         s.update(params=int(c.params), nonzero_params=int(c.params_nonzero), macs=int(c.macs_dense),
                  nonzero_macs=int(c.macs_nonzero))
     except Exception as exc:  # counting is a report, never a reason to lose the run
@@ -151,11 +161,11 @@ def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
     head = f"done in {s['train_seconds']:.0f}s"
     if tr.stop_reason:
         head += f" (stopped by {tr.stop_reason} at step {st.step}, epoch {min(st.epoch + 1, tr.cfg.epochs)}/{tr.cfg.epochs})"
-    if s["best_top1"] is not None and tr.task.best_metric != "val_top1":
-        head += f": best {tr.task.best_metric.replace('_', ' ')} {s['best_top1']:.2f} at epoch {s['best_epoch']}"
-    elif s["best_top1"] is not None:
+    if s["best_value"] is not None and tr.task.best_metric != "val_top1":
+        head += f": best {tr.task.best_metric.replace('_', ' ')} {s['best_value']:.2f} at epoch {s['best_epoch']}"
+    elif s["best_value"] is not None:
         head += (f": final top-1 {s['final_top1']:.2f}% " if s["final_top1"] is not None else ": ") + (
-            f"(best {s['best_top1']:.2f}% at epoch {s['best_epoch']}; chance {s['chance_top1']:.1f}%)")
+            f"(best {s['best_value']:.2f}% at epoch {s['best_epoch']}; chance {s['chance_top1']:.1f}%)")
     else:
         head += f": {_plural(st.step, 'step')}, no evaluation yet"
     lines = [head]
@@ -164,7 +174,7 @@ def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
                      + (f", sparsity {1 - s['density']:.3f} of sparse layers, ITOP {s['itop_rate']:.3f}"
                         if tr.engine is not None else ""))
     if st.bad_files:
-        lines.append(f"  skipped {_plural(len(st.bad_files), 'unreadable file')} (listed in summary.json): "
+        lines.append(f"  skipped {_plural(len(st.bad_files), tr.task.bad_file_word)} (listed in summary.json): "
                      + ", ".join(os.path.basename(p) for p in st.bad_files[:3]) + (", ..." if len(st.bad_files) > 3 else ""))
     if out:
         lines.append(f"  outputs in {out}: model.safetensors (last weights), {CKPT_BEST} (best), {CKPT_LAST} "

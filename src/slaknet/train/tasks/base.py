@@ -49,6 +49,7 @@ class Task:
     name = "task"
     best_metric = "val_top1"   # key of the evaluation record that decides checkpoint-best.pth (higher wins)
     init_seed_key = 0x5EED     # seed_everything(seed, key) before data and model are built
+    bad_file_word = "unreadable file"  # what the final message calls the training files it skipped
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -187,8 +188,18 @@ class Task:
         """Extra header words (e.g. the augmentation used)."""
         return ""
 
+    def input_side(self) -> int:
+        """The image side the model trains on (run header, MAC counts): ``--input-size`` unless the task
+        trains on something else (segmentation folders: the crop)."""
+        return int(self.cfg.input_size)
+
+    def header_lines(self, run: "Run") -> List[str]:
+        """Further run-header lines (after the general ones), e.g. what the data holds and what was chosen."""
+        return []
+
     def summary_fields(self, run: "Run") -> Dict[str, Any]:
-        """Task-specific entries of ``summary.json`` (e.g. the deciding metric by its name, the classes)."""
+        """Task-specific entries of ``summary.json`` (laid over the trainer's), e.g. the deciding metric by
+        its name or what was dropped from the data."""
         return {}
 
     def metadata(self, run: "Run") -> Dict[str, str]:
