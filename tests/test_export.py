@@ -261,3 +261,12 @@ def test_registered_custom_format_is_exported_and_verified(pico, tmp_path):
             register_format(ExportFormat("statedict", ".x", save, load))
     finally:
         unregister_format("statedict")
+
+
+def test_export_says_whether_the_input_size_is_fixed(pico, tmp_path):
+    small = export_model(pico, str(tmp_path / "s.pt2"), "exported-program", input_size=(3, 32, 32))
+    assert small.dynamic_batch and not small.dynamic_spatial
+    assert "height x width fixed at 32x32" in small.summary() and "--input-size 64" in small.summary()
+    big = export_model(pico, str(tmp_path / "b.pt2"), "exported-program", input_size=(3, 64, 64))
+    assert big.dynamic_spatial and "any height / width that is a multiple of 32" in big.summary()
+    assert "any batch" in big.input_text

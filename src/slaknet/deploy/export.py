@@ -133,6 +133,18 @@ class ExportResult:
     checks: List[Dict[str, Any]] = field(default_factory=list)
     export_seconds: float = 0.0
     file_bytes: int = 0
+    fixed_reason: str = ""  # why height and width are fixed where dynamic ones were asked for
+
+    @property
+    def input_text(self) -> str:
+        """What input the artefact takes: dynamic or fixed batch, dynamic or fixed height x width."""
+        b, c, h, w = self.input_shape
+        batch = "any batch" if self.dynamic_batch else f"batch fixed at {b}"
+        if self.dynamic_spatial:
+            side = f"any height / width that is a multiple of 32 from 64 to {MAX_SPATIAL} px"
+        else:
+            side = f"height x width fixed at {h}x{w}" + (f" ({self.fixed_reason})" if self.fixed_reason else "")
+        return f"input {c} channels, {batch}, {side}"
 
     @property
     def passed(self) -> bool:
@@ -143,7 +155,7 @@ class ExportResult:
         form = "not reparameterized" if self.reparameterize == "none" else f"{self.reparameterize} form"
         return (f"{self.format} -> {self.path} ({self.file_bytes / 2**20:.1f} MiB, {form}, "
                 f"exported in {self.export_seconds:.1f}s); max |diff| vs eager {self.max_abs_diff:.3e} "
-                f"(scaled {self.max_rel_diff:.2e}, tolerance {self.tolerance:.0e}) [{shapes}]")
+                f"(scaled {self.max_rel_diff:.2e}, tolerance {self.tolerance:.0e}) [{shapes}]; {self.input_text}")
 
 
 def _sample_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, int, int]:
@@ -377,9 +389,15 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
     c, h, w = _sample_shape(model, input_size)
     if dynamic_batch and batch_size < 2 and spec.dynamic_shapes:
         batch_size = 2
+    fixed_reason = ""
     if dynamic_spatial and spec.dynamic_shapes and not _spatial_dynamic_ok(h, w):
+        # torch.export cannot put a size of one 32-px unit into a dynamic range: keep the model's own size
         dynamic_spatial = False
+        fixed_reason = (f"dynamic sizes need an example that is a multiple of 32 of at least 64 px; export with "
+                        f"--input-size {max(64, -(-max(h, w) // 32) * 32)} for sizes from 64 px up")
     if not (spec.dynamic_shapes or spec.shape_generic):  # a fixed-shape artefact
+        if dynamic_spatial:
+            fixed_reason = f"the {fmt} format fixes the shape"
         dynamic_batch = dynamic_spatial = False
     was_training = model.training
     p = next(iter(model.parameters()), None)
@@ -387,8 +405,10 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
         # exports are made and verified on the CPU in float32 (runtimes convert further if asked)
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     try:
-        return _export_eval(model.eval(), path, fmt, reparameterize, c, h, w, batch_size, dynamic_batch,
-                            dynamic_spatial, opset, verify, tolerance, metadata)
+        result = _export_eval(model.eval(), path, fmt, reparameterize, c, h, w, batch_size, dynamic_batch,
+                              dynamic_spatial, opset, verify, tolerance, metadata)
+        result.fixed_reason = fixed_reason
+        return result
     finally:
         model.train(was_training)
 

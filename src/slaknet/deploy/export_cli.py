@@ -109,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
                                                 "dynamic_spatial", "tolerance", "max_abs_diff", "max_rel_diff",
                                                 "checks", "export_seconds", "file_bytes")}
         out["passed"] = result.passed if not args.no_verify else None
+        out["input"] = result.input_text
         print(json.dumps(out, indent=2))
     else:
         print(result.summary() if not args.no_verify else
-              f"{result.format} -> {result.path} ({result.file_bytes / 2**20:.1f} MiB; not verified)")
+              f"{result.format} -> {result.path} ({result.file_bytes / 2**20:.1f} MiB; not verified); "
+              f"{result.input_text}")
     return 0
 
 
