@@ -361,3 +361,16 @@ def test_bench_reports_auto_vs_plain_and_retime_forgets(cache, capsys):
     assert autotune.lookup("dwconv/q") is not None
     with pytest.raises(ConfigError):
         run(parser.parse_args(["--retime", "--batch", "0"]))
+
+
+def test_pinned_answers_are_used_without_timing_and_recorded():
+    from slaknet.layers import autotune
+
+    key = "test-pin|question"
+
+    def never():
+        raise AssertionError("a pinned question must not be timed")
+
+    autotune.pin({key: "gemm"})
+    assert autotune.decide(key, ["plain", "gemm", "fft"], never) == "gemm"
+    assert autotune.answers()[key] == "gemm" and autotune.decisions()[key].source == "pinned"

@@ -259,6 +259,7 @@ def test_sigkill_mid_epoch_then_auto_resume_is_exact(tmp_path, monkeypatch):
     # killed in epoch 2 of 3 (4 steps / epoch), after the step-6 checkpoint
     a, b, mid = _reference_killed_resumed(tmp_path, args, kill_at_step=7)
     assert mid["step"] == 6 and mid["batch_in_epoch"] == 2 and mid["epoch"] == 1
+    assert isinstance(mid["config"]["autotune"], dict)  # the timed backend choices a resume pins
     assert a["step"] == b["step"] == 12
     _assert_same_run(a, b)
 

@@ -46,7 +46,7 @@ import torch
 
 from slaknet.io import atomic_path
 
-__all__ = ["decide", "lookup", "forget", "decisions", "stats", "reset", "generation", "cache_dir", "cache_path",
+__all__ = ["decide", "lookup", "forget", "answers", "pin", "decisions", "stats", "reset", "generation", "cache_dir", "cache_path",
            "machine_identity", "cpu_model", "Decision", "TimingStats", "MARGIN", "DEFAULT_BUDGET_S",
            "ENV_CACHE_DIR", "ENV_BUDGET"]
 
@@ -380,6 +380,21 @@ def forget(prefix: str = "") -> int:
         for k in stale:
             (_disk or {}).pop(k, None)
         return len(set(gone) | set(stale))
+
+
+def answers() -> Dict[str, str]:
+    """``{question: chosen backend}`` of this process (what a training checkpoint records, see :func:`pin`)."""
+    with _lock:
+        return {k: d.choice for k, d in _decided.items()}
+
+
+def pin(chosen: Mapping[str, str]) -> None:
+    """Answer these questions as given, without timing (a resumed run keeps the backends, hence the summation
+    orders, it started with, whatever this machine's cache says now)."""
+    with _lock:
+        _generation[0] += 1
+        for key, choice in chosen.items():
+            _decided[str(key)] = Decision(str(choice), "pinned")
 
 
 def decisions() -> Dict[str, Decision]:

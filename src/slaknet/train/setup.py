@@ -107,11 +107,13 @@ def _check_resumable(tr: "Trainer", path: str, resumed: Dict[str, Any]) -> None:
 
 def _pin_machine_choices(run: "Run", resumed: Optional[Dict[str, Any]]) -> Optional[str]:
     """What summation orders depend on, kept from the run's start so that a resume is bitwise."""
-    if run.device.type != "cpu":
-        return None
-    from slaknet.layers import pointwise
+    from slaknet.layers import autotune, pointwise
 
     old = resumed.get("config", {}) if resumed is not None else {}
+    if isinstance(old.get("autotune"), dict):
+        autotune.pin(old["autotune"])  # the backends 'auto' chose by timing when the run started
+    if run.device.type != "cpu":
+        return None
     if old.get("linear_auto") in ("onednn", "plain"):
         pointwise.pin_auto_choice(old["linear_auto"])  # the 1x1 layers' GEMM ('auto' is timed)
     if resumed is not None and str(run.cfg.threads).lower() == "auto" and old.get("resolved_threads"):

@@ -384,8 +384,11 @@ class Trainer:
     # -------------------------------------------------------------------------------- checkpoints ----
     def stored_config(self) -> Dict[str, Any]:
         """The config plus the plan and the data's normalisation, as stored in checkpoints."""
+        from slaknet.layers import autotune
+
         d = self.cfg.to_stored()
         d.update(self.plan.as_dict())
+        d["autotune"] = autotune.answers()  # the backends chosen by timing: a resume pins them
         d.update(mean=list(self.data.mean), std=list(self.data.std), num_classes=self.plan.num_classes)
         return d
 
