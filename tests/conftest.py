@@ -16,6 +16,9 @@ if not os.environ.get("SLAKNET_CACHE_DIR"):
     _cache = tempfile.mkdtemp(prefix="slaknet-test-cache-")
     os.environ["SLAKNET_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, True)
+# no timing of backends in the suite (results never depend on it; a timed question costs seconds per process):
+# auto answers by its built-in rules, the same in every test process; tests/test_autotune.py times explicitly
+os.environ.setdefault("SLAKNET_AUTOTUNE_BUDGET", "0")
 
 DATA = Path(__file__).parent / "data"
 
