@@ -94,7 +94,7 @@ def test_predict_reports_bad_images_and_predicts_the_rest(trained, tmp_path, cap
     _, path = trained
     rc = main(["predict", good[0], str(bad), good[1], "--checkpoint", path, "--json", "-k", "5"])
     captured = capsys.readouterr()
-    assert rc == 1
+    assert rc == 2  # a user's unreadable file: exit 2, after the readable ones were predicted
     res = json.loads(captured.out)
     assert [r["image"] for r in res] == good
     assert all(len(r["top"]) == 2 and {t["label"] for t in r["top"]} == {"outside", "inside"} for r in res)

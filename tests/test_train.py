@@ -328,7 +328,9 @@ def test_one_line_errors(tmp_path, capsys):
         assert rc == 2 and "\n" not in e, e
         return e
 
-    assert "has no train/ folder" in err(["train", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert "data folder" in err(["train", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    (tmp_path / "flat").mkdir()
+    assert "has no train/ folder" in err(["train", "--data", str(tmp_path / "flat"), "-o", str(tmp_path / "o")])
     assert "--epochs must be >= 1" in err(["train", "--epochs", "0"])
     d = str(tmp_path / "d")
     _image_folder(d, corrupt=False)
