@@ -407,5 +407,5 @@ def test_missing_optional_packages_fail_before_training_in_one_line(tmp_path, ca
     out = str(tmp_path / "run")
     assert cli_main(["detect", "train", *TINY, "-o", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "pip install 'slaknet[dense]'" in err[-1] and err[-1].startswith("slaknet detect: error:")
+    assert "pip install '.[dense]' in the slaknet clone" in err[-1] and err[-1].startswith("slaknet detect: error:")
     assert not os.path.exists(out)

@@ -28,4 +28,4 @@ def import_optional(module: str, extra: str, feature: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(f"{feature} needs {module.split('.')[0]} ({exc}); install it with "
-                                     f"pip install 'slaknet[{extra}]'") from None
+                                     f"pip install '.[{extra}]' in the slaknet clone") from None

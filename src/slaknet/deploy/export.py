@@ -210,7 +210,7 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, path: str, dyn: Optiona
     try:
         import onnxscript  # noqa: F401  (the dynamo-based ONNX exporter needs it)
     except ImportError as exc:
-        raise ConfigError("ONNX export needs onnx and onnxscript: pip install 'slaknet[export]'") from exc
+        raise ConfigError("ONNX export needs onnx and onnxscript: pip install '.[export]' in the slaknet clone") from exc
     with torch.no_grad():
         n_out = len(_as_list(model(sample)))
     names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]

@@ -177,7 +177,7 @@ def _require_onnxruntime() -> None:
         for name in ("onnx", "onnxruntime", "onnxruntime.quantization"):
             importlib.import_module(name)
     except ImportError as exc:
-        raise ConfigError("int8 quantization needs onnx and onnxruntime: pip install 'slaknet[export]'") from exc
+        raise ConfigError("int8 quantization needs onnx and onnxruntime: pip install '.[export]' in the slaknet clone") from exc
 
 
 def large_kernel_nodes(onnx_path: str) -> List[str]:

@@ -26,7 +26,7 @@ class CommonOptions:
     checkpoint: Optional[str] = setting(None, "checkpoint file: an official release .pth, or slaknet's .pth / "
                                               ".safetensors (architecture read from the file)", metavar="CKPT")
     output_file: Optional[str] = setting(None, "file to write", short=("-o",), metavar="FILE")
-    format: str = setting("onnx", "export format: onnx (needs pip install 'slaknet[export]'), torchscript, "
+    format: str = setting("onnx", "export format: onnx (needs pip install '.[export]' in the clone), torchscript, "
                                   "exported-program, safetensors, or a format added with "
                                   "slaknet.deploy.register_format", metavar="FORMAT")
     json: bool = setting(False, "print the result as JSON")
