@@ -126,7 +126,7 @@ def test_dense_large_kernels_by_default_are_refused_explicit_layers_respected(tm
     assert "0 of 10 large-kernel weights" in header[0] and "large-kernel weights 1.000" in header[0]
 
 
-def test_registered_init_is_respected(tmp_path):
+def test_registered_init_is_respected(tmp_path, capsys):
     from slaknet.sparse import InitRule, register_init
     from slaknet.sparse import init_rules as init_mod
 
@@ -141,6 +141,8 @@ def test_registered_init_is_respected(tmp_path):
     finally:
         init_mod._INIT.entries.pop("strips_dense_test", None)
     assert tr.engine.density_report()["large_kernel"] == {"sparse": 0, "dense": 10}
+    header = [line for line in capsys.readouterr().out.splitlines() if "sparse layers:" in line]
+    assert "0 of 10 large-kernel weights" in header[0] and "large-kernel weights 1.000" in header[0]
 
 
 def test_summary_of_a_dense_run_has_the_model_density(tmp_path):
