@@ -278,8 +278,10 @@ def test_training_order_is_a_function_of_seed_and_epoch():
 
 def test_header_says_how_many_large_kernel_weights_are_sparse(tmp_path, capsys):
     # slak_pico has 1+1+2+1 = 5 blocks, each with two strip weights (LoRA1, LoRA2): 10 large-kernel weights
-    for extra, expected in (([], "large-kernel weights: 0 sparse, 10 dense (the large kernels are NOT sparse"),
-                            (["--sparse-layers", "large_kernel"], "large-kernel weights: 10 sparse, 0 dense")):
+    for extra, expected in (([], "10 of 10 large-kernel weights"),
+                            (["--sparse-layers", "large_kernel"], "10 of 10 large-kernel weights"),
+                            (["--sparse-init", "ERK", "--erk-power-scale", "1", "--sparse-layers", "all"],
+                             "0 of 10 large-kernel weights")):
         out = str(tmp_path / ("run" + "_".join(extra)))
         train(config_from_argv(TINY + ["--max-steps", "1", "-o", out] + extra))
         header = [line for line in capsys.readouterr().out.splitlines() if "sparse layers:" in line]

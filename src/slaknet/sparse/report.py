@@ -4,7 +4,9 @@ A mixin of :class:`slaknet.sparse.SparseEngine`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+import torch
 
 from slaknet.sparse.selection import select_parameters
 
@@ -50,18 +52,54 @@ class ReportMixin:
                                 if self.last_update else None),
                 "layers": layers}
 
-    def density_report(self) -> Dict[str, Any]:
-        """Per-layer initial densities and how many large-kernel (SLaK strip) weights are sparse / dense.
+    @torch.no_grad()
+    def densities(self, exact: bool = True) -> Dict[str, Optional[float]]:
+        """Non-zero fractions of the model's weights, each named for what it covers:
 
-        For a run header: ``{"layers": {name: density}, "large_kernel": {"sparse": n, "dense": m}}``
-        (``large_kernel`` counts only weights this engine selected).
+        * ``large_kernel_density``: every large-kernel weight of the model (``LoRA1``, ``LoRA2``, ``lkb_origin``
+          of :class:`~slaknet.layers.LargeKernelConv`, selected or not; None if it has none);
+        * ``sparse_layers_density``: the weights this engine selected (layers left dense included);
+        * ``model_density``: every parameter of the model (biases and norms included).
+
+        ``exact``: count the exact zeros of the weights (an inactive entry of a sparse layer counts as zero even
+        before the masks reach the weights at the first forward); False: only the masks' inactive entries
+        count as zero (what sparsity alone gives, e.g. at initialisation, where biases start at exactly 0).
+        """
+        masks = {id(layer.param): layer.mask for layer in self.layers}
+
+        def count(params: Any) -> Optional[float]:
+            nonzero = total = 0
+            for p in params:
+                mask = masks.get(id(p))
+                if exact:
+                    nz = p.detach() != 0
+                    if mask is not None:
+                        nz &= mask.to(nz.device)
+                    nonzero += int(torch.count_nonzero(nz))
+                else:
+                    nonzero += int(torch.count_nonzero(mask)) if mask is not None else p.numel()
+                total += p.numel()
+            return nonzero / total if total else None
+
+        return {"large_kernel_density": count(p for _, _, p in select_parameters(self.model, "large_kernel")),
+                "sparse_layers_density": count(p for _, p in self.candidates),
+                "model_density": count(self.model.parameters())}
+
+    def density_report(self) -> Dict[str, Any]:
+        """Per-layer initial densities, how many large-kernel (SLaK strip) weights are sparse / dense, and the
+        :meth:`densities` of the masks (large-kernel weights, sparse layers, whole model).
+
+        For a run header: ``{"layers": {name: density}, "large_kernel": {"sparse": n, "dense": m},
+        "large_kernel_density": ..., "sparse_layers_density": ..., "model_density": ...}`` (``large_kernel``
+        counts only weights this engine selected).
         """
         lk = {n for n, _, _ in select_parameters(self.model, "large_kernel")} if self.candidates else set()
         names = [n for n, _ in self.candidates]
         sparse = {l.name for l in self.layers}
         return {"layers": {n: self.init_densities.get(n, 1.0) for n in names},
                 "large_kernel": {"sparse": sum(1 for n in names if n in lk and n in sparse),
-                                 "dense": sum(1 for n in names if n in lk and n not in sparse)}}
+                                 "dense": sum(1 for n in names if n in lk and n not in sparse)},
+                **self.densities(exact=False)}
 
     def summary(self, max_layers: int = 12) -> str:
         """A short human-readable report (global figures and the first ``max_layers`` layers)."""

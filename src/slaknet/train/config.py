@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import AbstractSet, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 from slaknet.errors import CheckpointError, ConfigError
 from slaknet.settings import (REFUSED, VALUE_FLAGS, AugmentSettings, DataSettings, FieldInfo, ModelSettings,
@@ -94,6 +94,8 @@ class Config:
     sparse: SparseConfig
     task: Any
     config: Optional[str] = None   # the YAML file it was read from, if any
+    # option keys set by the user (command line, YAML file, keyword arguments), not by a default or the recipe
+    given: FrozenSet[str] = dataclasses.field(default=frozenset(), compare=False)
 
     # ---- reading by option key
     def _locate(self, key: str) -> Tuple[Any, str]:
@@ -139,8 +141,9 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         """A copy with ``changes`` (option keys, any accepted spelling) applied and validated again."""
         flat = dict(self.items())
-        flat.update({canonical_key(k): v for k, v in changes.items()})
-        return _build(self.spec, flat, self.recipe, self.config)
+        changes = {canonical_key(k): v for k, v in changes.items()}
+        flat.update(changes)
+        return _build(self.spec, flat, self.recipe, self.config, given=self.given | set(changes))
 
     def as_dict(self) -> Dict[str, Any]:
         """The nested plain form (YAML of ``--print-config`` and ``config.yaml``; ``--config`` reads it back)."""
@@ -196,7 +199,7 @@ def _recipe_values(spec: TaskSpec, name: str, data: Optional[str]) -> Dict[str, 
 
 
 def _build(spec: TaskSpec, flat: Mapping[str, Any], recipe: str, config_file: Optional[str] = None,
-           where: str = "") -> Config:
+           where: str = "", given: AbstractSet[str] = frozenset()) -> Config:
     """Sections from a complete flat mapping: coerce, validate, freeze."""
     index = key_index(spec)
     per: Dict[str, Dict[str, Any]] = {s: {} for s in list(SECTIONS) + ["task"]}
@@ -214,7 +217,7 @@ def _build(spec: TaskSpec, flat: Mapping[str, Any], recipe: str, config_file: Op
         check_section(objs[section], where)
     trial = dataclasses.replace(objs["sparse"], total_steps=objs["sparse"].total_steps or 1)
     trial.validate()  # the engine's own cross-field rules (the step count is the trainer's)
-    cfg = Config(task_name=spec.name, recipe=recipe, config=config_file, **objs)
+    cfg = Config(task_name=spec.name, recipe=recipe, config=config_file, given=frozenset(given), **objs)
     _check_input_size(cfg)
     check = getattr(cfg.task, "check_config", None)
     if callable(check):
@@ -293,7 +296,7 @@ def resolve(spec: TaskSpec, given: Mapping[str, Any], recipe: str = "auto", conf
         if flat.get("data") is None:
             flat["data"] = data or spec.default_data
     _finish(spec, flat)
-    return _build(spec, flat, recipe, config_file)
+    return _build(spec, flat, recipe, config_file, given=set(given))
 
 
 def make_config(task: str = "classification", recipe: str = "auto", config: Optional[str] = None,

@@ -71,17 +71,22 @@ def header_lines(tr: "Trainer") -> List[str]:
 
 
 def _sparse_layers_line(report: Dict[str, Any]) -> str:
-    """How the sparsity is spread: sparse / dense layers, and how many large-kernel weights are sparse."""
+    """How the sparsity is spread: sparse layers, sparse large-kernel weights, and the three densities."""
     dens = list(report["layers"].values())
     n_sparse = sum(1 for v in dens if v < 1.0)
     lk = report["large_kernel"]
-    lk_total = lk["sparse"] + lk["dense"]
     line = f"sparse layers: {n_sparse} of {len(dens)} candidate weights sparse"
-    if lk_total:
-        line += f"; large-kernel weights: {lk['sparse']} sparse, {lk['dense']} dense"
-        if lk["sparse"] == 0:
-            line += " (the large kernels are NOT sparse: try --sparse-init snip or --sparse-layers large_kernel)"
-    return line
+    if lk["sparse"] + lk["dense"]:
+        line += f", {lk['sparse']} of {lk['sparse'] + lk['dense']} large-kernel weights"
+    return line + "; " + density_phrase(report)
+
+
+def density_phrase(d: Dict[str, Any]) -> str:
+    """``density (non-zero fraction): large-kernel weights 0.600, sparse layers 0.600, whole model 0.604``."""
+    parts = [(label, d.get(key)) for label, key in (("large-kernel weights", "large_kernel_density"),
+                                                    ("sparse layers", "sparse_layers_density"),
+                                                    ("whole model", "model_density"))]
+    return "density (non-zero fraction): " + ", ".join(f"{label} {v:.3f}" for label, v in parts if v is not None)
 
 
 def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
@@ -139,8 +144,10 @@ def _summary(tr: "Trainer") -> Dict[str, Any]:
         log.warning("parameter counting failed: %s", exc)
         s.update(params=sum(p.numel() for p in tr.model.parameters()),
                  nonzero_params=sum(int((p != 0).sum()) for p in tr.model.parameters()))
-    if tr.engine is not None:
-        s.update(density=tr.engine.global_density(), itop_rate=tr.engine.itop_rate())
+    if tr.engine is not None:  # the final weights' zeros (what model.safetensors holds), each named
+        s.update(density=tr.engine.global_density(), itop_rate=tr.engine.itop_rate(), **tr.engine.densities())
+    else:
+        s["model_density"] = s["nonzero_params"] / max(s["params"], 1)
     return s
 
 
@@ -171,8 +178,7 @@ def _done_lines(tr: "Trainer", s: Dict[str, Any]) -> List[str]:
     lines = [head]
     if "nonzero_params" in s:
         lines.append(f"  params {s.get('params', 0):,}, non-zero {s['nonzero_params']:,}"
-                     + (f", sparsity {1 - s['density']:.3f} of sparse layers, ITOP {s['itop_rate']:.3f}"
-                        if tr.engine is not None else ""))
+                     + (f"; {density_phrase(s)}, ITOP {s['itop_rate']:.3f}" if tr.engine is not None else ""))
     if st.bad_files:
         lines.append(f"  skipped {_plural(len(st.bad_files), tr.task.bad_file_word)} (listed in summary.json): "
                      + ", ".join(os.path.basename(p) for p in st.bad_files[:3]) + (", ..." if len(st.bad_files) > 3 else ""))

@@ -26,7 +26,7 @@ from slaknet.train.samplers import train_sampler
 if TYPE_CHECKING:  # pragma: no cover
     from slaknet.train.trainer import Trainer
 
-__all__ = ["build_run", "load_finetune", "make_scheduler"]
+__all__ = ["build_run", "load_finetune", "make_scheduler", "check_large_kernels_sparse"]
 
 log = logging.getLogger("slaknet.train")
 
@@ -186,11 +186,33 @@ def _setup_model(run: "Run", resumed: Optional[Dict[str, Any]]) -> None:
             xb, yb = run.task.snip_batch(run)
             snip = (xb.to(run.device), yb.to(run.device))
         run.engine = SparseEngine(model, run.optimizer, run.sparse_config, snip_batch=snip)
+        if resumed is None:
+            check_large_kernels_sparse(run.engine, cfg)
     run.ema = None
     if cfg.model_ema:
         if run.engine is not None:
             run.engine.apply_masks()
         run.ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+
+
+def check_large_kernels_sparse(engine: Any, cfg: Any) -> None:
+    """Refuse (``ConfigError``) a sparse run that leaves every large-kernel weight dense by default: sparsity
+    from the configuration (``--sparse``), the default ``--sparse-layers all`` and a built-in initialisation.
+    An explicit ``--sparse-layers`` (any value), a registered initialisation of one's own, or a task that
+    builds its own engine config (sparsity off in the configuration) is respected."""
+    from slaknet.sparse.init_rules import ERKInit, SnipInit, UniformInit
+
+    if not cfg.sparse.enabled or "sparse_layers" in cfg.given or engine.config.layers != "all":
+        return
+    if type(engine.sparse_init) not in (UniformInit, ERKInit, SnipInit):
+        return
+    lk = engine.density_report()["large_kernel"]
+    if lk["dense"] and not lk["sparse"]:
+        raise ConfigError(
+            f"--sparse-init {cfg.sparse.sparse_init} at sparsity {cfg.sparse.sparsity:g} leaves all {lk['dense']} "
+            "large-kernel weights dense (only other layers are sparse): pass --sparse-init snip or a lower "
+            "--erk-power-scale (the demo's 0.3) to make them sparse too, --sparse-layers large_kernel to make only "
+            "them sparse, or --sparse-layers all to train with dense large kernels")
 
 
 def _build_optimizer(run: "Run") -> torch.optim.Optimizer:
