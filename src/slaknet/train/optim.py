@@ -22,7 +22,7 @@ def build_optimizer(model: nn.Module, cfg: Any, lr: Any = None,
                     param_groups: Optional[List[Dict[str, Any]]] = None) -> torch.optim.Optimizer:
     """timm optimizer; weight decay skips 1-D parameters (norm weights, biases, layer scale ``gamma``).
 
-    ``cfg``: a mapping or a :class:`~slaknet.train.config.TrainConfig`; ``lr`` overrides ``cfg``'s (the
+    ``cfg``: a mapping or a :class:`~slaknet.train.config.Config`; ``lr`` overrides ``cfg``'s (the
     trainer passes the scaled one). ``param_groups``: explicit groups (e.g. layer-wise lr decay) instead of
     ``model``'s weight-decay groups. Adam / AdamW use torch's fused kernel unless ``fused_opt`` is false
     (or the kernel is missing): on CPU it is ~3x faster than the default for-loop implementation, and it
