@@ -104,7 +104,7 @@ def epoch_message(tr: "Trainer", rec: Dict[str, Any]) -> str:
     if "ema_top1" in rec:
         msg += f", EMA top-1 {rec['ema_top1']:.2f}%"
     if tr.engine is not None:
-        msg += f", sparsity {1 - rec['density']:.3f}, ITOP {rec['itop_rate']:.3f}"
+        msg += f", sparse-layer sparsity {1 - rec['density']:.3f}, ITOP {rec['itop_rate']:.3f}"
     return msg + f" ({rec['epoch_time']:.0f}s, {rec['train_images_per_s']:.0f} img/s)"
 
 
