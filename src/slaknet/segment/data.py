@@ -35,7 +35,6 @@ __all__ = ["IGNORE_INDEX", "CONTOUR_CLASSES", "render_contours", "ContourSegment
            "PairedTransform", "parse_seg_data", "find_pairs", "ADE20K_NUM_CLASSES"]
 
 CONTOUR_CLASSES = ["outside", "inside"]
-ADE20K_NUM_CLASSES = 150
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 
 

@@ -20,7 +20,6 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from slaknet.data import BUILTIN_MEAN, BUILTIN_STD
-from slaknet.errors import ConfigError
 from slaknet.models.slak import IMAGENET_MEAN, IMAGENET_STD
 from slaknet.segment.data import (CONTOUR_CLASSES, IGNORE_INDEX, ContourSegmentation, PairedTransform,
                                   SegmentationFolder, parse_seg_data)

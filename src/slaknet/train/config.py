@@ -20,12 +20,12 @@ import dataclasses
 import os
 from typing import AbstractSet, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
-from slaknet.errors import CheckpointError, ConfigError
+from slaknet.errors import ConfigError
 from slaknet.settings import (REFUSED, VALUE_FLAGS, AugmentSettings, DataSettings, FieldInfo, ModelSettings,
                               OptimSettings, RunSettings, SettingsParser, add_refused, add_settings, canonical_key, check_section,
                               coerce, field_infos, given_settings)
 from slaknet.sparse.config import SparseConfig
-from slaknet.train.tasks import TaskSpec, get_spec, task_specs
+from slaknet.train.tasks import Recipe, TaskSpec, get_spec, task_specs
 
 __all__ = ["Config", "SECTIONS", "make_config", "resolve", "add_config_arguments", "config_from_args",
            "config_from_argv", "read_yaml", "config_from_stored", "key_index"]
@@ -38,8 +38,15 @@ _TITLES = {"data": "data", "model": "model", "optim": "optimisation", "augment":
 _SESSION_KEYS = ("resume", "auto_resume", "overwrite", "max_steps", "progress")
 
 
+# key_index per spec, built once: Config reads settings by key through it (also in the training loop)
+_INDEX: Dict[int, Tuple[TaskSpec, Dict[str, Tuple[str, FieldInfo]]]] = {}
+
+
 def key_index(spec: TaskSpec) -> Dict[str, Tuple[str, FieldInfo]]:
-    """``{option key: (section, field)}`` of every setting of ``spec``'s configuration."""
+    """``{option key: (section, field)}`` of every setting of ``spec``'s configuration (do not modify it)."""
+    hit = _INDEX.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
     out: Dict[str, Tuple[str, FieldInfo]] = {}
     for section, cls in list(SECTIONS.items()) + [("task", spec.options)]:
         for info in field_infos(cls):
@@ -49,6 +56,7 @@ def key_index(spec: TaskSpec) -> Dict[str, Tuple[str, FieldInfo]]:
                 raise ConfigError(f"task {spec.name}: option {info.key!r} is declared twice "
                                   f"({out[info.key][0]} and {section})")
             out[info.key] = (section, info)
+    _INDEX[id(spec)] = (spec, out)  # the spec is kept alive with it, so its id is never reused
     return out
 
 
@@ -180,18 +188,23 @@ def _plain(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ building --
-def _recipe_values(spec: TaskSpec, name: str, data: Optional[str]) -> Dict[str, Any]:
-    """The flat overrides of recipe ``name`` (checked against the sections it names), then its data-dependent
-    ones."""
-    recipe = spec.recipe(name)
+def _recipe_items(spec: TaskSpec, recipe: Recipe) -> Dict[str, Any]:
+    """``{option key: value}`` of what ``recipe`` sets (its section -> field mapping checked against the sections)."""
     index = key_index(spec)
     out: Dict[str, Any] = {}
     for section, values in recipe.values.items():
         for field, value in values.items():
             key = next((k for k, (s, i) in index.items() if s == section and (i.name == field or k == field)), None)
             if key is None:
-                raise ConfigError(f"recipe {name}: {section} has no setting {field!r}")
+                raise ConfigError(f"recipe {recipe.name}: {section} has no setting {field!r}")
             out[key] = value
+    return out
+
+
+def _recipe_values(spec: TaskSpec, name: str, data: Optional[str]) -> Dict[str, Any]:
+    """The flat overrides of recipe ``name``, then its data-dependent ones."""
+    recipe = spec.recipe(name)
+    out = _recipe_items(spec, recipe)
     data = data or out.get("data")
     if recipe.adapt is not None and data:
         out.update(recipe.adapt(data))
@@ -284,9 +297,9 @@ def resolve(spec: TaskSpec, given: Mapping[str, Any], recipe: str = "auto", conf
         if recipe == "auto":
             recipe = str(stored.pop("recipe", None) or "auto")
         flat = config_from_stored(stored, spec)
-        flat.update({k: v for k, v in given.items()})
-        if recipe == "auto" or recipe not in spec.recipe_names:
-            recipe = recipe if recipe in spec.recipe_names else spec.recipes[0].name
+        flat.update(given)
+        if recipe not in spec.recipe_names:  # a checkpoint of a recipe this version no longer has
+            recipe = spec.recipes[0].name
     else:
         data = given.get("data") or (spec.given_data(given) if spec.given_data else None)
         if recipe == "auto":
@@ -308,14 +321,17 @@ def make_config(task: str = "classification", recipe: str = "auto", config: Opti
     option, an option of another task, a value of the wrong type or out of range.
     """
     spec = get_spec(task)
-    given: Dict[str, Any] = {}
-    if config:
-        file_given, file_recipe = read_yaml(config, spec)
-        given.update(file_given)
-        if recipe == "auto" and file_recipe:
-            recipe = file_recipe
+    given, recipe = _with_file(spec, config, recipe)
     given.update({canonical_key(k): v for k, v in options.items()})
     return resolve(spec, given, recipe, config)
+
+
+def _with_file(spec: TaskSpec, path: Optional[str], recipe: str) -> Tuple[Dict[str, Any], str]:
+    """The options of the YAML file ``path`` (none without one) and the recipe: the file's, unless one was named."""
+    if not path:
+        return {}, recipe
+    given, file_recipe = read_yaml(path, spec)
+    return given, (file_recipe if recipe == "auto" and file_recipe else recipe)
 
 
 # ----------------------------------------------------------------------------------------------------- YAML --
@@ -392,16 +408,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, spec: TaskSpec) -> Non
 
 def recipe_notes(spec: TaskSpec) -> Dict[str, str]:
     """``{key: "recipes: demo 25, small 25"}``: what each recipe of ``spec`` sets, for ``--help``."""
-    index = key_index(spec)
     seen: Dict[str, List[str]] = {}
     for recipe in spec.recipes:
-        for section, values in recipe.values.items():
-            for field, value in values.items():
-                key = next((k for k, (s, i) in index.items() if s == section and (i.name == field or k == field)),
-                           None)
-                if key is not None:
-                    shown = " ".join(map(str, value)) if isinstance(value, list) else value
-                    seen.setdefault(key, []).append(f"{recipe.name} {shown}")
+        for key, value in _recipe_items(spec, recipe).items():
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            seen.setdefault(key, []).append(f"{recipe.name} {shown}")
     return {k: "recipes: " + ", ".join(v) for k, v in seen.items()}
 
 
@@ -419,14 +430,8 @@ def foreign_option_hint(prog: str, flag: str) -> Optional[str]:
 
 def config_from_args(args: argparse.Namespace, spec: TaskSpec, report: bool = True) -> Config:
     """The configuration of a parsed command line (``args`` from :func:`add_config_arguments`' flags)."""
-    given: Dict[str, Any] = {}
-    recipe = getattr(args, "recipe", "auto") or "auto"
     path = getattr(args, "config", None)
-    if path:
-        file_given, file_recipe = read_yaml(path, spec)
-        given.update(file_given)
-        if recipe == "auto" and file_recipe:
-            recipe = file_recipe
+    given, recipe = _with_file(spec, path, getattr(args, "recipe", "auto") or "auto")
     given.update(given_settings(args, key_index(spec)))
     return resolve(spec, given, recipe, path, report=report)
 
@@ -441,11 +446,3 @@ def config_from_argv(argv: List[str], task: str = "classification") -> Config:
     add_config_arguments(parser, spec)
     return config_from_args(parser.parse_args(list(argv)), spec)
 
-
-def explicit_keys(cfg: Config) -> List[str]:
-    """Option keys whose value differs from the field default (for reports)."""
-    out = []
-    for key, (section, info) in key_index(cfg.spec).items():
-        if getattr(getattr(cfg, section), info.name) != info.default:
-            out.append(key)
-    return out

@@ -115,10 +115,11 @@ def task_specs() -> Dict[str, TaskSpec]:
 
 def get_spec(name: str) -> TaskSpec:
     """The spec of task ``name``; one-line ConfigError naming the known tasks otherwise."""
-    specs = task_specs()
-    if name not in specs:
-        raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(specs))}")
-    return specs[name]
+    _discover()
+    spec = _SPECS.get(name)  # (no copy: Config looks its spec up on every read by key)
+    if spec is None:
+        raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_SPECS))}")
+    return spec
 
 
 def register_task(name: str) -> Callable[[Type], Type]:
