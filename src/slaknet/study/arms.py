@@ -13,10 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from slaknet.errors import ConfigError
 
 __all__ = ["Arm", "Budget", "BUDGETS", "ARMS", "get_budget", "select_arms", "build_arms", "scaled_kernel",
-           "REFERENCE_ARM"]
+           "kernel_ladder", "reference_arm", "paper_equivalent"]
 
 PAPER_MAP = 56  # stage-1 feature map of a 224 px image with the stride-4 stem
-REFERENCE_ARM = "lk51"  # its mean training time is the equal-time budget of the controls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,22 +34,38 @@ class Budget:
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
-    seeds: int = 2
+    seeds: int = 4
     difficulty: float = 0.5
-    d_min: float = 0.36
-    d_max: float = 0.44
+    d_min: float = 0.0625
+    d_max: float = 0.43
+    band: float = 0.05
     decoy: float = 0.5
     data_seed: int = 0
     sparsity: float = 0.4
     update_frequency: int = 20
     erf_images: int = 16
     equal_time: bool = True
-    equal_time_arms: Tuple[str, ...] = ("k3_bn", "k7_bn", "lk_small")
+    equal_time_arms: Tuple[str, ...] = ("mxm3", "mxm7", "dec7")
     small_kernel: int = 5
 
     @property
     def feature_map(self) -> int:
         return self.image_size // self.stem
+
+    @property
+    def graded(self) -> bool:
+        """Whether each image draws its own distance window (the graded task) or all share one."""
+        return self.band < self.d_max - self.d_min - 1e-9
+
+    def band_edges(self) -> List[float]:
+        """Distance bands (px) for per-band accuracy: the reach of each kernel of the ladder, so that every
+        step up the ladder can see exactly one more band; ``[d_min, e1, ..., d_max]`` in pixels."""
+        from slaknet.study.model import receptive_radius
+
+        lo, hi = self.d_min * self.image_size, self.d_max * self.image_size
+        reach = sorted({float(receptive_radius(k, self.depth, self.stem)) for k in kernel_ladder(self)})
+        inner = [r for r in reach if lo + 1.0 < r < hi - 1.0]
+        return [lo] + inner + [hi] if self.graded else [lo, hi]
 
     def run_id(self) -> str:
         """Hash of every field that changes what a single run computes (not the seed count or whether
@@ -72,15 +87,16 @@ class Budget:
 BUDGETS: Dict[str, Budget] = {
     # tests and smoke runs: seconds, numbers meaningless
     "tiny": Budget("tiny", image_size=32, stem=4, width=8, train_samples=64, val_samples=32, epochs=1,
-                   batch_size=32, seeds=1, d_min=0.25, d_max=0.40, erf_images=2, update_frequency=1),
-    # ~10-15 min on a shared 2-core CPU: 2 seeds, few epochs
+                   batch_size=32, seeds=1, d_min=0.1, d_max=0.40, band=0.1, erf_images=2, update_frequency=1,
+                   equal_time_arms=("mxm3", "mxm7")),
+    # a quick look on a 2-core CPU: 2 seeds, fewer images and epochs
     "short": Budget("short", width=24, train_samples=3000, val_samples=600, epochs=5, seeds=2, erf_images=8,
                     update_frequency=10),
-    # ~15 min on an idle 2-core CPU (13.5 min measured; 30-45 min under load)
-    "default": Budget("default", seeds=3),
+    # ~20 min on an idle 2-core CPU with two runs at a time (see docs/study.md for the measured time)
+    "default": Budget("default"),
     # GPU: larger images and two blocks at a 32 x 32 map, more data, epochs and seeds
     "large": Budget("large", image_size=128, stem=4, depth=2, width=48, train_samples=20000, val_samples=2000,
-                    epochs=20, batch_size=128, seeds=3, d_min=0.32, d_max=0.42, erf_images=32,
+                    epochs=20, batch_size=128, seeds=4, d_min=0.0625, d_max=0.43, band=0.04, erf_images=32,
                     update_frequency=50, small_kernel=5),
 }
 
@@ -117,6 +133,7 @@ class Arm:
     growth: str = "random"
     paper: str = ""           # what it stands for in the paper
     description: str = ""
+    series: str = ""          # "dense" or "decomposed": the kernel-size ladder it belongs to (else "")
 
     def model_kwargs(self) -> Dict[str, Any]:
         return dict(kernel_size=self.kernel_size, small_kernel=self.small_kernel, decompose=self.decompose,
@@ -140,35 +157,61 @@ def scaled_kernel(paper_kernel: int, feature_map: int, floor: int = 1) -> int:
     return max(odd, floor)
 
 
+def paper_equivalent(kernel: int, feature_map: int) -> float:
+    """The kernel on the paper's 56 px stage-1 map that spans the same share of the map (3x3 on 16 -> 10.5)."""
+    return kernel * PAPER_MAP / feature_map
+
+
+def kernel_ladder(budget: Budget) -> List[int]:
+    """Odd kernel sizes from 3 up to the 61-equivalent, in steps of about 1/8 of the map (step 2 on a
+    16x16 map: 3, 5, ..., 17, i.e. about 10x10 to 61x61 at 224 px; each step adds one stem of reach),
+    always including the 31-, 51- and 61-equivalents."""
+    fmap = budget.feature_map
+    step = 2 * max(1, round(fmap / 16))
+    paper = {scaled_kernel(k, fmap, 3) for k in (31, 51, 61)}
+    return sorted(set(range(3, max(paper) + 1, step)) | paper)
+
+
+def reference_arm(budget: Budget) -> str:
+    """The decomposed 51-equivalent (SLaK's kernel): the sparse arms' dense twin and the equal-time reference."""
+    return f"dec{scaled_kernel(51, budget.feature_map, 3)}"
+
+
 def build_arms(budget: Budget) -> List[Arm]:
-    """All arms for ``budget`` (kernel sizes depend on its feature map), in run order."""
+    """All arms for ``budget`` (kernel sizes depend on its feature map), in run order.
+
+    Two ladders of kernel sizes (:func:`kernel_ladder`) with BatchNorm on every branch: ``mxm<M>``, one
+    dense M x M kernel (plus the N x N small kernel above N, the undecomposed RepLKNet form) and
+    ``dec<M>``, SLaK's decomposition M x N + N x M + N x N (from M > N); then the sparse variants of the
+    decomposed 51-equivalent.
+    """
     fmap, n = budget.feature_map, budget.small_kernel
-    k31, k51, k61 = (scaled_kernel(k, fmap, n + 2) for k in (31, 51, 61))
-    arms = [
-        Arm("k3_bn", ("kernel",), 3, None, paper="ConvNeXt-style small kernel",
-            description="one 3x3 depthwise conv + BN per block"),
-        Arm("k7_bn", ("kernel",), 7, None, paper="ConvNeXt 7x7",
-            description="one 7x7 depthwise conv + BN per block"),
-        Arm("lk_small", ("kernel",), 7, n, paper="SLaK module, small kernels only",
-            description=f"the SLaK module (three BN branches) with only small kernels: 7x{n}+{n}x7+{n}x{n}"),
-        Arm("lk31", ("kernel",), k31, n, paper="31x31 at 224 px (decomposed)",
-            description=f"decomposed {k31}x{n}+{n}x{k31}+{n}x{n}, the 31-equivalent"),
-        Arm("lk51", ("kernel", "sparsity"), k51, n, paper="51x51 at 224 px (decomposed, SLaK)",
-            description=f"decomposed {k51}x{n}+{n}x{k51}+{n}x{n}, the 51-equivalent (dense)"),
-        Arm("lk61", ("kernel",), k61, n, paper="61x61 at 224 px (decomposed)",
-            description=f"decomposed {k61}x{n}+{n}x{k61}+{n}x{n}, the 61-equivalent"),
-        Arm("lk51_mxm", ("kernel",), k51, n, decompose=False, paper="51x51 dense, undecomposed (RepLKNet-style)",
-            description=f"undecomposed {k51}x{k51}+{n}x{n}"),
-        Arm("lk51_sparse", ("sparsity", "masks", "growth"), k51, n, sparse=True,
-            paper="decomposed + sparse, same width", description=f"lk51 at {budget.sparsity:.0%} sparsity, "
-            "dynamic masks, random growth"),
-        Arm("lk51_sparse_w13", ("sparsity",), k51, n, width_factor=1.3, sparse=True,
+    names = {scaled_kernel(k, fmap, 3): f"{k}x{k} at 224 px" for k in (31, 51, 61)}
+    arms: List[Arm] = []
+    for m in kernel_ladder(budget):
+        eq = names.get(m, f"~{paper_equivalent(m, fmap):.0f}x{paper_equivalent(m, fmap):.0f} at 224 px")
+        small = n if m > n else None
+        arms.append(Arm(f"mxm{m}", ("kernel",), m, small, decompose=False, series="dense", paper=eq,
+                        description=f"dense {m}x{m}" + (f" + {n}x{n}" if small else "") + " (BN on each branch)"))
+    for m in kernel_ladder(budget):
+        if m <= n:
+            continue
+        eq = names.get(m, f"~{paper_equivalent(m, fmap):.0f}x{paper_equivalent(m, fmap):.0f} at 224 px")
+        arms.append(Arm(f"dec{m}", ("kernel",), m, n, series="decomposed", paper=eq + ", decomposed",
+                        description=f"decomposed {m}x{n}+{n}x{m}+{n}x{n} (BN on each branch)"))
+    ref = reference_arm(budget)
+    k51 = next(a.kernel_size for a in arms if a.name == ref)
+    sp = f"{budget.sparsity:.0%} sparse"
+    arms += [
+        Arm("sparse", ("sparsity", "masks", "growth"), k51, n, sparse=True,
+            paper="decomposed + sparse, same width", description=f"{ref} at {sp}, dynamic masks, random growth"),
+        Arm("sparse_w13", ("sparsity",), k51, n, width_factor=1.3, sparse=True,
             paper="SLaK: sparse groups, expand more (1.3x)",
-            description=f"lk51 at {budget.sparsity:.0%} sparsity and 1.3x width (about the dense non-zeros)"),
-        Arm("lk51_sparse_static", ("masks",), k51, n, sparse=True, fix=True, paper="static sparse (fixed masks)",
-            description="lk51_sparse with masks fixed at initialisation"),
-        Arm("lk51_sparse_grad", ("growth",), k51, n, sparse=True, growth="gradient", paper="gradient growth (RigL)",
-            description="lk51_sparse with gradient-based regrowth instead of random"),
+            description=f"{ref} at {sp} and 1.3x width (about the dense non-zeros)"),
+        Arm("sparse_static", ("masks",), k51, n, sparse=True, fix=True, paper="static sparse (fixed masks)",
+            description="sparse with masks fixed at initialisation"),
+        Arm("sparse_grad", ("growth",), k51, n, sparse=True, growth="gradient", paper="gradient growth (RigL)",
+            description="sparse with gradient-based regrowth instead of random"),
     ]
     return arms
 

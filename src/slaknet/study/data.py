@@ -88,7 +88,7 @@ def _place(rng: np.random.Generator, size: int, difficulty: float, inside: bool,
 
 def render_centre_insideness(seed: int, split: str, index: int, size: int = 64, difficulty: float = 0.5,
                              d_min: float = 0.36, d_max: float = 0.44, max_arcs: int = 2,
-                             decoy: float = 0.0) -> Tuple[np.ndarray, int, float]:
+                             decoy: float = 0.0, band: float = 1.0) -> Tuple[np.ndarray, int, float]:
     """One sample: ``(HxW uint8 image, label, distance of the nearest contour point from the centre in px)``.
 
     ``label`` is 1 when the centre ``(size/2, size/2)`` is inside a closed contour. Every ink pixel lies at
@@ -98,6 +98,12 @@ def render_centre_insideness(seed: int, split: str, index: int, size: int = 64, 
     the centre (a gap of 15-35% of its length) in outside images, an extra small closed contour far from
     the centre in inside images. With decoys, only the ring's closure (seen all around) tells the classes
     apart.
+
+    ``band`` (a fraction of the side, graded task): when it is narrower than ``d_max - d_min``, each image
+    draws its own window ``[lo, lo + band]`` with ``lo`` uniform in ``[d_min, d_max - band]``, and the rules
+    above hold for that window: the distance of the nearest contour point, and so the reach a net needs,
+    is spread over the whole range. A band as wide as the range draws nothing (the images of the former
+    fixed-window task are unchanged).
     """
     if split not in _SPLITS:
         raise ConfigError(f"split must be one of {list(_SPLITS)}, got {split!r}")
@@ -106,6 +112,9 @@ def render_centre_insideness(seed: int, split: str, index: int, size: int = 64, 
     q = size / 2.0
     lo, hi = d_min * size, d_max * size
     width = max(1.0, size / 64.0) * (1.0 + 0.4 * rng.random())
+    if band < d_max - d_min - 1e-9:  # (a band as wide as the range, up to rounding: one shared window)
+        lo = rng.uniform(d_min, d_max - band) * size
+        hi = lo + band * size
     placed = _place(rng, size, difficulty, bool(label), lo, hi, width)
     if placed is None:
         raise ConfigError(f"could not place a contour {d_min}-{d_max} of the side from the centre in a "
@@ -151,8 +160,8 @@ def render_centre_insideness(seed: int, split: str, index: int, size: int = 64, 
 
 def _render_chunk(job: Tuple[Tuple[Any, ...], int, int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images ``start..stop`` of a split (a top-level function, so worker processes can run it)."""
-    (seed, split, size, difficulty, d_min, d_max, decoy), start, stop = job
-    out = [render_centre_insideness(seed, split, i, size, difficulty, d_min, d_max, decoy=decoy)
+    (seed, split, size, difficulty, d_min, d_max, decoy, band), start, stop = job
+    out = [render_centre_insideness(seed, split, i, size, difficulty, d_min, d_max, decoy=decoy, band=band)
            for i in range(start, stop)]
     return (np.stack([o[0] for o in out]), np.array([o[1] for o in out], np.int64),
             np.array([o[2] for o in out], np.float64))
@@ -169,7 +178,7 @@ class CentreInsideness:
 
     def __init__(self, split: str = "train", num_samples: int = 2000, image_size: int = 64,
                  difficulty: float = 0.5, d_min: float = 0.36, d_max: float = 0.44, seed: int = 0,
-                 progress: bool = False, decoy: float = 0.0, workers: int = 0) -> None:
+                 progress: bool = False, decoy: float = 0.0, workers: int = 0, band: float = 1.0) -> None:
         if not 16 <= int(image_size) <= 512:
             raise ConfigError(f"image size must be in [16, 512], got {image_size}")
         if not 0.0 < d_min < d_max < 0.5:
@@ -180,14 +189,17 @@ class CentreInsideness:
             raise ConfigError(f"decoy must be a probability in [0, 1], got {decoy}")
         self.split, self.image_size, self.difficulty = split, int(image_size), float(difficulty)
         self.d_min, self.d_max, self.seed = float(d_min), float(d_max), int(seed)
-        self.decoy = float(decoy)
+        if not 0.0 < float(band):
+            raise ConfigError(f"band must be a positive fraction of the side, got {band}")
+        self.decoy, self.band = float(decoy), float(band)
         n = int(num_samples)
         xs = np.empty((n, 1, self.image_size, self.image_size), np.uint8)
         ys = np.empty(n, np.int64)
         ds = np.empty(n, np.float64)
         if workers <= 0:  # auto: parallel only where it pays (each image is independent and deterministic)
             workers = min(os.cpu_count() or 1, 8) if n >= 1000 else 1
-        args = (int(seed), split, self.image_size, float(difficulty), float(d_min), float(d_max), float(decoy))
+        args = (int(seed), split, self.image_size, float(difficulty), float(d_min), float(d_max), float(decoy),
+                float(band))
         step = max(20, min(250, -(-n // (4 * workers))))
         chunks = [range(i, min(i + step, n)) for i in range(0, n, step)]
         bar = None

@@ -2,7 +2,7 @@
 
 A run is identified by ``(budget run id, arm, seed, mode)`` (the id hashes every budget setting that changes
 a run, so ``--epochs 2`` in a folder of 8-epoch runs starts new runs instead of reusing old ones) with ``mode`` ``epochs`` (the budget's epochs) or
-``time`` (the same wall-clock training time as the reference arm, :data:`REFERENCE_ARM`). Finished runs are
+``time`` (the same wall-clock training time as the reference arm, :func:`reference_arm`). Finished runs are
 appended to ``OUT/results.jsonl`` at once (flushed and fsync'ed), and a restarted study skips every run
 already there, so an interrupted study loses at most the run in progress.
 """
@@ -21,7 +21,7 @@ import torch
 
 from slaknet.errors import ConfigError
 from slaknet.io import atomic_path
-from slaknet.study.arms import REFERENCE_ARM, Arm, Budget, select_arms
+from slaknet.study.arms import Arm, Budget, reference_arm, select_arms
 from slaknet.study.data import CentreInsideness
 from slaknet.study.model import StudyNet, receptive_radius
 
@@ -44,7 +44,7 @@ class StudyData:
     def key(self) -> str:
         b = self.budget
         spec = (b.image_size, b.difficulty, b.d_min, b.d_max, b.decoy, b.data_seed, b.train_samples,
-                b.val_samples, 2)
+                b.val_samples, 2) + ((b.band,) if b.graded else ())
         return hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
 
     def get(self) -> Tuple[CentreInsideness, CentreInsideness]:
@@ -71,7 +71,7 @@ class StudyData:
                 ds = CentreInsideness.__new__(CentreInsideness)
                 ds.split, ds.image_size, ds.difficulty = split, self.budget.image_size, self.budget.difficulty
                 ds.d_min, ds.d_max, ds.seed = self.budget.d_min, self.budget.d_max, self.budget.data_seed
-                ds.decoy = self.budget.decoy
+                ds.decoy, ds.band = self.budget.decoy, self.budget.band
                 ds.x, ds.y = torch.from_numpy(z[f"{split}_x"]), torch.from_numpy(z[f"{split}_y"])
                 ds.distances = z[f"{split}_d"]
                 out.append(ds)
@@ -80,7 +80,7 @@ class StudyData:
     def _render(self) -> Tuple[CentreInsideness, CentreInsideness]:
         b = self.budget
         common = dict(image_size=b.image_size, difficulty=b.difficulty, d_min=b.d_min, d_max=b.d_max,
-                      seed=b.data_seed, progress=self.progress, decoy=b.decoy)
+                      seed=b.data_seed, progress=self.progress, decoy=b.decoy, band=b.band)
         tr = CentreInsideness("train", b.train_samples, **common)
         va = CentreInsideness("val", b.val_samples, **common)
         path = self._path()
@@ -112,7 +112,10 @@ def _counts(model: torch.nn.Module, budget: Budget) -> Dict[str, int]:
     """Total and non-zero parameters (the real zeros after training) and MACs from count_model."""
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    out = {"params": int(params), "params_nonzero": int(nonzero)}
+    out: Dict[str, Any] = {"params": int(params), "params_nonzero": int(nonzero)}
+    large = [p for n, p in model.named_parameters() if n.endswith(".conv.weight") and (".LoRA" in n or ".lkb_origin." in n)]
+    if large:  # the large kernels' own density, counted from the trained weights (not the engine's report)
+        out["large_kernel_density"] = sum(int((p != 0).sum()) for p in large) / sum(p.numel() for p in large)
     try:
         from slaknet.analysis.counting import count_model
 
@@ -146,9 +149,10 @@ def train_run(arm: Arm, seed: int, budget: Budget, data: Callable[[], Tuple[Cent
                       evaluate_during=False)
     trainer.fit()
     model, steps_per_epoch = trainer.model, trainer.plan.steps_per_epoch
-    ev = trainer.task.evaluate(trainer.run, model)
+    ev = trainer.task.evaluate(trainer.run, model, per_image=True)
     rec: Dict[str, Any] = {
         "val_acc": ev["top1"], "val_loss": ev["loss"],
+        "band_acc": band_accuracy(ev["correct"].numpy(), data()[1].distances, budget.band_edges()),
         "train_loss_last": float(np.mean(losses.losses[-max(1, steps_per_epoch):])),
         "steps": trainer.state.step, "epochs": trainer.state.step / steps_per_epoch, "train_s": trainer.state.elapsed,
         "kernel_size": arm.kernel_size, "module": arm.module, "width": model.dim,
@@ -162,6 +166,17 @@ def train_run(arm: Arm, seed: int, budget: Budget, data: Callable[[], Tuple[Cent
     if budget.erf_images > 0:
         _save_erf(rec, model, trainer.data.val, budget, trainer.device, arm, seed, time_limit, erf_dir)
     return rec
+
+
+def band_accuracy(correct: np.ndarray, distances: np.ndarray, edges: Sequence[float]) -> List[Optional[float]]:
+    """Accuracy (%) of the images whose nearest contour lies in each band ``[edges[i], edges[i+1])`` (the
+    last band closed); None for an empty band."""
+    out: List[Optional[float]] = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        last = i == len(edges) - 2
+        sel = (distances >= lo) & ((distances <= hi) if last else (distances < hi))
+        out.append(100.0 * float(correct[sel].mean()) if sel.any() else None)
+    return out
 
 
 def _save_erf(rec: Dict[str, Any], model: StudyNet, val: CentreInsideness, budget: Budget, dev: torch.device,
@@ -240,59 +255,113 @@ def _append(path: str, rec: Dict[str, Any]) -> None:
 def _plan(budget: Budget, arms: Sequence[Arm], seeds: Sequence[int], equal_time: bool) -> List[Tuple[Arm, int, str]]:
     plan = [(a, s, "epochs") for a in arms for s in seeds]
     if equal_time:
-        names = {a.name for a in arms}
-        if REFERENCE_ARM not in names:
-            raise ConfigError(f"equal-time runs need the reference arm {REFERENCE_ARM!r} in the study "
+        names, ref = {a.name for a in arms}, reference_arm(budget)
+        if ref not in names:
+            raise ConfigError(f"equal-time runs need the reference arm {ref!r} in the study "
                               "(or pass --no-equal-time)")
         plan += [(a, s, "time") for a in arms if a.name in budget.equal_time_arms for s in seeds]
     return plan
 
 
+def _one_run(trainer: TrainRunFn, arm: Arm, seed: int, budget: Budget, data: "StudyData", limit: Optional[float],
+             device: str, progress: bool, erf_dir: str) -> Tuple[Dict[str, Any], Dict[str, Any], float, float]:
+    """One run: ``(metrics, machine, wall seconds without data loading, data seconds)``."""
+    machine = machine_info()
+    t0 = time.perf_counter()
+    metrics = trainer(arm, seed, budget, data.get, time_limit=limit, device=device, progress=progress, erf_dir=erf_dir)
+    data_s = data.take_load_time()
+    return metrics, machine, time.perf_counter() - t0 - data_s, data_s
+
+
+def _worker_run(trainer: TrainRunFn, arm: Arm, seed: int, budget: Budget, cache_dir: str, limit: Optional[float],
+                device: str, erf_dir: str, threads: int) -> Tuple[Dict[str, Any], Dict[str, Any], float, float]:
+    """:func:`_one_run` in a worker process (the data come from the folder's cache, rendered beforehand)."""
+    torch.set_num_threads(threads)
+    return _one_run(trainer, arm, seed, budget, StudyData(budget, cache_dir), limit, device, False, erf_dir)
+
+
 def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] = None,
               seeds: Optional[Sequence[int]] = None, equal_time: Optional[bool] = None,
               trainer: TrainRunFn = train_run, command: str = "", device: str = "cpu", progress: bool = True,
-              log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+              log: Callable[[str], None] = print, jobs: int = 1) -> List[Dict[str, Any]]:
     """Run every missing ``(arm, seed, mode)`` of the study and return all of this budget's records.
 
     ``trainer(arm, seed, budget, data, time_limit=..., device=..., progress=..., erf_dir=...)`` returns a
-    run's metrics; the default trains for real, tests inject a fast fake.
+    run's metrics; the default trains for real, tests inject a fast fake. ``jobs``: runs at a time, each in
+    its own process with the current number of torch threads (``trainer`` must then be a module-level
+    function); equal-time controls start once every reference run has finished.
     """
     arms = select_arms(budget, arm_names)
     seeds = list(range(budget.seeds)) if seeds is None else [int(s) for s in seeds]
     equal_time = budget.equal_time if equal_time is None else bool(equal_time)
+    if int(jobs) < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, RESULTS_FILE)
     records = load_results(path)
     done = {run_key(r) for r in records}
     plan = _plan(budget, arms, seeds, equal_time)
-    bid = budget.run_id()
+    bid, ref = budget.run_id(), reference_arm(budget)
     todo = [(a, s, m) for a, s, m in plan if (bid, a.name, s, m) not in done]
     log(f"slaknet study: budget {budget.name}, {len(arms)} arms x {len(seeds)} seeds"
         f"{' + equal-time controls' if equal_time else ''}: {len(plan)} runs, {len(plan) - len(todo)} already in "
-        f"{path}, {len(todo)} to run")
-    data = StudyData(budget, cache_dir=os.path.join(out_dir, "data"), progress=progress)
-    for i, (arm, seed, mode) in enumerate(todo):
-        limit = None
-        if mode == "time":
-            ref = [r["train_s"] for r in records if r.get("budget_id") == bid and r.get("seed") in seeds
-                   and r.get("arm") == REFERENCE_ARM and r.get("mode") == "epochs"]
-            if not ref:
-                raise ConfigError(f"no finished {REFERENCE_ARM} run to take the equal-time budget from")
-            limit = float(np.mean(ref))
-        machine = machine_info()
-        t0 = time.perf_counter()
-        metrics = trainer(arm, seed, budget, data.get, time_limit=limit, device=device, progress=progress,
-                          erf_dir=os.path.join(out_dir, "erf"))
-        data_s = data.take_load_time()
-        rec = {"budget": budget.name, "budget_id": bid, "arm": arm.name, "seed": seed, "mode": mode, "groups": list(arm.groups),
-               "time_limit_s": limit, "wall_s": time.perf_counter() - t0 - data_s, "data_s": data_s,
-               "command": command,
+        f"{path}, {len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 and todo else ""))
+    cache_dir, erf_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "erf")
+    data = StudyData(budget, cache_dir=cache_dir, progress=progress)
+    finished = [0]
+
+    def record(arm: Arm, seed: int, mode: str, limit: Optional[float],
+               result: Tuple[Dict[str, Any], Dict[str, Any], float, float]) -> None:
+        metrics, machine, wall_s, data_s = result
+        rec = {"budget": budget.name, "budget_id": bid, "arm": arm.name, "seed": seed, "mode": mode,
+               "groups": list(arm.groups), "series": arm.series, "time_limit_s": limit, "wall_s": wall_s,
+               "data_s": data_s, "jobs": int(jobs), "command": command,
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine, "budget_config": budget.as_dict(), "paper": arm.paper,
                "description": arm.description, "sparse": arm.sparse}
         rec.update(metrics)
         _append(path, rec)
         records.append(rec)
-        log(f"[{i + 1}/{len(todo)}] {arm.name} seed {seed} ({mode}): val acc {rec.get('val_acc', float('nan')):.1f}%"
-            f" in {rec['wall_s']:.0f}s")
+        finished[0] += 1
+        log(f"[{finished[0]}/{len(todo)}] {arm.name} seed {seed} ({mode}): val acc "
+            f"{rec.get('val_acc', float('nan')):.1f}% in {wall_s:.0f}s")
+
+    def time_limit(mode: str) -> Optional[float]:
+        if mode != "time":
+            return None
+        times = [r["train_s"] for r in records if r.get("budget_id") == bid and r.get("seed") in seeds
+                 and r.get("arm") == ref and r.get("mode") == "epochs"]
+        if not times:
+            raise ConfigError(f"no finished {ref} run to take the equal-time budget from")
+        return float(np.mean(times))
+
+    for phase in ("epochs", "time"):  # the equal-time controls need the reference runs' times first
+        runs = [(a, s, m) for a, s, m in todo if m == phase]
+        if not runs:
+            continue
+        if jobs == 1:
+            for arm, seed, mode in runs:
+                limit = time_limit(mode)
+                record(arm, seed, mode, limit, _one_run(trainer, arm, seed, budget, data, limit, device, progress,
+                                                        erf_dir))
+            continue
+        data.get()  # render (or load) once here; the workers read the cached file
+        data.take_load_time()
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=int(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for arm, seed, mode in runs:
+                limit = time_limit(mode)
+                fut = pool.submit(_worker_run, trainer, arm, seed, budget, cache_dir, limit, device, erf_dir,
+                                  torch.get_num_threads())
+                futures[fut] = (arm, seed, mode, limit)
+            try:
+                for fut in as_completed(futures):
+                    record(*futures[fut], fut.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     return [r for r in records if r.get("budget_id") == bid]

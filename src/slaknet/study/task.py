@@ -77,18 +77,25 @@ class StudyTask(Task):
             yield ds.batch(order[b * bs:(b + 1) * bs], augment=self.aug)
 
     @torch.no_grad()
-    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val", bs: int = 256) -> Dict[str, float]:
+    def evaluate(self, run: "Run", model: nn.Module, desc: str = "val", bs: int = 256,
+                 per_image: bool = False) -> Dict[str, Any]:
+        """Held-out top-1 (%) and loss; with ``per_image``, also ``correct``: each image's hit (bool tensor),
+        for the accuracy per distance band."""
         ds, dev = run.data.val, run.device
         was = model.training
         model.eval()
-        correct, loss_sum = 0, 0.0
+        hits, loss_sum = [], 0.0
         for i in range(0, len(ds), bs):
             x, y = ds.batch(torch.arange(i, min(i + bs, len(ds))))
             out = model(x.to(dev))
             loss_sum += float(F.cross_entropy(out, y.to(dev), reduction="sum"))
-            correct += int((out.argmax(1).cpu() == y).sum())
+            hits.append(out.argmax(1).cpu() == y)
         model.train(was)
-        return {"top1": 100.0 * correct / len(ds), "loss": loss_sum / len(ds)}
+        correct = torch.cat(hits)
+        out: Dict[str, Any] = {"top1": 100.0 * float(correct.float().mean()), "loss": loss_sum / len(ds)}
+        if per_image:
+            out["correct"] = correct
+        return out
 
     def describe(self) -> str:
         return f"arm {self.arm.name}"

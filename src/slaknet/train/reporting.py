@@ -137,7 +137,8 @@ def _summary(tr: "Trainer") -> Dict[str, Any]:
     try:
         from slaknet.analysis.counting import count_model
 
-        c = count_model(tr.model, tr.task.input_side())
+        first_conv = next((m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        c = count_model(tr.model, tr.task.input_side(), in_chans=first_conv.in_channels if first_conv else 3)
         s.update(params=int(c.params), nonzero_params=int(c.params_nonzero), macs=int(c.macs_dense),
                  nonzero_macs=int(c.macs_nonzero))
     except Exception as exc:  # counting is a report, never a reason to lose the run
