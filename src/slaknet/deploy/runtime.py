@@ -146,6 +146,7 @@ def cached_onnx(model: nn.Module, input_shape: Sequence[int], reparameterize: st
 
 def scaled_difference(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
     """``(max|out - ref|, that / max(1, max|ref|))``: the export check's measure (NaN counts as infinite)."""
+    out, ref = out.detach(), ref.detach()
     diff = float((out.float() - ref.float()).abs().max())
     if diff != diff:
         return float("inf"), float("inf")
