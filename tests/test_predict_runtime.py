@@ -127,6 +127,37 @@ def test_a_differing_session_falls_back_to_torch(monkeypatch):
     assert r.runtime == "torch" and "RuntimeError: no exporter" in r.note
 
 
+def test_auto_takes_torch_where_it_is_timed_faster(monkeypatch, exports):
+    """auto times both on the first input (onnxruntime must win by 5%) and remembers the answer: a model
+    for which torch won is not exported again."""
+    import time
+
+    from slaknet.deploy import runtime
+    from slaknet.layers import autotune
+
+    monkeypatch.setattr(runtime, "onnxruntime_version", lambda: "test")
+    model = slaknet.create_model("slak_pico", dims=(16, 32, 64, 128), num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    q = runtime.runtime_question(model, tuple(x.shape))
+
+    def slow(x):
+        time.sleep(0.02)
+        return model(x)
+
+    monkeypatch.setattr(runtime, "cached_onnx", lambda m, shape, **k: runtime.CachedOnnx("x.onnx", slow, False, 0.0))
+    monkeypatch.setenv("SLAKNET_AUTOTUNE_BUDGET", "30")
+    try:
+        r = runtime.inference_runner(model, x, "auto")
+        assert r.runtime == "torch" and "timed now" in r.note, r.note
+        assert runtime.inference_runner(model, x, "onnxruntime").runtime == "onnxruntime"  # as asked: not timed
+        monkeypatch.setattr(runtime, "cached_onnx", lambda *a, **k: pytest.fail("exported although torch won"))
+        r = runtime.inference_runner(model, x, "auto")
+        assert r.runtime == "torch" and "timed earlier" in r.note, r.note
+    finally:
+        autotune.forget(q)
+    assert not exports
+
+
 def test_runtime_choice_without_onnxruntime_and_off_the_cpu(ckpt, capsys, monkeypatch):
     from slaknet.deploy.runtime import inference_runner
 

@@ -1,9 +1,14 @@
 """Inference through onnxruntime from an ONNX export made once per model and kept in the user's cache.
 
 At batch 1 on a CPU, a small model's eager forward is mostly per-op overhead that onnxruntime does not
-have (``slak_pico`` at 64 px: ~5 ms reparameterized eager vs ~1 ms onnxruntime, docs/speed.md "Small
-models, batch 1"). :func:`inference_runner` picks the runtime (``auto``: onnxruntime on the CPU when it
-is installed, else torch), and for onnxruntime
+have (``slak_pico`` at 64 px: ~5 ms reparameterized eager vs ~0.8 ms onnxruntime, docs/speed.md "Small
+models, batch 1"); a large one can be faster in torch (SLaK-T at 224 px, 1 thread: 352 ms eager vs 624 ms
+onnxruntime, docs/speed.md "int8 inference"). :func:`inference_runner` picks the runtime: ``torch``,
+``onnxruntime``, or ``auto``: torch off the CPU or without onnxruntime; on the CPU, whichever of the two
+is faster for this architecture, input shape and thread count on this machine, timed once on the first
+input by :func:`slaknet.layers.autotune.decide` (interleaved rounds, onnxruntime must win by 5%) and
+cached per machine with the backend choices (``SLAKNET_AUTOTUNE_BUDGET=0``: no timing, onnxruntime). For
+onnxruntime it
 
 1. names the export by a fingerprint of the model (SHA-256 of its ``repr`` and state dict, the input
    shape, the reparameterized form and the slaknet / torch / onnxruntime versions), so any change of
@@ -38,7 +43,7 @@ import torch.nn as nn
 from slaknet.errors import ConfigError
 
 __all__ = ["RUNTIMES", "MAX_CACHED", "InferenceRunner", "inference_runner", "onnxruntime_version",
-           "model_fingerprint", "onnx_cache_folder", "cached_onnx", "scaled_difference"]
+           "model_fingerprint", "runtime_question", "onnx_cache_folder", "cached_onnx", "scaled_difference"]
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 MAX_CACHED = 8  # exports kept in the cache folder (least recently used removed first)
@@ -68,6 +73,19 @@ def model_fingerprint(model: nn.Module, input_shape: Sequence[int], reparameteri
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def runtime_question(model: nn.Module, example_shape: Sequence[int]) -> str:
+    """The autotune key of ``auto``'s choice between torch and onnxruntime: the architecture (``repr`` and
+    state-dict shapes, not the weights' values), the input shape, torch's thread count and onnxruntime's
+    version (the machine, torch and slaknet versions are the cache file's own identity)."""
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+    variant = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__)
+    shape = "x".join(str(int(s)) for s in example_shape)
+    return (f"runtime/cpu/{variant}/{h.hexdigest()[:12]}/{shape}/t{torch.get_num_threads()}/"
+            f"ort{onnxruntime_version()}")
 
 
 def onnx_cache_folder() -> str:
@@ -168,6 +186,23 @@ class InferenceRunner:
         return self.fn(x)
 
 
+def _timed_choice(question: str, torch_call: Callable[[], object], ort_call: Callable[[], object]
+                  ) -> Tuple[str, str]:
+    """``auto``'s answer for ``question`` (timed now or cached) and a few words on how it was reached."""
+    from slaknet.layers import autotune
+
+    choice = autotune.decide(question, ("torch", "onnxruntime"),
+                             lambda: {"torch": torch_call, "onnxruntime": ort_call},
+                             baseline="torch", fallback="onnxruntime")
+    d = autotune.lookup(question)
+    if d is None or d.source == "budget":
+        return choice, "auto: not timed (timing budget 0 or spent)"
+    if d.medians:
+        times = ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in sorted(d.medians.items()))
+        return choice, f"auto: timed {'now' if d.source == 'timed' else 'earlier'} on this machine: {times}"
+    return choice, f"auto: {d.source} answer for this model on this machine"
+
+
 def _home(path: str) -> str:
     home = os.path.expanduser("~")
     return "~" + path[len(home):] if home != "~" and path.startswith(home + os.sep) else path
@@ -206,9 +241,16 @@ def inference_runner(model: nn.Module, example: torch.Tensor, runtime: str = "au
         if onnxruntime_version() is None:
             return InferenceRunner("torch", f"torch (auto: onnxruntime is not installed; {INSTALL_HINT} for it)",
                                    eager)
+        from slaknet.layers import autotune
+
+        question = runtime_question(model, tuple(example.shape))
+        known = autotune.lookup(question)
+        if known is not None and known.choice == "torch":  # no export needed
+            return InferenceRunner("torch", "torch (auto: faster than onnxruntime for this model on this machine, "
+                                            f"timed earlier; cache {_home(autotune.cache_path() or 'off')})", eager)
     else:
         return InferenceRunner("torch", "torch (as asked)", eager)
-    why = "as asked" if runtime == "onnxruntime" else "auto: CPU"
+    why = "as asked" if runtime == "onnxruntime" else "auto"
     try:
         cached = cached_onnx(model, tuple(example.shape[1:]), tolerance=tolerance)
         ref = eager(example)
@@ -221,6 +263,10 @@ def inference_runner(model: nn.Module, example: torch.Tensor, runtime: str = "au
     if not scaled <= tolerance:
         return InferenceRunner("torch", f"torch (fell back from onnxruntime, {why}: the first input differs from "
                                         f"torch by {diff:.2e}, scaled {scaled:.2e} > tolerance {tolerance:.0e})", eager)
+    if runtime == "auto":
+        choice, why = _timed_choice(question, lambda: eager(example), lambda: cached.run(example))
+        if choice == "torch":
+            return InferenceRunner("torch", f"torch ({why})", eager)
     how = f"exported in {cached.seconds:.1f}s to" if cached.built else "cached export"
     if cached.rebuilt_reason:
         how = f"{cached.rebuilt_reason}: {how}"
