@@ -4,9 +4,10 @@ Class names, input size and normalisation come from the checkpoint when slaknet 
 ImageNet names for a 1000-class model (official checkpoints), else class indices. Unreadable images are
 reported and skipped; the others are still predicted (exit status 2 when any image failed).
 
-``--runtime`` (default ``auto``): onnxruntime on the CPU when it is installed, else torch. onnxruntime runs
-an ONNX export of the reparameterized model made once per model and cached (:mod:`slaknet.deploy.runtime`),
-checked against torch on the first image; one line on stderr says which runtime ran and why.
+``--runtime`` (default ``auto``: on the CPU with onnxruntime installed, the faster of torch and onnxruntime
+for this model, timed once per machine; else torch). onnxruntime runs an ONNX export of the
+reparameterized model made once per model and cached (:mod:`slaknet.deploy.runtime`), checked against
+torch on the first image; one line on stderr says which runtime ran and why.
 """
 from __future__ import annotations
 

@@ -214,9 +214,9 @@ def inference_runner(model: nn.Module, example: torch.Tensor, runtime: str = "au
 
     ``runtime``: ``torch`` (eager, on ``device``), ``onnxruntime`` (the cached export, CPU; a one-line
     :class:`ConfigError` when onnxruntime is not installed or ``device`` is not the CPU) or ``auto``
-    (onnxruntime when it is installed and ``device`` is the CPU, else torch). The onnxruntime output on
-    ``example`` must match eager within ``tolerance`` (default: the export tolerance, 1e-4 scaled), else
-    the runner falls back to torch and its ``note`` says so.
+    (torch off the CPU or without onnxruntime, else the faster of the two: module docstring). The
+    onnxruntime output on ``example`` must match eager within ``tolerance`` (default: the export tolerance,
+    1e-4 scaled), else the runner falls back to torch and its ``note`` says so.
     """
     from slaknet.deploy.export import DEFAULT_TOLERANCE
 
