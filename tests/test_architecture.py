@@ -16,7 +16,7 @@ ALLOWED = {
     "sparse": BASE | {"layers", "checkpoints", "analysis"},
     "deploy": BASE | {"models", "layers", "checkpoints", "data", "(root)"},
     "train": BASE | {"models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
-    "classify": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
+    "classify": BASE | {"train", "deploy", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "study": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "distill": BASE | {"classify", "train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "(root)"},
     "segment": BASE | {"train", "models", "sparse", "analysis", "data", "checkpoints", "layers", "deploy", "(root)"},

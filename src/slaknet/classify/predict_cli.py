@@ -2,7 +2,12 @@
 
 Class names, input size and normalisation come from the checkpoint when slaknet stored them, else the
 ImageNet names for a 1000-class model (official checkpoints), else class indices. Unreadable images are
-reported and skipped; the others are still predicted (exit status 1 when any image failed).
+reported and skipped; the others are still predicted (exit status 2 when any image failed).
+
+``--runtime`` (default ``auto``: on the CPU with onnxruntime installed, the faster of torch and onnxruntime
+for this model, timed once per machine; else torch). onnxruntime runs an ONNX export of the
+reparameterized model made once per model and cached (:mod:`slaknet.deploy.runtime`), checked against
+torch on the first image; one line on stderr says which runtime ran and why.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from slaknet.errors import ConfigError
 
@@ -30,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help="centre-crop fraction of photos (default: the checkpoint's, else 0.875 below 384 px)")
     add_setting(parser, CommonOptions, "json", default=False, nargs=0,
                 help="print JSON (one object per image in a list)")
+    add_setting(parser, CommonOptions, "runtime", default="auto")
 
 
 def _class_names(classes: Optional[List[str]], n: int) -> List[str]:
@@ -59,20 +65,34 @@ def _open_rgb(path: str) -> Any:
 
 
 def predict_files(model: Any, images: List[str], transform: Any, class_names: List[str], topk: int = 5,
-                  device: Any = None) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str]]]:
-    """Top-k ``{"label", "index", "prob"}`` per readable image, and ``(path, reason)`` per unreadable one."""
+                  device: Any = None, runtime: str = "torch", report: Optional[Callable[[str], None]] = None
+                  ) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str]]]:
+    """Top-k ``{"label", "index", "prob"}`` per readable image, and ``(path, reason)`` per unreadable one.
+
+    ``runtime``: ``torch``, ``onnxruntime`` or ``auto`` (:func:`slaknet.deploy.runtime.inference_runner`;
+    chosen on the first readable image, which also checks onnxruntime against torch); ``report`` receives
+    the one-line note saying which runtime runs and why.
+    """
     import torch
 
-    device = device or torch.device("cpu")
+    from slaknet.deploy.runtime import inference_runner
+
+    device = torch.device(device or "cpu")
     out, bad = [], []
+    runner = None
     for path in images:
         try:
             img = _open_rgb(path)
         except ConfigError as exc:
             bad.append((path, str(exc)))
             continue
+        x = transform(img).unsqueeze(0)
+        if runner is None:
+            runner = inference_runner(model, x, runtime, device)
+            if report is not None:
+                report(runner.note)
         with torch.no_grad():
-            probs = model(transform(img).unsqueeze(0).to(device)).float().softmax(-1)[0]
+            probs = runner(x.to(device)).float().softmax(-1)[0]
         p, idx = probs.topk(min(topk, probs.numel()))
         out.append({"image": path, "top": [{"label": class_names[i], "index": int(i), "prob": float(q)}
                                            for q, i in zip(p.tolist(), idx.tolist())]})
@@ -80,9 +100,11 @@ def predict_files(model: Any, images: List[str], transform: Any, class_names: Li
 
 
 def predict(model: Any, images: List[str], transform: Any, class_names: List[str], topk: int = 5,
-            device: Any = None) -> List[Dict[str, Any]]:
-    """Top-k ``{"label", "index", "prob"}`` for each image path; a one-line error for an unreadable file."""
-    out, bad = predict_files(model, images, transform, class_names, topk, device)
+            device: Any = None, runtime: str = "torch") -> List[Dict[str, Any]]:
+    """Top-k ``{"label", "index", "prob"}`` for each image path; a one-line error for an unreadable file.
+
+    ``runtime`` as in :func:`predict_files` (``torch`` here; the command's default is ``auto``)."""
+    out, bad = predict_files(model, images, transform, class_names, topk, device, runtime)
     if bad:
         raise ConfigError(bad[0][1])
     return out
@@ -103,9 +125,15 @@ def run(args: argparse.Namespace) -> int:
     builtin = str(info.data or "").startswith("builtin:")
     size = args.input_size or info.input_size or 224
     tf = inference_transform(size, args.crop_pct or info.crop_pct, *normalisation(info, builtin), builtin)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default_device = "cuda" if torch.cuda.is_available() and args.runtime != "onnxruntime" else "cpu"
+    device = torch.device(args.device or default_device)
     model.to(device)
-    res, bad = predict_files(model, args.images, tf, _class_names(info.classes, n), args.topk, device)
+
+    def report(note: str) -> None:
+        print(f"slaknet predict: runtime {note}", file=sys.stderr)
+
+    res, bad = predict_files(model, args.images, tf, _class_names(info.classes, n), args.topk, device,
+                             args.runtime, report)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

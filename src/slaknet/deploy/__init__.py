@@ -18,6 +18,8 @@ _EXPORTS = {
     "register_format": "slaknet.deploy.export",
     "unregister_format": "slaknet.deploy.export",
     "verify_export": "slaknet.deploy.export",
+    "InferenceRunner": "slaknet.deploy.runtime",
+    "inference_runner": "slaknet.deploy.runtime",
     "model_metadata": "slaknet.deploy.metadata",
     "weight_sparsity": "slaknet.deploy.metadata",
     "SparseCheckpoint": "slaknet.deploy.sparse_format",
@@ -29,5 +31,5 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["FORMATS", "ExportFormat", "ExportOptions", "register_format", "unregister_format", "list_formats",
            "get_format", "DEFAULT_TOLERANCE", "ExportResult", "ExportVerificationError", "export_model",
-           "load_exported", "plain_dwconv", "verify_export", "model_metadata", "weight_sparsity",
+           "load_exported", "plain_dwconv", "verify_export", "InferenceRunner", "inference_runner", "model_metadata", "weight_sparsity",
            "SparseCheckpoint", "is_sparse_checkpoint", "load_sparse_checkpoint", "save_sparse_checkpoint"]

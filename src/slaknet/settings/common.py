@@ -35,6 +35,12 @@ class CommonOptions:
                            choices=REPARAM_FORMS)
     ema: Optional[bool] = setting(None, "take the EMA weights (--no-ema: the raw weights; default: the raw weights "
                                         "when the file has both)")
+    runtime: str = setting("auto", "inference runtime: torch (eager PyTorch), onnxruntime (an ONNX export of the "
+                                   "reparameterized model, made once per model and cached under $SLAKNET_CACHE_DIR, "
+                                   "else ~/.cache/slaknet; checked against torch on the first image, torch is used "
+                                   "when they differ), auto (on the CPU with onnxruntime installed: the faster of "
+                                   "the two for this model, timed once per machine; else torch)",
+                           choices=("auto", "torch", "onnxruntime"))
     budget: str = setting("default", "size of the run: tiny (a smoke test), short, default, large",
                           choices=("tiny", "short", "default", "large"))
     seeds: Optional[int] = setting(None, "seeds per arm (default: the budget's)", low=1)
