@@ -150,3 +150,17 @@ def test_summary_of_a_dense_run_has_the_model_density(tmp_path):
     _fit(TINY + ["-o", out, "--no-sparse"])
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["model_density"] == pytest.approx(s["nonzero_params"] / s["params"]) and "density" not in s
+
+
+def test_header_says_why_auto_chose_the_recipe_and_the_erk_power_scale(tmp_path, capsys):
+    """A folder run's header names the recipe auto chose, what it saw (images, classes, size) and its rule;
+    the demo's mask initialisation is named with its power scale (plain "ERK" would be another rule)."""
+    _folder(str(tmp_path / "data"))
+    _fit(TINY + ["-o", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "-j", "0", "-b", "8"])
+    text = capsys.readouterr().out
+    # 2 classes x 16 training images of 40 x 44 px (the short side: 40)
+    assert "recipe small for 32 training images, 2 classes, ~40 px (--recipe auto: imagenet for >= 100,000" in text
+    assert "ERK power scale 0.3" in text
+    _fit(TINY + ["-o", str(tmp_path / "run2"), "--data", str(tmp_path / "data"), "-j", "0", "-b", "8",
+                 "--recipe", "demo"])
+    assert "recipe demo as asked, for 32 training images" in capsys.readouterr().out

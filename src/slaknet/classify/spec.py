@@ -21,7 +21,8 @@ from typing import Any, Dict, Mapping, Optional
 
 from slaknet.train.tasks import NoOptions, Recipe, TaskSpec, register_spec
 
-__all__ = ["SPEC", "RECIPES", "FolderInfo", "inspect_folder", "choose_recipe", "small_data_overrides", "merge"]
+__all__ = ["SPEC", "RECIPES", "FolderInfo", "inspect_folder", "choose_recipe", "explain_recipe", "small_data_overrides",
+           "merge"]
 
 BUILTIN_DATA = "builtin:insideness"
 
@@ -121,6 +122,26 @@ def choose_recipe(data: Optional[str], given: Mapping[str, Any] = {}) -> str:
         return "imagenet"
     big = info.images >= 100_000 and (info.side or 0) >= 160
     return "imagenet" if big else "small"
+
+
+AUTO_RULE = "imagenet for >= 100,000 training images of >= 160 px, else small; demo for the built-in data"
+
+
+def explain_recipe(data: Optional[str], recipe: str, given: Mapping[str, Any] = {}) -> str:
+    """Why ``recipe`` for ``data`` (a run-header line): what ``--recipe auto`` saw and its rule; empty for
+    data it cannot look at (the built-in set, torchvision sets)."""
+    from slaknet.data import parse_data_spec
+
+    if data is None:
+        return ""
+    kind, what = parse_data_spec(data)
+    info = inspect_folder(what) if kind == "folder" else None
+    if info is None:
+        return ""
+    auto = choose_recipe(data, given)
+    if recipe == auto:
+        return f"recipe {recipe} for {info.describe()} (--recipe auto: {AUTO_RULE})"
+    return f"recipe {recipe} as asked, for {info.describe()} (--recipe auto would choose {auto}: {AUTO_RULE})"
 
 
 def small_data_overrides(data: str) -> Dict[str, Any]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -171,6 +171,13 @@ class ClassificationTask(Task):
         if len(run.data.classes) >= 6:  # top-5 of 5 classes or fewer is always 100%: not reported
             out["top5"] = ev["top5"]
         return out
+
+    def header_lines(self, run: "Run") -> List[str]:
+        """For folders: which recipe and why (what ``--recipe auto`` saw and its rule)."""
+        from slaknet.classify.spec import explain_recipe
+
+        why = explain_recipe(self.cfg.data.source, self.cfg.recipe, {"data_set": self.cfg.data.data_set})
+        return [why] if why else []
 
     def describe(self) -> str:
         c = self.cfg

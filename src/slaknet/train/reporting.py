@@ -42,7 +42,7 @@ def header_lines(tr: "Trainer") -> List[str]:
             f", small kernel N={m['small_kernel']}" if m.get("small_kernel") is not None else "")
     lines = [f"{tr.task.command}: {cfg['model']} ({n_params / 1e6:.2f}M params{arch}) on {tr.data.description or cfg['data']}"]
     sc = tr.sparse_config
-    sparse = (f"sparsity {sc.sparsity:.2f} (u={sc.update_frequency}, {sc.sparse_init}, growth {sc.growth})"
+    sparse = (f"sparsity {sc.sparsity:.2f} (u={sc.update_frequency}, {_init_name(sc)}, growth {sc.growth})"
               if sc is not None else "dense")
     aug = tr.task.describe()
     workers = _plural(tr.workers, "data worker")
@@ -68,6 +68,12 @@ def header_lines(tr: "Trainer") -> List[str]:
                  if st.batch_in_epoch else f"the start of epoch {st.epoch + 1}/{cfg.epochs}")
         lines.append(f"resumed from {tr.resume_path}: continuing at {where} (step {st.step})")
     return lines
+
+
+def _init_name(sc: Any) -> str:
+    """The mask initialisation as set, e.g. ``ERK`` or ``ERK power scale 0.3`` (the demo's)."""
+    scale = getattr(sc, "erk_power_scale", 1.0)
+    return sc.sparse_init + (f" power scale {scale:g}" if "ERK" in str(sc.sparse_init).upper() and scale != 1.0 else "")
 
 
 def _sparse_layers_line(report: Dict[str, Any]) -> str:
