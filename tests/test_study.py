@@ -215,6 +215,9 @@ def test_study_runs_every_arm_aggregates_and_resumes(tmp_path):
     assert paired_difference(rows, "mxm9", "mxm3") == (pytest.approx(10.0), pytest.approx(0.0), 3)
     assert verdict(paired_difference(rows, "mxm3", "mxm9")).endswith("no, the reverse")
     assert "not resolved" in verdict((1.0, 2.0, 3)) and verdict(None) == "not run"
+    # "matches": the interval must lie within +-2 points; an interval excluding 0 is a difference
+    assert verdict((0.5, 1.0, 4), "=").endswith("holds (within ±2 points)")
+    assert verdict((-3.0, 1.0, 4), "=").endswith("no: lower") and verdict((0.5, 2.0, 4), "=").endswith("not resolved")
     assert mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)))
     assert mean_std([5.0]) == (5.0, None)
 
@@ -350,6 +353,13 @@ def test_class_balance_from_cached_data(tmp_path):
     rec = {"budget": "tiny", "arm": "mxm3", "seed": 0, "mode": "epochs", "val_acc": 50.0,
            "budget_config": budget.as_dict()}
     assert class_balance(str(tmp_path), [rec]) == pytest.approx(100 * max(frac, 1 - frac))
+    from slaknet.study.report import band_inside_share
+
+    lo, mid, hi = budget.band_edges()  # tiny: 3.2, 8, 12.8 px
+    d, y = val.distances, val.y.numpy()
+    near, far = (d >= lo) & (d < mid), (d >= mid) & (d <= hi)
+    expect = [100.0 * y[m].mean() if m.any() else None for m in (near, far)]
+    assert band_inside_share(str(tmp_path), [rec]) == pytest.approx(expect)
     # the cache is reused: same tensors without rendering
     again = StudyData(budget, cache_dir=str(tmp_path / "data")).get()
     assert torch.equal(again[1].x, val.x) and torch.equal(again[0].y, train.y)
