@@ -44,15 +44,10 @@ def demo_model(layer_scale: float = 0.5) -> torch.nn.Module:
 
     cfg = slaknet.config(data="builtin:insideness")
     model = build_training_model(cfg.model, 2, cfg.data.input_size)[0].eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(layer_scale)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_((torch.rand(m.num_features, generator=g) * 2 - 1) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_int8 import _randomize  # the same random layer scales / BatchNorm statistics as the int8 bench
+
+    _randomize(model, layer_scale)
     return model
 
 
