@@ -92,7 +92,7 @@ BUDGETS: Dict[str, Budget] = {
     # a quick look on a 2-core CPU: 2 seeds, fewer images and epochs
     "short": Budget("short", width=24, train_samples=3000, val_samples=600, epochs=5, seeds=2, erf_images=8,
                     update_frequency=10),
-    # ~20 min on an idle 2-core CPU with two runs at a time (see docs/study.md for the measured time)
+    # ~26 min on a 2-core CPU with two runs at a time (estimated from per-run times, docs/study.md)
     "default": Budget("default"),
     # GPU: larger images and two blocks at a 32 x 32 map, more data, epochs and seeds
     "large": Budget("large", image_size=128, stem=4, depth=2, width=48, train_samples=20000, val_samples=2000,

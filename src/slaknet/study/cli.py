@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from slaknet.settings import CommonOptions, DataSettings, OptimSettings, RunSettings, add_setting
 
     add_setting(parser, CommonOptions, "budget", default="default",
-                help="study size: tiny (smoke test, seconds), short (~10-15 min on 2 CPU cores), "
-                     "default (~15 min on a quiet 2-core CPU), large (GPU)")
+                help="study size: tiny (smoke test, seconds), short (a quick look, 2 seeds), "
+                     "default (~26 min on 2 CPU cores, 4 seeds), large (GPU)")
     add_setting(parser, RunSettings, "output_dir", default=None, help="output folder (default runs/study-<budget>)")
     parser.add_argument("--arms", default=None,
                         help="comma-separated subset of arms (default all; see --list)")
