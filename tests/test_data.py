@@ -152,3 +152,26 @@ def test_image_folder_errors(tmp_path):
     os.makedirs(tmp_path / "d" / "c")
     with pytest.raises(ConfigError, match="holds no images"):
         list_image_files(str(tmp_path / "d"))
+
+
+def test_persisted_builtin_images_are_the_rendered_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLAKNET_CACHE_DIR", str(tmp_path))
+    a = InsidenessDataset("val", 12, 32, 0.5, seed=4, persist=True)
+    assert not a.loaded
+    first = [a.raw(i) for i in range(12)]  # the last one completes the split: written to disk
+    files = os.listdir(tmp_path / "data")
+    assert len(files) == 1 and files[0].startswith("insideness-val-32px-12-")
+    b = InsidenessDataset("val", 12, 32, 0.5, seed=4, persist=True)
+    assert b.loaded
+    for i, (img, label) in enumerate(first):
+        got, got_label = b.raw(i)
+        assert got_label == label and np.array_equal(got, img)
+        assert np.array_equal(got, render_insideness(4, "val", i, 32, 0.5)[0])
+    assert not InsidenessDataset("val", 12, 32, 0.6, seed=4, persist=True).loaded  # other data: other file
+    assert not InsidenessDataset("val", 11, 32, 0.5, seed=4, persist=True).loaded
+    (tmp_path / "data" / files[0]).write_bytes(b"garbage")
+    assert not InsidenessDataset("val", 12, 32, 0.5, seed=4, persist=True).loaded  # unreadable: rendered again
+    monkeypatch.setenv("SLAKNET_CACHE_DIR", "off")
+    c = InsidenessDataset("val", 2, 32, 0.5, seed=5, persist=True)
+    c.raw(0), c.raw(1)
+    assert not c.loaded and len(os.listdir(tmp_path / "data")) == 1

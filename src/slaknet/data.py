@@ -16,6 +16,7 @@ Image folders (ImageNet layout ``ROOT/train/CLASS/*.jpg``, ``ROOT/val/CLASS/*.jp
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -42,28 +43,53 @@ _SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 # ------------------------------------------------------------------------------------- built-in task ----
+@functools.lru_cache(maxsize=None)
+def _angles() -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """theta (720 angles), cos(theta), sin(theta): the same for every curve (computed once, read-only)."""
+    theta = np.linspace(0, 2 * math.pi, 720, endpoint=False)
+    out = (theta, np.cos(theta), np.sin(theta))
+    for t in out:
+        t.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _harmonic_angles(n_harm: int) -> Tuple[np.ndarray, np.ndarray]:
+    """ks = 2..n_harm+1 and ks[:, None] * theta[None] (read-only, shared by all curves with n_harm harmonics)."""
+    ks = np.arange(2, 2 + n_harm, dtype=np.float64)
+    kt = ks[:, None] * _angles()[0][None]
+    ks.flags.writeable = kt.flags.writeable = False
+    return ks, kt
+
+
 def _curve(rng: np.random.Generator, size: int, difficulty: float,
            center: Optional[Tuple[float, float]] = None, scale: float = 1.0) -> Dict[str, Any]:
-    """Random star-shaped closed curve r(theta) = R0 (1 + sum_k a_k cos(k theta + phi_k))."""
+    """Random star-shaped closed curve r(theta) = R0 (1 + sum_k a_k cos(k theta + phi_k)).
+
+    Computes exactly what the straightforward version does (same random draws, same float operations per
+    element): the angle grids are computed once, and the largest base radius is a minimum over the same
+    quotients taken without the per-angle temporary array.
+    """
     n_harm = 2 + int(round(difficulty * 5))
     amp = 0.18 + 0.32 * difficulty
-    ks = np.arange(2, 2 + n_harm, dtype=np.float64)
+    ks, kt = _harmonic_angles(n_harm)
     a = rng.uniform(0.2, 1.0, n_harm) / np.sqrt(ks - 1)
     a *= amp / a.sum()
     phi = rng.uniform(0, 2 * math.pi, n_harm)
     if center is None:
         center = (rng.uniform(0.38, 0.62) * size, rng.uniform(0.38, 0.62) * size)
-    theta = np.linspace(0, 2 * math.pi, 720, endpoint=False)
-    shape = 1.0 + (a[:, None] * np.cos(ks[:, None] * theta[None] + phi[:, None])).sum(0)
-    # largest base radius that keeps the whole curve 2 px inside the frame
+    _, cos_t, sin_t = _angles()
+    shape = 1.0 + (a[:, None] * np.cos(kt + phi[:, None])).sum(0)
+    # largest base radius that keeps the whole curve 2 px inside the frame: the smallest of the quotients
+    # (frame distance / direction) over all angles and both axes (min is exact in any order)
     cx, cy = center
-    dx, dy = np.cos(theta) * shape, np.sin(theta) * shape
-    lim = np.full_like(theta, np.inf)
-    for d, c in ((dx, cx), (dy, cy)):
+    r_max = math.inf
+    for d, c in ((cos_t * shape, cx), (sin_t * shape, cy)):
         pos, neg = d > 1e-9, d < -1e-9
-        lim[pos] = np.minimum(lim[pos], (size - 3 - c) / d[pos])
-        lim[neg] = np.minimum(lim[neg], (2 - c) / d[neg])
-    r_max = float(lim.min())
+        if pos.any():
+            r_max = min(r_max, float(((size - 3 - c) / d[pos]).min()))
+        if neg.any():
+            r_max = min(r_max, float(((2 - c) / d[neg]).min()))
     r0 = min(r_max, rng.uniform(0.30, 0.42) * size * scale)
     return dict(ks=ks, a=a, phi=phi, cx=cx, cy=cy, r0=r0)
 
@@ -139,6 +165,24 @@ def render_insideness(seed: int, split: str, index: int, size: int = 64,
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
 
+def _persist_path(ds: "InsidenessDataset") -> Optional[str]:
+    """The disk-cache file of a built-in split (None when ``SLAKNET_CACHE_DIR=off``): named by a hash of
+    everything the images depend on, including the rendering code itself and numpy's version."""
+    import hashlib
+    import inspect
+
+    from slaknet.layers.autotune import cache_dir
+
+    folder = cache_dir()
+    if folder is None:
+        return None
+    code = "".join(inspect.getsource(f) for f in (render_insideness, _curve, _radius, _curve_distance, _angles,
+                                                   _harmonic_angles))
+    ident = repr((ds.seed, ds.split, ds.num_samples, ds.image_size, ds.difficulty, np.__version__, code))
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return os.path.join(folder, "data", f"insideness-{ds.split}-{ds.image_size}px-{ds.num_samples}-{digest}.npz")
+
+
 class InsidenessDataset(Dataset):
     """Built-in long-range benchmark: is the red dot inside the closed contour? (classes outside/inside).
 
@@ -150,13 +194,18 @@ class InsidenessDataset(Dataset):
         seed: dataset seed (independent of the training seed).
         transform: optional callable on the ``[3, H, W]`` float tensor in [0, 1].
         cache: keep rendered images in memory (uint8), so later epochs cost nothing.
+        persist: also keep them on disk (with ``cache``): once every image of the split has been rendered,
+            the images are written to ``$SLAKNET_CACHE_DIR/data`` (default ``~/.cache/slaknet/data``; not
+            written when ``SLAKNET_CACHE_DIR=off``), and a later dataset with the same seed, split, size,
+            difficulty and count, the same rendering code and the same numpy version loads them instead of
+            rendering (:attr:`loaded` is then True). The images are the ones rendering gives, byte for byte.
     """
 
     classes = ["outside", "inside"]
 
     def __init__(self, split: str = "train", num_samples: int = 6000, image_size: int = 64,
                  difficulty: float = 0.5, seed: int = 0, transform: Optional[Callable] = None,
-                 cache: bool = True) -> None:
+                 cache: bool = True, persist: bool = False) -> None:
         if split not in _SPLITS:
             raise ConfigError(f"split must be one of {list(_SPLITS)}, got {split!r}")
         if not 16 <= int(image_size) <= 512:
@@ -172,6 +221,42 @@ class InsidenessDataset(Dataset):
         self._cache: Dict[int, Tuple[np.ndarray, int]] = {}
         self._lock = threading.Lock()
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self._persist_path = _persist_path(self) if (cache and persist) else None
+        self.loaded = self._persist_path is not None and self._load_persisted()
+
+    def _load_persisted(self) -> bool:
+        path = self._persist_path
+        if path is None or not os.path.isfile(path):
+            return False
+        try:
+            with np.load(path) as f:
+                images, labels = f["images"], f["labels"]
+        except Exception as exc:  # corrupt / unreadable: render again (and rewrite it)
+            log.info("built-in data: ignoring unreadable cache file %s (%s)", path, exc)
+            return False
+        n, s = self.num_samples, self.image_size
+        if images.shape != (n, s, s, 3) or images.dtype != np.uint8 or labels.shape != (n,):
+            log.info("built-in data: ignoring cache file %s of the wrong shape", path)
+            return False
+        self._cache = {i: (images[i], int(labels[i])) for i in range(n)}
+        self._persist_path = None  # nothing left to write
+        return True
+
+    def _write_persisted(self) -> None:
+        """Write every rendered image (all are in memory) to the cache file, atomically; best effort."""
+        path, self._persist_path = self._persist_path, None
+        if path is None:
+            return
+        from slaknet.io import atomic_path
+
+        try:
+            images = np.stack([self._cache[i][0] for i in range(self.num_samples)])
+            labels = np.array([self._cache[i][1] for i in range(self.num_samples)], dtype=np.int64)
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, images=images, labels=labels)
+        except OSError as exc:  # read-only or full disk: the run goes on with the images in memory
+            log.info("built-in data: could not write the cache file %s (%s)", path, exc)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -186,6 +271,9 @@ class InsidenessDataset(Dataset):
             if self.cache:
                 with self._lock:
                     self._cache[index] = hit
+                    complete = self._persist_path is not None and len(self._cache) == self.num_samples
+                if complete:
+                    self._write_persisted()
         return hit
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
