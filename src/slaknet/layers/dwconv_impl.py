@@ -137,8 +137,58 @@ def _weight_grad_gemm_long_h(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int
     return out.transpose(1, 2).reshape(c, 1, kh, kw)
 
 
+# maps of at most this many pixels take the flat-row form of the banded GEMM (no kw-fold copy of the input)
+_GEMM_FLAT_MAX_PIXELS = 16
+
+
+def _weight_grad_gemm_flat(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The banded-GEMM weight gradient without the short-axis-shifted copy of the input (for tiny maps).
+
+    Per channel, the rows of the (zero-padded) input and of the output gradient are laid end to end along
+    the short kernel axis over the whole batch (``m = (n, position)``); a shift of the short axis by ``s``
+    is then a shift of that flat index, i.e. a strided view, and one batched GEMM per short-axis tap gives
+    ``S[s, c, y, yx] = sum_m gy[c, y, m] * xpad[c, yx, m + s]``. The output gradient is zero past each row's
+    end, so no product crosses from one image or row into the next. The long-axis taps are then the
+    diagonal sums of ``S``, as in :func:`_weight_grad_gemm_long_h`.
+    """
+    n, c, h, w = x.shape
+    ph, pw = kh // 2, kw // 2
+    if kh >= kw:  # long axis H: matrix rows y, flat index m = (n, x') with x' along the padded width
+        wp = w + 2 * pw
+        xt = x.new_zeros((c, h, n, wp))
+        xt[..., pw:pw + w] = x.permute(1, 2, 0, 3)
+        gt = gy.new_zeros((c, h, n, wp))
+        gt[..., :w] = gy.permute(1, 2, 0, 3)
+        flat = (n - 1) * wp + w  # the last nonzero output-gradient position + 1
+        xf, gf = xt.view(c, h, n * wp), gt.view(c, h, n * wp)[:, :, :flat]
+        long, short, plong = h, kw, ph
+        pairs = [(gf, xf[:, :, s:s + flat].transpose(1, 2)) for s in range(kw)]
+    else:  # long axis W: matrix rows x, flat index m = (n, y') with y' along the padded height
+        hp = h + 2 * ph
+        xt = x.new_zeros((c, n, hp, w))
+        xt[:, :, ph:ph + h] = x.permute(1, 0, 2, 3)
+        gt = gy.new_zeros((c, n, hp, w))
+        gt[:, :, :h] = gy.permute(1, 0, 2, 3)
+        flat = (n - 1) * hp + h
+        xf, gf = xt.view(c, n * hp, w), gt.view(c, n * hp, w)[:, :flat]
+        long, short, plong = w, kh, pw
+        pairs = [(gf.transpose(1, 2), xf[:, s:s + flat]) for s in range(kh)]
+    span = long + 2 * plong
+    sp = x.new_zeros((short, c, long, span))  # S[s, c, y, yx], zero-padded by plong along yx
+    for s, (a, b) in enumerate(pairs):
+        sp[s, :, :, plong:plong + long] = torch.bmm(a, b)
+    klong = 2 * plong + 1
+    diag = sp.as_strided((short, c, long, klong), (c * long * span, long * span, span + 1, 1))
+    out = diag.sum(2)  # [short, c, klong]: dW along the long axis for each short-axis tap
+    if kh >= kw:
+        return out.permute(1, 2, 0).reshape(c, 1, kh, kw)
+    return out.permute(1, 0, 2).reshape(c, 1, kh, kw)
+
+
 def weight_grad_gemm(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Weight gradient ``[C, 1, kh, kw]`` by banded (Toeplitz) batched GEMMs along the long kernel axis."""
+    if x.shape[2] * x.shape[3] <= _GEMM_FLAT_MAX_PIXELS and x.dtype in (torch.float32, torch.float64):
+        return _weight_grad_gemm_flat(x, gy, kh, kw)
     if kh >= kw:
         return _weight_grad_gemm_long_h(x, gy, kh, kw)
     g = _weight_grad_gemm_long_h(x.transpose(2, 3), gy.transpose(2, 3), kw, kh)
@@ -173,7 +223,9 @@ def weight_grad(method: str, x: torch.Tensor, gy: torch.Tensor, weight: torch.Te
     if dispatch.bf16_via_fp32(x):
         return weight_grad(method, x.float(), gy.float(), weight.float(), padding).to(weight.dtype)
     kh, kw = weight.shape[-2:]
-    if method in ("fft", "gemm"):
+    if method == "gemm" and x.shape[2] * x.shape[3] <= _GEMM_FLAT_MAX_PIXELS:
+        pass  # the flat form gathers from any layout itself
+    elif method in ("fft", "gemm"):
         # both read whole rows/planes: NCHW-contiguous copies are cheaper than strided (channels_last) access
         x, gy = x.contiguous(), gy.contiguous()
     if method == "fft":
