@@ -62,14 +62,9 @@ def _harmonic_angles(n_harm: int) -> Tuple[np.ndarray, np.ndarray]:
     return ks, kt
 
 
-def _curve(rng: np.random.Generator, size: int, difficulty: float,
-           center: Optional[Tuple[float, float]] = None, scale: float = 1.0) -> Dict[str, Any]:
-    """Random star-shaped closed curve r(theta) = R0 (1 + sum_k a_k cos(k theta + phi_k)).
-
-    Computes exactly what the straightforward version does (same random draws, same float operations per
-    element): the angle grids are computed once, and the largest base radius is a minimum over the same
-    quotients taken without the per-angle temporary array.
-    """
+def _curve_params(rng: np.random.Generator, size: int, difficulty: float,
+                  center: Optional[Tuple[float, float]] = None) -> Dict[str, Any]:
+    """The random draws of :func:`_curve` before its base radius: harmonics, phases and centre."""
     n_harm = 2 + int(round(difficulty * 5))
     amp = 0.18 + 0.32 * difficulty
     ks, kt = _harmonic_angles(n_harm)
@@ -78,20 +73,64 @@ def _curve(rng: np.random.Generator, size: int, difficulty: float,
     phi = rng.uniform(0, 2 * math.pi, n_harm)
     if center is None:
         center = (rng.uniform(0.38, 0.62) * size, rng.uniform(0.38, 0.62) * size)
+    return dict(ks=ks, kt=kt, a=a, phi=phi, cx=center[0], cy=center[1])
+
+
+def _curve_r_max(p: Dict[str, Any], size: int) -> float:
+    """The largest base radius that keeps the whole curve 2 px inside the frame: the smallest of the quotients
+    (frame distance / direction) over all angles and both axes (min is exact in any order)."""
     _, cos_t, sin_t = _angles()
-    shape = 1.0 + (a[:, None] * np.cos(kt + phi[:, None])).sum(0)
-    # largest base radius that keeps the whole curve 2 px inside the frame: the smallest of the quotients
-    # (frame distance / direction) over all angles and both axes (min is exact in any order)
-    cx, cy = center
+    shape = 1.0 + (p["a"][:, None] * np.cos(p["kt"] + p["phi"][:, None])).sum(0)
     r_max = math.inf
-    for d, c in ((cos_t * shape, cx), (sin_t * shape, cy)):
+    for d, c in ((cos_t * shape, p["cx"]), (sin_t * shape, p["cy"])):
         pos, neg = d > 1e-9, d < -1e-9
         if pos.any():
             r_max = min(r_max, float(((size - 3 - c) / d[pos]).min()))
         if neg.any():
             r_max = min(r_max, float(((2 - c) / d[neg]).min()))
-    r0 = min(r_max, rng.uniform(0.30, 0.42) * size * scale)
-    return dict(ks=ks, a=a, phi=phi, cx=cx, cy=cy, r0=r0)
+    return r_max
+
+
+def _curve_done(p: Dict[str, Any], size: int, r0_draw: float) -> Dict[str, Any]:
+    return dict(ks=p["ks"], a=p["a"], phi=p["phi"], cx=p["cx"], cy=p["cy"], r0=min(_curve_r_max(p, size), r0_draw))
+
+
+def _curve(rng: np.random.Generator, size: int, difficulty: float,
+           center: Optional[Tuple[float, float]] = None, scale: float = 1.0) -> Dict[str, Any]:
+    """Random star-shaped closed curve r(theta) = R0 (1 + sum_k a_k cos(k theta + phi_k)).
+
+    Computes exactly what the straightforward version does (same random draws, same float operations per
+    element): the angle grids are computed once, and the largest base radius is a minimum over the same
+    quotients taken without the per-angle temporary array.
+    """
+    p = _curve_params(rng, size, difficulty, center)
+    return _curve_done(p, size, rng.uniform(0.30, 0.42) * size * scale)
+
+
+def _surely_rejected(p: Dict[str, Any], r0_hi: float, pt: Tuple[float, float], margin: float, label: int,
+                     size: int) -> bool:
+    """Whether the dot test of :func:`render_insideness` fails for this candidate whatever its base radius
+    ``r0 = min(r_max, r0_hi)`` turns out to be, so that ``r_max`` (720 angles) need not be computed.
+
+    The test passes iff ``label`` and ``r0 g - rho >= M`` or not ``label`` and ``rho - r0 g >= M``, with g the
+    curve's shape at the dot's angle, rho the dot's distance from the centre and ``M = margin sqrt(1 +
+    (g'/g)^2)``: monotone in r0, which lies in ``[min(lo, r0_hi), r0_hi]`` with ``lo`` = the frame distance
+    of the centre over the largest possible shape (``1 + sum a``). Only a failure by more than 1e-6 (float
+    rounding is ~1e-13 here) counts as sure; anything else is decided by the exact test.
+    """
+    dx, dy = pt[0] - p["cx"], pt[1] - p["cy"]
+    rho = math.hypot(dx, dy)
+    arg = p["ks"] * math.atan2(dy, dx) + p["phi"]
+    g = 1.0 + float((p["a"] * np.cos(arg)).sum())
+    gp = float((p["a"] * p["ks"] * np.sin(arg)).sum())
+    if g <= 1e-3:
+        return False
+    m = margin * math.sqrt(1.0 + (gp / g) ** 2)
+    if label:  # the largest possible r0 must already fall short
+        return r0_hi * g + 1e-6 < rho + m
+    frame = min(size - 3 - p["cx"], p["cx"] - 2, size - 3 - p["cy"], p["cy"] - 2)
+    lo = min(frame / (1.0 + float(p["a"].sum())), r0_hi)
+    return lo > 0 and rho - lo * g + 1e-6 < m  # the smallest possible r0 must already fail
 
 
 def _radius(c: Dict[str, Any], theta: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -125,14 +164,20 @@ def render_insideness(seed: int, split: str, index: int, size: int = 64,
     pt = (float(rng.uniform(0.12, 0.88) * size), float(rng.uniform(0.12, 0.88) * size))
     c = None
     for _ in range(400):
-        cand = _curve(rng, size, difficulty, scale=rng.uniform(0.55, 1.0),
-                      center=(rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size))
+        # the draws of _curve(rng, size, difficulty, scale=..., center=...), in the same order; the base
+        # radius (a minimum over 720 angles) is only computed for candidates the dot test may accept
+        scale = rng.uniform(0.55, 1.0)
+        params = _curve_params(rng, size, difficulty, (rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size))
+        r0_draw = rng.uniform(0.30, 0.42) * size * scale
+        if _surely_rejected(params, r0_draw, pt, margin, label, size):
+            continue
+        cand = _curve_done(params, size, r0_draw)
         d, off = _curve_distance(cand, np.array([pt[0]]), np.array([pt[1]]))
         if d[0] >= margin and (off[0] < 0) == bool(label):
             c = cand
             break
     if c is None:  # rare: move the dot along a ray from the last contour's centre instead
-        c = cand
+        c = _curve_done(params, size, r0_draw)
         t = rng.uniform(0, 2 * math.pi)
         r, _ = _radius(c, np.array([t]))
         rho = r[0] * 0.5 if label else r[0] + margin
@@ -176,7 +221,8 @@ def _persist_path(ds: "InsidenessDataset") -> Optional[str]:
     folder = cache_dir()
     if folder is None:
         return None
-    code = "".join(inspect.getsource(f) for f in (render_insideness, _curve, _radius, _curve_distance, _angles,
+    code = "".join(inspect.getsource(f) for f in (render_insideness, _curve, _curve_params, _curve_r_max, _curve_done,
+                                                   _surely_rejected, _radius, _curve_distance, _angles,
                                                    _harmonic_angles))
     ident = repr((ds.seed, ds.split, ds.num_samples, ds.image_size, ds.difficulty, np.__version__, code))
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
