@@ -8,6 +8,11 @@ Arms:
   convs as oneDNN convs (what the code did before);
 * ``after``: the flat-row banded GEMM on maps of <= 16 pixels and the downsamplers as patch GEMMs.
 
+The allocator setting (:func:`slaknet.train.machine.keep_freed_memory`) is per process and cannot be undone,
+so in-process both arms run with it. ``--processes K`` instead alternates 2K child processes: ``before`` with
+``SLAKNET_MALLOC=default`` and the old code paths, ``after`` with everything on; it prints each process's
+median step and the ratio of the medians over processes.
+
 The steps run in both arms advance the same model (both arms see the same mixture of states). ``--epoch``
 also times one whole training epoch per arm (93 steps, data in memory). ``--data`` times the built-in data
 of the first epoch: rendering every image (a cold cache) vs loading the persisted images (a warm one).
@@ -46,6 +51,34 @@ def set_arm(arm: str) -> None:
     dwconv_impl._GEMM_FLAT_MAX_PIXELS = 16 if on else 0
 
 
+def _faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def alternate(args: argparse.Namespace) -> None:
+    import subprocess
+
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, {args.threads} thread(s), "
+          f"{args.processes} process pairs alternated, load average before {os.getloadavg()}", flush=True)
+    res = {"before": [], "after": []}
+    for p in range(args.processes):
+        for arm in (("before", "after") if p % 2 == 0 else ("after", "before")):
+            env = dict(os.environ, SLAKNET_MALLOC="default" if arm == "before" else "")
+            out = subprocess.run([sys.executable, __file__, "--only", arm, "--rounds", str(args.rounds), "--steps",
+                                  str(args.steps), "--threads", str(args.threads)], env=env, capture_output=True,
+                                 text=True, check=True).stdout
+            line = [ln for ln in out.splitlines() if ln.startswith("RESULT")][-1].split()
+            res[arm].append(float(line[2]))
+            print(f"  process {p + 1} {arm:7s} {float(line[2]) * 1e3:7.1f} ms/step (minor page faults in the "
+                  f"process: {line[3]})", flush=True)
+    med = {a: statistics.median(v) for a, v in res.items()}
+    print(f"training step, median over processes: before {med['before'] * 1e3:.1f} ms, after "
+          f"{med['after'] * 1e3:.1f} ms, ratio {med['before'] / med['after']:.3f}x")
+    print(f"load average after {os.getloadavg()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
@@ -54,7 +87,11 @@ def main() -> None:
     ap.add_argument("--epoch", action="store_true", help="also one whole epoch per arm and round (slow)")
     ap.add_argument("--epoch-rounds", type=int, default=2)
     ap.add_argument("--data", action="store_true", help="also: render the demo's images vs load them")
+    ap.add_argument("--processes", type=int, default=0, help="alternate this many before/after process pairs")
+    ap.add_argument("--only", choices=("before", "after"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.processes:
+        return alternate(args)
     torch.set_num_threads(args.threads)
     import slaknet
     from slaknet.train.trainer import Trainer
@@ -80,7 +117,7 @@ def main() -> None:
         tr._optimizer_step()
         k += 1
 
-    arms = ("before", "after")
+    arms = (args.only,) if args.only else ("before", "after")
     for arm in arms:  # warm-up (oneDNN primitives, autotune answers)
         set_arm(arm)
         for _ in range(3):
@@ -98,6 +135,9 @@ def main() -> None:
     for a in arms:
         print(f"  {a:7s} {med[a] * 1e3:8.1f} ms  ({tr.batch_size / med[a]:.0f} img/s)   rounds: "
               + " ".join(f"{t * 1e3:.0f}" for t in times[a]))
+    if args.only:
+        print(f"RESULT {args.only} {med[args.only]:.6f} {_faults()}", flush=True)
+        return
     print(f"  ratio before / after: {med['before'] / med['after']:.3f}x", flush=True)
     if args.epoch:
         ep = {a: [] for a in arms}
