@@ -175,3 +175,22 @@ def test_persisted_builtin_images_are_the_rendered_ones(tmp_path, monkeypatch):
     c = InsidenessDataset("val", 2, 32, 0.5, seed=5, persist=True)
     c.raw(0), c.raw(1)
     assert not c.loaded and len(os.listdir(tmp_path / "data")) == 1
+
+
+def test_getitems_is_getitem_for_the_whole_batch():
+    """The batched path gives the same tensors bit for bit and draws the same random flips in the same order."""
+    from slaknet.data import BUILTIN_MEAN, BUILTIN_STD, Compose, FlipRot, Normalize
+
+    norm = Normalize(BUILTIN_MEAN, BUILTIN_STD)
+    for tf in (Compose([FlipRot(), norm]), norm, None, Compose([norm]), FlipRot(), Compose([norm, FlipRot()])):
+        ds = InsidenessDataset("train", 40, 32, 0.5, seed=2, transform=tf)
+        idx = [3, 0, 17, 39, 5, 5, 22, 11]
+        torch.manual_seed(7)
+        one = [ds[i] for i in idx]
+        after_one = torch.rand(1)
+        torch.manual_seed(7)
+        many = ds.__getitems__(idx)
+        assert torch.equal(torch.rand(1), after_one)  # the same number of draws
+        assert len(many) == len(one)
+        for (a, la), (b, lb) in zip(one, many):
+            assert la == lb and a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
