@@ -6,7 +6,7 @@ Arms:
 
 * ``before``: depthwise weight gradients of the tiny maps by the kw-fold-copy banded GEMM, downsampling
   convs as oneDNN convs (what the code did before);
-* ``after``: the flat-row banded GEMM on maps of <= 16 pixels and the downsamplers as patch GEMMs.
+* ``after``: the flat-row banded GEMM (long axis H) or the all-pairs GEMMs (long axis W) on maps of <= 64 pixels and the downsamplers as patch GEMMs.
 
 The allocator setting (:func:`slaknet.train.machine.keep_freed_memory`) is per process and cannot be undone,
 so in-process both arms run with it. ``--processes K`` instead alternates 2K child processes: ``before`` with
@@ -48,7 +48,7 @@ def set_arm(arm: str) -> None:
 
     on = arm == "after"
     conv.PATCH_GEMM = on
-    dwconv_impl._GEMM_FLAT_MAX_PIXELS = 16 if on else 0
+    dwconv_impl._GEMM_FLAT_MAX_PIXELS = 64 if on else 0
 
 
 def _faults() -> int:
