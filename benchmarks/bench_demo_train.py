@@ -5,8 +5,12 @@ engine, data and ``auto`` backends are exactly the demo's (built by the trainer 
 Arms:
 
 * ``before``: depthwise weight gradients of the tiny maps by the kw-fold-copy banded GEMM, downsampling
-  convs as oneDNN convs (what the code did before);
-* ``after``: the flat-row banded GEMM (long axis H) or the all-pairs GEMMs (long axis W) on maps of <= 64 pixels and the downsamplers as patch GEMMs.
+  convs as oneDNN convs, the batch's images fetched one by one (what the code did before);
+* ``after``: the flat-row banded GEMM (long axis H) or the all-pairs GEMMs (long axis W) on maps of <= 64 pixels, the downsamplers as patch GEMMs and the batch fetched
+  at once (``InsidenessDataset.__getitems__``).
+
+Each timed step fetches its batch from the in-memory images (flip, float conversion, normalisation,
+collation: the demo's ``num_workers 0``), then runs forward, backward and the optimizer step.
 
 The allocator setting (:func:`slaknet.train.machine.keep_freed_memory`) is per process and cannot be undone,
 so in-process both arms run with it. ``--processes K`` instead alternates 2K child processes: ``before`` with
@@ -43,10 +47,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+BATCHED_FETCH = True
+
+
 def set_arm(arm: str) -> None:
+    global BATCHED_FETCH
     from slaknet.layers import conv, dwconv_impl
 
     on = arm == "after"
+    BATCHED_FETCH = on
     conv.PATCH_GEMM = on
     dwconv_impl._GEMM_FLAT_MAX_PIXELS = 64 if on else 0
 
@@ -104,8 +113,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tr._begin_epoch(0)
     batches = []
-    for b in tr.task.train_batches(tr.run, 0, 0):
+    for b in tr.task.train_batches(tr.run, 0, 0):  # renders (or loads) every training image once
         batches.append(b)
+    from slaknet.train.tasks.base import collate
+
+    ds, bs = tr.data.train, tr.batch_size
     print(f"demo: {type(tr.model).__name__} {cfg.model.name}, batch {tr.batch_size}, "
           f"{len(batches)} batches an epoch, sparse engine {'on' if tr.engine is not None else 'off'}, "
           f"optimizer {type(tr.optimizer).__name__} (fused {tr.optimizer.param_groups[0].get('fused')})", flush=True)
@@ -113,7 +125,9 @@ def main() -> None:
 
     def step() -> None:
         nonlocal k
-        tr._forward_backward(batches[k % len(batches)], True, 0, 0)
+        idx = list(range((k % len(batches)) * bs, (k % len(batches) + 1) * bs))
+        items = ds.__getitems__(idx) if BATCHED_FETCH else [ds[i] for i in idx]
+        tr._forward_backward(collate(items), True, 0, 0)
         tr._optimizer_step()
         k += 1
 
