@@ -221,9 +221,12 @@ def _persist_path(ds: "InsidenessDataset") -> Optional[str]:
     folder = cache_dir()
     if folder is None:
         return None
-    code = "".join(inspect.getsource(f) for f in (render_insideness, _curve, _curve_params, _curve_r_max, _curve_done,
-                                                   _surely_rejected, _radius, _curve_distance, _angles,
-                                                   _harmonic_angles))
+    try:
+        code = "".join(inspect.getsource(f) for f in (render_insideness, _curve, _curve_params, _curve_r_max,
+                                                       _curve_done, _surely_rejected, _radius, _curve_distance,
+                                                       _angles, _harmonic_angles))
+    except (OSError, TypeError):  # no source files (e.g. a frozen install): no disk cache, render as always
+        return None
     ident = repr((ds.seed, ds.split, ds.num_samples, ds.image_size, ds.difficulty, np.__version__, code))
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return os.path.join(folder, "data", f"insideness-{ds.split}-{ds.image_size}px-{ds.num_samples}-{digest}.npz")
