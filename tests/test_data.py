@@ -194,3 +194,23 @@ def test_getitems_is_getitem_for_the_whole_batch():
         assert len(many) == len(one)
         for (a, la), (b, lb) in zip(one, many):
             assert la == lb and a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_wrappers_do_not_expose_the_batched_fetch():
+    """DataLoader calls ``__getitems__`` when the dataset has one: wrappers with their own items must not pass
+    the wrapped dataset's on, and a subclass with its own ``__getitem__`` falls back to it."""
+    from slaknet.distill.cache import WithIndex
+    from slaknet.train.samplers import SeededItems
+
+    ds = InsidenessDataset("val", 4, 32, 0.5, seed=1)
+    for wrapper in (WithIndex(ds), SeededItems(ds, 0, 0)):
+        assert not hasattr(wrapper, "__getitems__")
+        assert wrapper.split == "val"  # ordinary attributes still come through
+
+    class Tagged(InsidenessDataset):
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return x, y, "tag"
+
+    items = Tagged("val", 4, 32, 0.5, seed=1).__getitems__([0, 1])
+    assert [it[2] for it in items] == ["tag", "tag"]

@@ -340,7 +340,7 @@ class InsidenessDataset(Dataset):
         bit for bit (the same correctly rounded elementwise operations, flips commute with them); PyTorch's
         DataLoader calls it for a batch (~10 ms less per demo batch of 64 than item by item)."""
         steps = _batch_steps(self.transform)
-        if steps is None or not indices:
+        if steps is None or not indices or type(self).__getitem__ is not InsidenessDataset.__getitem__:
             return [self[i] for i in indices]
         flip = bool(steps) and isinstance(steps[0], FlipRot)
         imgs, labels = [], []
