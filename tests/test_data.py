@@ -152,3 +152,65 @@ def test_image_folder_errors(tmp_path):
     os.makedirs(tmp_path / "d" / "c")
     with pytest.raises(ConfigError, match="holds no images"):
         list_image_files(str(tmp_path / "d"))
+
+
+def test_persisted_builtin_images_are_the_rendered_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLAKNET_CACHE_DIR", str(tmp_path))
+    a = InsidenessDataset("val", 12, 32, 0.5, seed=4, persist=True)
+    assert not a.loaded
+    first = [a.raw(i) for i in range(12)]  # the last one completes the split: written to disk
+    files = os.listdir(tmp_path / "data")
+    assert len(files) == 1 and files[0].startswith("insideness-val-32px-12-")
+    b = InsidenessDataset("val", 12, 32, 0.5, seed=4, persist=True)
+    assert b.loaded
+    for i, (img, label) in enumerate(first):
+        got, got_label = b.raw(i)
+        assert got_label == label and np.array_equal(got, img)
+        assert np.array_equal(got, render_insideness(4, "val", i, 32, 0.5)[0])
+    assert not InsidenessDataset("val", 12, 32, 0.6, seed=4, persist=True).loaded  # other data: other file
+    assert not InsidenessDataset("val", 11, 32, 0.5, seed=4, persist=True).loaded
+    (tmp_path / "data" / files[0]).write_bytes(b"garbage")
+    assert not InsidenessDataset("val", 12, 32, 0.5, seed=4, persist=True).loaded  # unreadable: rendered again
+    monkeypatch.setenv("SLAKNET_CACHE_DIR", "off")
+    c = InsidenessDataset("val", 2, 32, 0.5, seed=5, persist=True)
+    c.raw(0), c.raw(1)
+    assert not c.loaded and len(os.listdir(tmp_path / "data")) == 1
+
+
+def test_getitems_is_getitem_for_the_whole_batch():
+    """The batched path gives the same tensors bit for bit and draws the same random flips in the same order."""
+    from slaknet.data import BUILTIN_MEAN, BUILTIN_STD, Compose, FlipRot, Normalize
+
+    norm = Normalize(BUILTIN_MEAN, BUILTIN_STD)
+    for tf in (Compose([FlipRot(), norm]), norm, None, Compose([norm]), FlipRot(), Compose([norm, FlipRot()])):
+        ds = InsidenessDataset("train", 40, 32, 0.5, seed=2, transform=tf)
+        idx = [3, 0, 17, 39, 5, 5, 22, 11]
+        torch.manual_seed(7)
+        one = [ds[i] for i in idx]
+        after_one = torch.rand(1)
+        torch.manual_seed(7)
+        many = ds.__getitems__(idx)
+        assert torch.equal(torch.rand(1), after_one)  # the same number of draws
+        assert len(many) == len(one)
+        for (a, la), (b, lb) in zip(one, many):
+            assert la == lb and a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_wrappers_do_not_expose_the_batched_fetch():
+    """DataLoader calls ``__getitems__`` when the dataset has one: wrappers with their own items must not pass
+    the wrapped dataset's on, and a subclass with its own ``__getitem__`` falls back to it."""
+    from slaknet.distill.cache import WithIndex
+    from slaknet.train.samplers import SeededItems
+
+    ds = InsidenessDataset("val", 4, 32, 0.5, seed=1)
+    for wrapper in (WithIndex(ds), SeededItems(ds, 0, 0)):
+        assert not hasattr(wrapper, "__getitems__")
+        assert wrapper.split == "val"  # ordinary attributes still come through
+
+    class Tagged(InsidenessDataset):
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return x, y, "tag"
+
+    items = Tagged("val", 4, 32, 0.5, seed=1).__getitems__([0, 1])
+    assert [it[2] for it in items] == ["tag", "tag"]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from slaknet.errors import ConfigError
 from slaknet.layers import LargeKernelConv
 from slaknet.layers.dwconv import ENV_VAR, depthwise_conv2d, resolve_backend
-from slaknet.layers.dwconv_impl import choose_weight_grad, weight_grad_fft, weight_grad_gemm
+from slaknet.layers.dwconv_impl import (_weight_grad_gemm_flat, _weight_grad_pairs, choose_weight_grad, weight_grad,
+                                        weight_grad_fft, weight_grad_gemm)
 
 FAST_BACKENDS = ["fast", "fft", "gemm"]
 
@@ -131,6 +132,25 @@ def test_weight_grad_methods_directly():
             [k[0] // 2, k[1] // 2], [1, 1], False, [0, 0], 6, [False, True, False])[1]
         _close(weight_grad_fft(x, gy, *k).double(), ref)
         _close(weight_grad_gemm(x, gy, *k).double(), ref)
+
+
+def test_weight_grad_gemm_flat_form_on_tiny_maps():
+    """Maps of <= 64 pixels take the flat-row banded GEMM or the all-pairs form: both equal PyTorch's own for
+    both strip orientations, squares, kernels longer than the map, odd batch / channel counts and any layout."""
+    torch.manual_seed(6)
+    for (h, w) in ((8, 8), (4, 4), (2, 2), (1, 1), (2, 8), (3, 5), (5, 9)):
+        for k in ((7, 5), (5, 7), (5, 5), (13, 5), (3, 3)):
+            for cl in (False, True):
+                x, gy = torch.randn(5, 37, h, w), torch.randn(5, 37, h, w)
+                if cl:
+                    x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+                ref = torch.ops.aten.convolution_backward(
+                    gy.double(), x.double(), torch.zeros(37, 1, *k, dtype=torch.float64), None, [1, 1],
+                    [k[0] // 2, k[1] // 2], [1, 1], False, [0, 0], 37, [False, True, False])[1]
+                _close(weight_grad_gemm(x, gy, *k).double(), ref)
+                _close(weight_grad("gemm", x, gy, torch.zeros(37, 1, *k), (k[0] // 2, k[1] // 2)).double(), ref)
+                _close(_weight_grad_gemm_flat(x, gy, *k).double(), ref)
+                _close(_weight_grad_pairs(x, gy, *k).double(), ref)
 
 
 def test_dispatch_and_plain_selectable(monkeypatch):

@@ -162,7 +162,9 @@ def test_header_and_epoch_lines(tmp_path, capsys):
 
 def test_plain_progress_lines_without_a_terminal(tmp_path):
     args = [a for a in TINY if a not in ("--progress", "false")] + ["--epochs", "1", "-o", str(tmp_path / "r")]
-    proc = subprocess.run([sys.executable, "-m", "slaknet", "train", *args], env=_env(), capture_output=True,
+    # a cache folder of its own: the built-in images are not on disk yet, so the first epoch renders them
+    env = dict(_env(), SLAKNET_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "slaknet", "train", *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 1/1: batch 1/4" in proc.stderr and "first epoch also renders" in proc.stderr

@@ -84,7 +84,8 @@ def build_datasets(cfg: Any, fixed_train_transform: bool = False) -> TaskData:
     if kind == "builtin":
         mean, std = BUILTIN_MEAN, BUILTIN_STD
         norm = Normalize(mean, std)
-        common = dict(image_size=size, difficulty=cfg.difficulty, seed=cfg.data_seed)
+        # persist: the rendered images are kept on disk, so a later run with the same data does not render them
+        common = dict(image_size=size, difficulty=cfg.difficulty, seed=cfg.data_seed, persist=True)
         train_tf = norm if fixed_train_transform else Compose([FlipRot(), norm])
         train_ds = InsidenessDataset("train", cfg.train_samples, transform=train_tf, **common)
         val_ds = InsidenessDataset("val", cfg.val_samples, transform=norm, **common)

@@ -109,7 +109,9 @@ class WithIndex(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:  # samples, known_bad, describe() ... of the wrapped dataset
-        if name == "dataset":
+        # never the wrapped dataset's protocol methods (e.g. its batched __getitems__, which DataLoader would
+        # call instead of this wrapper's __getitem__)
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

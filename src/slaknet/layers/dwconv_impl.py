@@ -137,8 +137,91 @@ def _weight_grad_gemm_long_h(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int
     return out.transpose(1, 2).reshape(c, 1, kh, kw)
 
 
+# maps of at most this many pixels (8x8) take the flat-row form of the banded GEMM (no kw-fold copy of the input)
+_GEMM_FLAT_MAX_PIXELS = 64
+# ... except strips with the long axis along W, which take the all-pairs form there (_weight_grad_pairs)
+_GEMM_PAIRS = True
+
+
+def _weight_grad_gemm_flat(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The banded-GEMM weight gradient without the short-axis-shifted copy of the input (for tiny maps).
+
+    Per channel, the rows of the (zero-padded) input and of the output gradient are laid end to end along
+    the short kernel axis over the whole batch (``m = (n, position)``); a shift of the short axis by ``s``
+    is then a shift of that flat index, i.e. a strided view, and one batched GEMM per short-axis tap gives
+    ``S[s, c, y, yx] = sum_m gy[c, y, m] * xpad[c, yx, m + s]``. The output gradient is zero past each row's
+    end, so no product crosses from one image or row into the next. The long-axis taps are then the
+    diagonal sums of ``S``, as in :func:`_weight_grad_gemm_long_h`.
+    """
+    n, c, h, w = x.shape
+    ph, pw = kh // 2, kw // 2
+    if kh >= kw:  # long axis H: matrix rows y, flat index m = (n, x') with x' along the padded width
+        wp = w + 2 * pw
+        xt = x.new_zeros((c, h, n, wp))
+        xt[..., pw:pw + w] = x.permute(1, 2, 0, 3)
+        gt = gy.new_zeros((c, h, n, wp))
+        gt[..., :w] = gy.permute(1, 2, 0, 3)
+        flat = (n - 1) * wp + w  # the last nonzero output-gradient position + 1
+        xf, gf = xt.view(c, h, n * wp), gt.view(c, h, n * wp)[:, :, :flat]
+        long, short, plong = h, kw, ph
+        pairs = [(gf, xf[:, :, s:s + flat].transpose(1, 2)) for s in range(kw)]
+    else:  # long axis W: matrix rows x, flat index m = (n, y') with y' along the padded height
+        hp = h + 2 * ph
+        xt = x.new_zeros((c, n, hp, w))
+        xt[:, :, ph:ph + h] = x.permute(1, 0, 2, 3)
+        gt = gy.new_zeros((c, n, hp, w))
+        gt[:, :, :h] = gy.permute(1, 0, 2, 3)
+        flat = (n - 1) * hp + h
+        xf, gf = xt.view(c, n * hp, w), gt.view(c, n * hp, w)[:, :flat]
+        long, short, plong = w, kh, pw
+        pairs = [(gf.transpose(1, 2), xf[:, s:s + flat]) for s in range(kh)]
+    span = long + 2 * plong
+    sp = x.new_zeros((short, c, long, span))  # S[s, c, y, yx], zero-padded by plong along yx
+    for s, (a, b) in enumerate(pairs):
+        sp[s, :, :, plong:plong + long] = torch.bmm(a, b)
+    klong = 2 * plong + 1
+    diag = sp.as_strided((short, c, long, klong), (c * long * span, long * span, span + 1, 1))
+    out = diag.sum(2)  # [short, c, klong]: dW along the long axis for each short-axis tap
+    if kh >= kw:
+        return out.permute(1, 2, 0).reshape(c, 1, kh, kw)
+    return out.permute(1, 0, 2).reshape(c, 1, kh, kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_taps(h: int, w: int, kh: int, kw: int, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 matrix ``[(h w)^2, kh kw]``: which kernel tap each (input pixel, output pixel) pair belongs to."""
+    ph, pw = kh // 2, kw // 2
+    y2, x2, y, x = torch.meshgrid(*(torch.arange(n) for n in (h, w, h, w)), indexing="ij")
+    i, j = y2 - y + ph, x2 - x + pw
+    ok = (i >= 0) & (i < kh) & (j >= 0) & (j < kw)
+    taps = torch.zeros(h * w * h * w, kh * kw, dtype=dtype)
+    taps[torch.arange(h * w * h * w)[ok.flatten()], (i * kw + j).flatten()[ok.flatten()]] = 1
+    return taps
+
+
+def _weight_grad_pairs(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Weight gradient of a tiny map from all (input pixel, output pixel) products summed over the batch:
+    ``P[c, p', p] = sum_n x[n, c, p'] gy[n, c, p]`` (one batched GEMM), then each tap is the sum of the pairs
+    at its offset (one GEMM with a 0/1 matrix). ``(h w)^2`` products per channel instead of ``h w kh kw``."""
+    n, c, h, w = x.shape
+    xc = x.permute(1, 0, 2, 3).reshape(c, n, h * w)
+    gc = gy.permute(1, 0, 2, 3).reshape(c, n, h * w)
+    pairs = torch.bmm(xc.transpose(1, 2), gc)  # [c, p', p]
+    return torch.mm(pairs.view(c, -1), _pair_taps(h, w, kh, kw, x.dtype)).view(c, 1, kh, kw)
+
+
 def weight_grad_gemm(x: torch.Tensor, gy: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Weight gradient ``[C, 1, kh, kw]`` by banded (Toeplitz) batched GEMMs along the long kernel axis."""
+    n, _, h, w = x.shape
+    if h * w <= _GEMM_FLAT_MAX_PIXELS and x.dtype in (torch.float32, torch.float64):
+        # measured on the demo's maps (docs/speed.md, "The demo's training step"): the flat form wins for
+        # strips along H and squares; along W it does not, and the all-pairs form wins when the batch is
+        # at least the map's pixel count (its batched GEMM then has a useful depth), e.g. not for SLaK-T's
+        # 7x7 maps at batch 8
+        if kh >= kw:
+            return _weight_grad_gemm_flat(x, gy, kh, kw)
+        if _GEMM_PAIRS and n >= h * w:
+            return _weight_grad_pairs(x, gy, kh, kw)
     if kh >= kw:
         return _weight_grad_gemm_long_h(x, gy, kh, kw)
     g = _weight_grad_gemm_long_h(x.transpose(2, 3), gy.transpose(2, 3), kw, kh)
@@ -173,7 +256,10 @@ def weight_grad(method: str, x: torch.Tensor, gy: torch.Tensor, weight: torch.Te
     if dispatch.bf16_via_fp32(x):
         return weight_grad(method, x.float(), gy.float(), weight.float(), padding).to(weight.dtype)
     kh, kw = weight.shape[-2:]
-    if method in ("fft", "gemm"):
+    if method == "gemm" and x.shape[2] * x.shape[3] <= _GEMM_FLAT_MAX_PIXELS and (
+            kh >= kw or (_GEMM_PAIRS and x.shape[0] >= x.shape[2] * x.shape[3])):
+        pass  # the small-map forms gather from any layout themselves
+    elif method in ("fft", "gemm"):
         # both read whole rows/planes: NCHW-contiguous copies are cheaper than strided (channels_last) access
         x, gy = x.contiguous(), gy.contiguous()
     if method == "fft":

@@ -35,7 +35,10 @@ def recalibrate_bn(model: nn.Module, dataset: Any, batches: int, batch_size: int
     model.train()
     try:
         for start in range(0, n, batch_size):
-            xb = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, n))]).to(device)
+            idx = list(range(start, min(start + batch_size, n)))
+            items = dataset.__getitems__(idx) if callable(getattr(dataset, "__getitems__", None)) \
+                else [dataset[i] for i in idx]  # a batch at once where the dataset can (same values)
+            xb = torch.stack([it[0] for it in items]).to(device)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

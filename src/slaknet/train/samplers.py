@@ -77,6 +77,8 @@ class SeededItems(Dataset):
         return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:  # counters and file lists of the wrapped dataset (known_bad...)
-        if name == "dataset":
+        # never the wrapped dataset's protocol methods (e.g. its batched __getitems__, which DataLoader would
+        # call instead of this wrapper's __getitem__)
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)

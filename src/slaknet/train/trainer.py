@@ -200,7 +200,8 @@ class Trainer:
                             f"epoch {epoch + 1}/{self.cfg.epochs}", note=self._first_epoch_note(epoch))
 
     def _first_epoch_note(self, epoch: int) -> str:
-        if epoch == 0 and getattr(self.data.train, "cache", False) and not self._resumed:
+        if epoch == 0 and getattr(self.data.train, "cache", False) and not getattr(self.data.train, "loaded", False) \
+                and not self._resumed:
             return "the first epoch also renders the built-in images (kept in memory, later epochs are faster)"
         return ""
 
