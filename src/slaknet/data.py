@@ -216,7 +216,7 @@ def _persist_path(ds: "InsidenessDataset") -> Optional[str]:
     import hashlib
     import inspect
 
-    from slaknet.layers.autotune import cache_dir
+    from slaknet.io import cache_dir
 
     folder = cache_dir()
     if folder is None:

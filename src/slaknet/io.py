@@ -4,9 +4,23 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "cache_dir", "ENV_CACHE_DIR"]
+
+ENV_CACHE_DIR = "SLAKNET_CACHE_DIR"
+_OFF = {"off", "none", "no", "0", "false", "disable", "disabled"}
+
+
+def cache_dir() -> Optional[str]:
+    """slaknet's per-user cache folder (autotune answers, ONNX exports, rendered built-in images):
+    ``$SLAKNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/slaknet``, else ``~/.cache/slaknet``; None when
+    ``SLAKNET_CACHE_DIR`` switches caching off (``off``, ``0``, ``none``, ...)."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env is not None and env.strip():
+        return None if env.strip().lower() in _OFF else os.path.expanduser(env.strip())
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "slaknet")
 
 
 def _default_mode() -> int:

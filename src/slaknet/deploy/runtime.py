@@ -14,7 +14,7 @@ onnxruntime it
    shape, the reparameterized form and the slaknet / torch / onnxruntime versions), so any change of
    weights, architecture or versions makes a new file;
 2. loads ``<cache dir>/onnx/<variant>-<fingerprint>.onnx`` (the cache folder of
-   :func:`slaknet.layers.autotune.cache_dir`: ``$SLAKNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/slaknet``, else
+   :func:`slaknet.io.cache_dir`: ``$SLAKNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/slaknet``, else
    ``~/.cache/slaknet``), or, when it is missing or does not load (a corrupt file), exports the model
    with :func:`slaknet.deploy.export.export_model` (reparameterized strips, any batch, fixed height x
    width, verified against eager) and writes it atomically. The folder keeps the :data:`MAX_CACHED` most
@@ -91,7 +91,7 @@ def runtime_question(model: nn.Module, example_shape: Sequence[int]) -> str:
 def onnx_cache_folder() -> str:
     """Where cached exports live: ``<cache dir>/onnx``, or a temporary folder removed at exit when
     ``SLAKNET_CACHE_DIR=off``."""
-    from slaknet.layers.autotune import cache_dir
+    from slaknet.io import cache_dir
 
     folder = cache_dir()
     if folder is not None:

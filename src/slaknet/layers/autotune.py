@@ -44,13 +44,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 
-from slaknet.io import atomic_path
+from slaknet.io import ENV_CACHE_DIR, atomic_path, cache_dir  # (cache_dir, ENV_CACHE_DIR: re-exported)
 
 __all__ = ["decide", "lookup", "forget", "answers", "pin", "decisions", "stats", "reset", "generation", "cache_dir", "cache_path",
            "machine_identity", "cpu_model", "Decision", "TimingStats", "MARGIN", "DEFAULT_BUDGET_S",
            "ENV_CACHE_DIR", "ENV_BUDGET"]
 
-ENV_CACHE_DIR = "SLAKNET_CACHE_DIR"
 ENV_BUDGET = "SLAKNET_AUTOTUNE_BUDGET"
 MARGIN = 0.05  # a candidate must be >= 5% faster (median) than the baseline to replace it
 DEFAULT_BUDGET_S = 90.0  # seconds of timing per process at most (SLaK-T 224 batch 8 on 1 thread: ~35 s)
@@ -58,7 +57,6 @@ MIN_ROUNDS, MAX_ROUNDS = 3, 7
 MIN_SAMPLE_S, MAX_REPEAT = 0.002, 50  # one timing sample lasts >= 2 ms (short calls are repeated)
 SCHEMA = 1
 MAX_ENTRIES = 2000  # the file keeps the most recent answers (inputs of ever-changing sizes must not grow it forever)
-_OFF = {"off", "none", "no", "0", "false", "disable", "disabled"}
 
 logger = logging.getLogger("slaknet.autotune")
 
@@ -130,15 +128,6 @@ def machine_identity() -> Dict[str, object]:
     """What a cached answer is only valid for: this CPU, its logical CPU count, torch and slaknet versions."""
     return {"cpu": cpu_model(), "logical_cpus": os.cpu_count() or 0, "torch": torch.__version__,
             "slaknet": _slaknet_version(), "schema": SCHEMA}
-
-
-def cache_dir() -> Optional[str]:
-    """The folder of the cache file, or None when ``SLAKNET_CACHE_DIR`` switches the cache off."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env is not None and env.strip():
-        return None if env.strip().lower() in _OFF else os.path.expanduser(env.strip())
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "slaknet")
 
 
 def cache_path() -> Optional[str]:

@@ -59,13 +59,14 @@ class Conv2d(nn.Conv2d):
     and patchify convs trained on the CPU as one GEMM."""
 
     def _patch_gemm_applies(self, x: torch.Tensor) -> bool:
-        return (PATCH_GEMM and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+        if not PATCH_GEMM or dispatch.exporting():  # first: a tracer's proxies cannot answer the tests below
+            return False
+        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and tuple(self.stride) == tuple(self.kernel_size)
                 and tuple(self.padding) == (0, 0) and tuple(self.dilation) == (1, 1) and self.groups == 1
                 and self.padding_mode == "zeros" and torch.is_grad_enabled()
                 and (x.requires_grad or self.weight.requires_grad)
-                and x.is_contiguous(memory_format=torch.channels_last) and not dispatch.exporting()
-                and dispatch.autocast_dtype("cpu") is None)
+                and x.is_contiguous(memory_format=torch.channels_last) and dispatch.autocast_dtype("cpu") is None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _bf16_without_hardware(x, self.weight):
