@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,19 +34,7 @@ import time
 
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-BATCHED_FETCH = True
+from slaknet.layers.autotune import cpu_model
 
 
 def set_arm(arm: str) -> None:
@@ -69,7 +56,7 @@ def _faults() -> int:
 def alternate(args: argparse.Namespace) -> None:
     import subprocess
 
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, {args.threads} thread(s), "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, {args.threads} thread(s), "
           f"{args.processes} process pairs alternated, load average before {os.getloadavg()}", flush=True)
     res = {"before": [], "after": []}
     for p in range(args.processes):
@@ -105,7 +92,7 @@ def main() -> None:
     import slaknet
     from slaknet.train.trainer import Trainer
 
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), load average before {os.getloadavg()}", flush=True)
     cfg = slaknet.config("classification", recipe="demo", threads=args.threads)
     tr = Trainer(cfg, out_dir=None)

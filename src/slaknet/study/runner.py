@@ -195,7 +195,9 @@ def _save_erf(rec: Dict[str, Any], model: StudyNet, val: CentreInsideness, budge
 # --------------------------------------------------------------------------------------------- study ----
 def machine_info() -> Dict[str, Any]:
     """Where a run happened: host, CPU, core count, torch threads, load average (the CPU may be shared)."""
-    info: Dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpu": _cpu_name(),
+    from slaknet.layers.autotune import cpu_model
+
+    info: Dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
                             "cpu_count": os.cpu_count(), "torch": torch.__version__,
                             "torch_threads": torch.get_num_threads()}
     try:
@@ -205,17 +207,6 @@ def machine_info() -> Dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_key(rec: Dict[str, Any]) -> Tuple[str, str, int, str]:
