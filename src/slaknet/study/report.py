@@ -182,12 +182,9 @@ def budget_of(records: Sequence[Dict[str, Any]]) -> Optional["Budget"]:
         return None
 
 
-def class_balance(out_dir: str, records: Sequence[Dict[str, Any]]) -> Optional[float]:
-    """Share (%) of the majority class in the held-out split of the study's cached data, if present.
-
-    A net that cannot see the contour predicts one class, so its accuracy is this share or 100 minus it,
-    not exactly 50%.
-    """
+def _cached_val(out_dir: str, records: Sequence[Dict[str, Any]]
+                ) -> Optional[Tuple["Budget", np.ndarray, np.ndarray]]:
+    """The budget and the held-out labels and contour distances from the study's cached data, if present."""
     from slaknet.study.runner import StudyData
 
     budget = budget_of(records)
@@ -197,23 +194,32 @@ def class_balance(out_dir: str, records: Sequence[Dict[str, Any]]) -> Optional[f
     if not os.path.isfile(path):
         return None
     with np.load(path, allow_pickle=False) as z:
-        frac = float(np.mean(z["val_y"]))
+        return budget, z["val_y"], z["val_d"]
+
+
+def class_balance(out_dir: str, records: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Share (%) of the majority class in the held-out split of the study's cached data, if present.
+
+    A net that cannot see the contour predicts one class, so its accuracy is this share or 100 minus it,
+    not exactly 50%.
+    """
+    cached = _cached_val(out_dir, records)
+    if cached is None:
+        return None
+    frac = float(np.mean(cached[1]))
     return 100.0 * max(frac, 1.0 - frac)
 
 
 def band_inside_share(out_dir: str, records: Sequence[Dict[str, Any]]) -> Optional[List[Optional[float]]]:
     """Share (%) of *inside* images per distance band of the held-out split (from the cached data), so a
     net that sees nothing and always answers one class is read correctly: it scores this or 100 minus it."""
-    from slaknet.study.runner import StudyData, band_accuracy
+    from slaknet.study.runner import band_accuracy
 
-    budget = budget_of(records)
-    if budget is None or not budget.graded:
+    cached = _cached_val(out_dir, records)
+    if cached is None or not cached[0].graded:
         return None
-    path = os.path.join(out_dir, "data", f"data-{StudyData(budget).key()}.npz")
-    if not os.path.isfile(path):
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        return band_accuracy(z["val_y"].astype(bool), z["val_d"], budget.band_edges())
+    budget, y, d = cached
+    return band_accuracy(y.astype(bool), d, budget.band_edges())
 
 
 def _arm_table(rows: Sequence[Dict[str, Any]]) -> List[str]:

@@ -113,7 +113,9 @@ def _counts(model: torch.nn.Module, budget: Budget) -> Dict[str, int]:
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     out: Dict[str, Any] = {"params": int(params), "params_nonzero": int(nonzero)}
-    large = [p for n, p in model.named_parameters() if n.endswith(".conv.weight") and (".LoRA" in n or ".lkb_origin." in n)]
+    from slaknet.sparse.selection import select_parameters
+
+    large = [p for _, _, p in select_parameters(model, "large_kernel")]
     if large:  # the large kernels' own density, counted from the trained weights (not the engine's report)
         out["large_kernel_density"] = sum(int((p != 0).sum()) for p in large) / sum(p.numel() for p in large)
     try:
@@ -271,6 +273,37 @@ def _worker_run(trainer: TrainRunFn, arm: Arm, seed: int, budget: Budget, cache_
     return _one_run(trainer, arm, seed, budget, StudyData(budget, cache_dir), limit, device, False, erf_dir)
 
 
+Result = Tuple[Dict[str, Any], Dict[str, Any], float, float]  # metrics, machine, wall s, data s
+
+
+def _execute(runs: Sequence[Tuple[Arm, int, str]], jobs: int, one: Callable[[Arm, int, Optional[float]], Result],
+             worker_args: Callable[[Arm, int, Optional[float]], Tuple[Any, ...]],
+             time_limit: Callable[[str], Optional[float]],
+             record: Callable[[Arm, int, str, Optional[float], Result], None]) -> None:
+    """Run ``runs`` (one phase) one at a time in this process (``jobs == 1``) or ``jobs`` at a time in
+    spawned processes (:func:`_worker_run` with ``worker_args``), recording each as it finishes."""
+    if jobs == 1:
+        for arm, seed, mode in runs:
+            limit = time_limit(mode)
+            record(arm, seed, mode, limit, one(arm, seed, limit))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=int(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for arm, seed, mode in runs:
+            limit = time_limit(mode)
+            futures[pool.submit(_worker_run, *worker_args(arm, seed, limit))] = (arm, seed, mode, limit)
+        try:
+            for fut in as_completed(futures):
+                record(*futures[fut], fut.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] = None,
               seeds: Optional[Sequence[int]] = None, equal_time: Optional[bool] = None,
               trainer: TrainRunFn = train_run, command: str = "", device: str = "cpu", progress: bool = True,
@@ -299,10 +332,9 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
         f"{path}, {len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 and todo else ""))
     cache_dir, erf_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "erf")
     data = StudyData(budget, cache_dir=cache_dir, progress=progress)
-    finished = [0]
+    before = len(records)
 
-    def record(arm: Arm, seed: int, mode: str, limit: Optional[float],
-               result: Tuple[Dict[str, Any], Dict[str, Any], float, float]) -> None:
+    def record(arm: Arm, seed: int, mode: str, limit: Optional[float], result: Result) -> None:
         metrics, machine, wall_s, data_s = result
         rec = {"budget": budget.name, "budget_id": bid, "arm": arm.name, "seed": seed, "mode": mode,
                "groups": list(arm.groups), "series": arm.series, "time_limit_s": limit, "wall_s": wall_s,
@@ -313,8 +345,7 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
         rec.update(metrics)
         _append(path, rec)
         records.append(rec)
-        finished[0] += 1
-        log(f"[{finished[0]}/{len(todo)}] {arm.name} seed {seed} ({mode}): val acc "
+        log(f"[{len(records) - before}/{len(todo)}] {arm.name} seed {seed} ({mode}): val acc "
             f"{rec.get('val_acc', float('nan')):.1f}% in {wall_s:.0f}s")
 
     def time_limit(mode: str) -> Optional[float]:
@@ -326,33 +357,12 @@ def run_study(budget: Budget, out_dir: str, arm_names: Optional[Sequence[str]] =
             raise ConfigError(f"no finished {ref} run to take the equal-time budget from")
         return float(np.mean(times))
 
-    for phase in ("epochs", "time"):  # the equal-time controls need the reference runs' times first
-        runs = [(a, s, m) for a, s, m in todo if m == phase]
-        if not runs:
-            continue
-        if jobs == 1:
-            for arm, seed, mode in runs:
-                limit = time_limit(mode)
-                record(arm, seed, mode, limit, _one_run(trainer, arm, seed, budget, data, limit, device, progress,
-                                                        erf_dir))
-            continue
+    if jobs > 1 and todo:
         data.get()  # render (or load) once here; the workers read the cached file
         data.take_load_time()
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(max_workers=int(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            for arm, seed, mode in runs:
-                limit = time_limit(mode)
-                fut = pool.submit(_worker_run, trainer, arm, seed, budget, cache_dir, limit, device, erf_dir,
-                                  torch.get_num_threads())
-                futures[fut] = (arm, seed, mode, limit)
-            try:
-                for fut in as_completed(futures):
-                    record(*futures[fut], fut.result())
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+    for phase in ("epochs", "time"):  # the equal-time controls need the reference runs' times first
+        _execute([r for r in todo if r[2] == phase], int(jobs),
+                 lambda a, s, lim: _one_run(trainer, a, s, budget, data, lim, device, progress, erf_dir),
+                 lambda a, s, lim: (trainer, a, s, budget, cache_dir, lim, device, erf_dir, torch.get_num_threads()),
+                 time_limit, record)
     return [r for r in records if r.get("budget_id") == bid]
