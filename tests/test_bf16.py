@@ -109,7 +109,7 @@ def test_large_kernel_layer_bf16_matches_plain(monkeypatch):
         _close(got, ref, 3e-2)
 
 
-needs_onednn = pytest.mark.skipif(lin._op() is None, reason="PyTorch built without oneDNN linear")
+needs_onednn = pytest.mark.skipif(lin.onednn_op() is None, reason="PyTorch built without oneDNN linear")
 
 
 @pytest.fixture(params=["native", "via_fp32"])
@@ -131,8 +131,8 @@ def test_linear_bf16_matches_f_linear_under_autocast(cin, cout, gelu, route, mon
     # 'onednn' pins the via-fp32 route's fp32 GEMMs to oneDNN too, so the spy below sees all of them
     monkeypatch.setenv(lin.ENV_VAR, "auto" if route == "native" else "onednn")
     calls = []
-    real = lin._gemm
-    monkeypatch.setattr(lin, "_gemm", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    real = lin.onednn_nt
+    monkeypatch.setattr(lin, "onednn_nt", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
     g = torch.Generator().manual_seed(cin)
     x = torch.randn(2, 7, 5, cin, generator=g)
     w = torch.randn(cout, cin, generator=g) / cin ** 0.5
@@ -158,8 +158,8 @@ def test_linear_bf16_matches_f_linear_under_autocast(cin, cout, gelu, route, mon
 @needs_onednn
 def test_linear_bf16_plain_and_fp16_autocast_use_f_linear(route, monkeypatch):
     calls = []
-    real = lin._gemm
-    monkeypatch.setattr(lin, "_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lin.onednn_nt
+    monkeypatch.setattr(lin, "onednn_nt", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, w = torch.randn(4, 6), torch.randn(8, 6)
     with torch.autocast("cpu", dtype=torch.float16):
         assert linear(x, w).dtype == torch.float16

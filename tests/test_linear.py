@@ -10,7 +10,7 @@ import slaknet.layers.pointwise as lin
 from slaknet.errors import ConfigError
 from slaknet.layers import Linear, linear
 
-needs_onednn = pytest.mark.skipif(lin._op() is None, reason="PyTorch built without oneDNN linear")
+needs_onednn = pytest.mark.skipif(lin.onednn_op() is None, reason="PyTorch built without oneDNN linear")
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,8 +62,8 @@ def test_batch_one_no_bias_and_gelu(gelu, monkeypatch):
 def test_fallbacks_run_f_linear(monkeypatch):
     monkeypatch.setenv(lin.ENV_VAR, "onednn")
     calls = []
-    real = lin._gemm
-    monkeypatch.setattr(lin, "_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lin.onednn_nt
+    monkeypatch.setattr(lin, "onednn_nt", lambda *a, **k: calls.append(1) or real(*a, **k))
     w, b = torch.randn(8, 6), torch.randn(8)
     x = torch.randn(5, 6)
     linear(x, w, b)

@@ -40,6 +40,7 @@ from slaknet.layers.backends import GemmBackend, gemm_backend, gemm_backends, re
 from slaknet.layers.dispatch import autocast_dtype, backend_name, exporting
 
 __all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "auto_key", "backend_names", "ENV_VAR",
+           "onednn_op", "onednn_nt", "has_forward_hooks",
            "BACKENDS", "PLAIN", "ONEDNN"]
 
 ENV_VAR = "SLAKNET_LINEAR"
@@ -49,7 +50,8 @@ logger = logging.getLogger("slaknet.linear")
 _auto_choice: Optional[Dict[str, str]] = None
 
 
-def _op() -> Optional[Callable]:
+def onednn_op() -> Optional[Callable]:
+    """oneDNN's fused linear op, or None where this PyTorch build lacks it."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
@@ -58,7 +60,7 @@ def _op() -> Optional[Callable]:
         return None
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "none") -> torch.Tensor:
+def onednn_nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "none") -> torch.Tensor:
     """``a @ b.T (+ bias)``, then ``act`` ('none' or exact 'gelu'), in one oneDNN call (a, b: 2-D)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, act, [], "none" if act == "gelu" else "")
 
@@ -72,7 +74,7 @@ def _plain_nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], ac
 PLAIN = register_gemm_backend(GemmBackend(
     name="plain", nt=_plain_nt, description="F.linear (MKL's sgemm on CPU), then GELU"))
 ONEDNN = register_gemm_backend(GemmBackend(
-    name="onednn", nt=lambda a, b, bias, act: _gemm(a, b, bias, act), available=lambda: _op() is not None,
+    name="onednn", nt=lambda a, b, bias, act: onednn_nt(a, b, bias, act), available=lambda: onednn_op() is not None,
     description="oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise), bias and GELU fused"))
 
 
@@ -190,7 +192,7 @@ def _route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
         return "plain"
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return "plain"
-    if (name == "auto" and _op() is None) or (name != "auto" and not gemm_backend(name).available()):
+    if (name == "auto" and onednn_op() is None) or (name != "auto" and not gemm_backend(name).available()):
         return "plain"
     amp = autocast_dtype("cpu")
     dtypes = {amp} if amp is not None else {x.dtype, weight.dtype}
@@ -284,12 +286,13 @@ class Linear(nn.Linear):
 
     def forward_act(self, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """``act(self(x))``; with exact GELU the activation is fused into the GEMM when possible."""
-        if type(act) is nn.GELU and act.approximate == "none" and not _has_hooks(self) and not _has_hooks(act):
+        if (type(act) is nn.GELU and act.approximate == "none" and not has_forward_hooks(self)
+                and not has_forward_hooks(act)):
             return linear(x, self.weight, self.bias, gelu=True)
         return act(self(x))
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_forward_hooks(m: nn.Module) -> bool:
     """Fusing skips ``__call__``: only do it when no (module or global) forward hook would be bypassed."""
     g = nn.modules.module
     return bool(m._forward_hooks or m._forward_pre_hooks or getattr(g, "_global_forward_hooks", None)

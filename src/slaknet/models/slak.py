@@ -21,6 +21,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from slaknet.errors import ConfigError
 from slaknet.layers import Conv2d, LargeKernelConv, LayerNorm2d, Linear
+from slaknet.layers.block_mlp import mlp_branch, residual_mlp
 
 __all__ = ["SLaK", "Block", "MODEL_SPECS", "RECIPE_DEFAULTS", "BUILDER_KEYS", "recipe_defaults",
            "resolve_kernel_sizes"]
@@ -45,14 +46,11 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.large_kernel(x)
-        x = x.permute(0, 2, 3, 1)  # NCHW -> NHWC for the per-pixel LayerNorm and MLP
-        x = self.pwconv2(self.pwconv1.forward_act(self.norm(x), self.act))
-        if self.gamma is not None:
-            x = x * self.gamma
-        x = x.permute(0, 3, 1, 2)
-        return shortcut + self.drop_path(x)
+        y = self.large_kernel(x)
+        if not self.training:  # no drop path: the MLP may run fused, in cache-sized chunks (layers.block_mlp)
+            return residual_mlp(x, y, self.norm, self.pwconv1, self.act, self.pwconv2, self.gamma)
+        # per pixel (NHWC) LayerNorm and MLP, then layer scale
+        return x + self.drop_path(mlp_branch(y, self.norm, self.pwconv1, self.act, self.pwconv2, self.gamma))
 
 
 def resolve_kernel_sizes(kernel_size: Sequence[int], small_kernel: Optional[int],
