@@ -31,6 +31,7 @@ import slaknet  # noqa: F401  (registers the models)
 from slaknet.bench import count_inbounds_macs, measure_peak_gmacs
 from slaknet.layers import autotune, block_mlp, pointwise
 from slaknet.models.factory import reparameterize_model
+from slaknet.train.machine import keep_freed_memory
 
 
 def _interleaved(fns: Dict[str, Callable[[], object]], reps: int) -> Dict[str, float]:
@@ -78,8 +79,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tuned = keep_freed_memory()  # as `slaknet bench` and training: freed activations are reused, not re-faulted
     print(f"CPU: {autotune.cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f}; glibc allocator {'tuned' if tuned else 'untouched'}")
     peak = measure_peak_gmacs(args.threads)
     model = timm.create_model(args.model, num_classes=1000).eval()
     x = torch.randn(args.batch, 3, args.size, args.size)

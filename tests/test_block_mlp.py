@@ -60,7 +60,7 @@ def spy(monkeypatch):
     real = block_mlp.fused_residual_mlp
 
     def counting(*args, **kwargs):
-        calls.append(args[1].shape)
+        calls.append((tuple(args[1].shape), kwargs.get("rows")))
         return real(*args, **kwargs)
     monkeypatch.setattr(block_mlp, "fused_residual_mlp", counting)
     return calls
@@ -174,7 +174,7 @@ def test_auto_times_once_per_shape_and_caches(tmp_path, spy, monkeypatch):
             timed, before = autotune.stats().timed, len(spy)
             b = block_mlp.residual_mlp(s, y, norm, fc1, act, fc2, gam)
         d = autotune.lookup(key)
-        assert d is not None and d.choice in ("plain", "fused") and timed >= 1
+        assert d is not None and d.choice in ("plain", "fused") and timed >= 1  # 64 rows: one chunk, no 'whole'
         assert autotune.stats().timed == timed  # the second call asked no new question
         assert len(spy) - before == (1 if d.choice == "fused" else 0)  # and ran what was chosen
         ref = _reference(s, y, norm, fc1, fc2, gam)
@@ -208,3 +208,21 @@ def test_slak_model_same_outputs_with_and_without_the_fused_mlp(spy, monkeypatch
     ref = model.double()(x.double())  # grad enabled + float64: the unfused path throughout
     _close(outs["onednn"], ref.detach(), rel=1e-4)
     _close(outs["plain"], ref.detach(), rel=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("choice", ["plain", "fused", "whole"])
+def test_each_auto_answer_runs_as_chosen_and_matches_float64(choice, spy, monkeypatch):
+    monkeypatch.setenv(lin.ENV_VAR, "auto")
+    autotune.reset()
+    try:
+        c = 124
+        norm, fc1, act, fc2, gam = _parts(c, seed=13)
+        s, y = _inputs(1, c, 50, 51, seed=14)  # 2,550 pixels: more than one chunk of 2,114
+        autotune.pin({block_mlp.auto_key(2550, c, 4 * c): choice})
+        with torch.no_grad():
+            out = block_mlp.residual_mlp(s, y, norm, fc1, act, fc2, gam)
+        assert spy == {"plain": [], "fused": [((2550, c), None)], "whole": [((2550, c), 2550)]}[choice]
+        _close(out, _reference(s, y, norm, fc1, fc2, gam))
+    finally:
+        autotune.reset()

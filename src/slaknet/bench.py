@@ -333,6 +333,11 @@ def run_bench(model_name: str, batch: int, size: int, reps: int, threads: int,
               progress: bool = True, device: str = "cpu", amp: Optional[torch.dtype] = None) -> Dict[str, object]:
     """Benchmark one model (or ``branches``) and return times, MACs and the formatted table."""
     torch.set_num_threads(threads)
+    tuned = False
+    if device == "cpu":  # the allocator as `slaknet train` / `eval` set it (no page faults on freed activations)
+        from slaknet.train.machine import keep_freed_memory
+
+        tuned = keep_freed_memory()
     peak = peak_gmacs or (measure_peak_gmacs(threads) if device == "cpu" else 0.0)
     model, x, inputs, loss_fn = _build(model_name, batch, size, device)
     fns, rep_model = model_workloads(model, x, inputs, loss_fn, channels_last, amp)
@@ -344,7 +349,7 @@ def run_bench(model_name: str, batch: int, size: int, reps: int, threads: int,
     times = compare(fns, list(backends), reps, progress=progress)
     table = format_table(times, list(backends), batch, macs, peak)
     return {"model": model_name, "batch": batch, "size": size, "threads": threads, "peak_gmacs": peak,
-            "macs_per_pass": macs, "times": times, "table": table}
+            "macs_per_pass": macs, "times": times, "table": table, "allocator_tuned": tuned}
 
 
 def _branch_macs(model: nn.Module, xs) -> int:
@@ -376,7 +381,9 @@ def run(args: argparse.Namespace) -> int:
     precision = "fp32" if args.amp == "none" else f"{args.amp} autocast"
     print(f"\n{args.model} {args.size}x{args.size} batch {args.batch} {precision} on {dev}, {args.threads} threads, "
           f"torch {torch.__version__}, peak {res['peak_gmacs']:.1f} GMAC/s (best fp32 GEMM), in-bounds GMAC per "
-          f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}")
+          f"forward {res['macs_per_pass']['forward'] / 1e9:.2f}, channels_last={bool(args.channels_last)}"
+          + (", glibc allocator keeps freed memory (as in training; SLAKNET_MALLOC=default: untouched)"
+             if res["allocator_tuned"] else ""))
     print(res["table"])
     report, ratios = auto_report(res["times"])  # type: ignore[arg-type]
     print(report)
