@@ -216,7 +216,8 @@ def test_every_dwconv_backend_from_the_cache_matches_float64(cache, name, c, hw,
 def test_every_gemm_backend_from_the_cache_matches_float64(cache, monkeypatch, name, cin, cout):
     monkeypatch.delenv(lin.ENV_VAR, raising=False)
     _write(autotune.cache_path(), autotune.machine_identity(),
-           {lin.auto_key("train"): {"choice": name}, lin.auto_key("forward"): {"choice": name}})
+           {lin.auto_key("train"): {"choice": name}, lin.auto_key("forward"): {"choice": name},
+            lin.train_key(21, cin, cout): {"choice": name}})  # 3 x 7 rows: this layer's per-shape question
     autotune.reset()
     monkeypatch.setattr(lin, "_auto_choice", None)
     g = torch.Generator().manual_seed(cin)

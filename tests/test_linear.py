@@ -170,3 +170,35 @@ def test_fx_symbolic_trace_of_a_slak_model():
     assert _rel(out, ref.double()) < 1e-5
     targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
     assert any("linear" in t for t in targets) and any("conv2d" in t for t in targets)
+
+
+@needs_onednn
+def test_training_gemm_is_chosen_per_shape_and_a_pin_overrides_it(tmp_path, monkeypatch):
+    from slaknet.layers import autotune
+
+    monkeypatch.setenv(lin.ENV_VAR, "auto")
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv(autotune.ENV_BUDGET, "60")
+    monkeypatch.setattr(lin, "_pinned_train", None)
+    monkeypatch.setattr(lin, "_auto_choice", None)
+    autotune.reset()
+    try:
+        shapes = [(2, 48, 8, 32), (3, 40, 32, 8)]  # (batch, rows per image, in, out)
+        for n, rows, cin, cout in shapes:
+            x = torch.randn(n, rows, cin, requires_grad=True)
+            w = torch.randn(cout, cin, requires_grad=True)
+            got = lin.linear_backend(x, w)
+            d = autotune.lookup(lin.train_key(n * rows, cin, cout))
+            assert d is not None and d.source == "timed" and got == d.choice in ("plain", "onednn")
+        x, w = torch.randn(2, 48, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+        other = "plain" if lin.linear_backend(x, w) == "onednn" else "onednn"
+        autotune.pin({lin.train_key(96, 8, 32): other})  # a resumed run's recorded answer
+        assert lin.linear_backend(x, w) == other
+        lin.pin_auto_choice("plain")  # one GEMM for every shape (a run from before the per-shape answers)
+        assert lin.linear_backend(x, w) == "plain" and lin.pinned_choice() == "plain"
+        lin.pin_auto_choice(None)
+        assert lin.linear_backend(x, w) == other
+        with torch.no_grad():  # inference calls keep their own (per-machine) question
+            assert lin.linear_backend(x, w) == lin.auto_choice("forward")
+    finally:
+        autotune.reset()

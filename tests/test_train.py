@@ -287,20 +287,35 @@ def test_bf16_sparse_run_keeps_masks_exact_and_resumes_bitwise_after_sigkill(tmp
 
 
 def test_resume_keeps_the_gemm_and_threads_the_run_started_on(tmp_path, monkeypatch):
-    from slaknet.layers import pointwise
+    from slaknet.layers import autotune, pointwise
 
     monkeypatch.delenv("SLAKNET_LINEAR", raising=False)
+    monkeypatch.setattr(pointwise, "_pinned_train", None)
     monkeypatch.setattr(pointwise, "_auto_choice", None)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: --threads auto picks 2
     out = str(tmp_path / "run")
     train(config_from_argv(TINY + ["--epochs", "1", "-o", out]))
     cfg = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["config"]
-    assert cfg["linear_auto"] == pointwise.auto_choice() and cfg["resolved_threads"] == 2
-    pointwise.pin_auto_choice("plain" if cfg["linear_auto"] == "onednn" else "onednn")  # timed the other way
+    gemms = {k: v for k, v in cfg["autotune"].items() if k.startswith("linear/train/")}
+    assert cfg["linear_auto"] == "per-shape" and gemms and cfg["resolved_threads"] == 2
+    autotune.pin({k: "plain" if v == "onednn" else "onednn" for k, v in gemms.items()})  # timed the other way
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.5, 1.5))  # busy now: auto alone would pick 1
     summary = train(config_from_argv(TINY + ["--epochs", "2", "-o", out, "--auto-resume"]))
-    assert pointwise.auto_choice() == cfg["linear_auto"] and summary["torch_threads"] == 2
+    assert {k: autotune.answers()[k] for k in gemms} == gemms and summary["torch_threads"] == 2
+    assert pointwise.pinned_choice() is None
+
+    # a checkpoint from before the per-shape answers: its one GEMM is kept for every layer
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    ckpt["config"]["linear_auto"] = "onednn" if pointwise.onednn_op() is not None else "plain"
+    ckpt["config"]["autotune"] = {}
+    old = str(tmp_path / "old.pth")
+    torch.save(ckpt, old)
+    train(config_from_argv(TINY + ["--epochs", "3", "-o", str(tmp_path / "run2"), "--resume", old]))
+    assert pointwise.pinned_choice() == ckpt["config"]["linear_auto"]
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    assert pointwise.linear_backend(x, w) == ckpt["config"]["linear_auto"]
+    autotune.reset()  # no pinned answers for the tests after this one
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):

@@ -10,9 +10,11 @@ that is faster on this machine, and which can fuse the bias and GELU into the GE
 
 Choice (``SLAKNET_LINEAR=auto|plain|onednn|<registered name>``, default ``auto``, or ``backend=`` per call of
 :func:`linear`): the GEMMs are registered backends (:class:`slaknet.layers.backends.GemmBackend`: ``plain`` =
-``F.linear``, ``onednn``). ``auto`` decides twice per machine, once for inference calls (no gradients;
-bias and GELU fused) and once for training calls (forward and both gradients): it times the candidates
-alternately on SLaK-T's MLP GEMMs (224 px, one image) and keeps ``plain`` unless another is >= 5% faster
+``F.linear``, ``onednn``). For inference calls (no gradients; bias and GELU fused) ``auto`` decides once
+per machine, timing the candidates alternately on SLaK-T's MLP GEMMs (224 px, one image); for training
+calls (forward and both gradients) it decides per shape (rows, in and out features: one layer's three
+GEMMs timed, :func:`train_key`), because which GEMM wins depends on it (on a Zen 3, MKL at batch 1,
+oneDNN at batch 8 for most SLaK-T layers). Either keeps ``plain`` unless another is >= 5% faster
 (median); answers are cached per machine (:mod:`slaknet.layers.autotune`) and logged once per process on
 the ``slaknet.linear`` logger. ``plain`` is exactly ``F.linear``. Off CPU, for dtypes other than fp32
 and bf16, under fp16 autocast, while tracing / exporting / compiling, or if the op is missing,
@@ -39,7 +41,8 @@ from slaknet.layers import autotune, dispatch
 from slaknet.layers.backends import GemmBackend, gemm_backend, gemm_backends, register_gemm_backend
 from slaknet.layers.dispatch import autocast_dtype, backend_name, exporting
 
-__all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "auto_key", "backend_names", "ENV_VAR",
+__all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "pinned_choice", "auto_key",
+           "train_key", "train_choice", "backend_names", "ENV_VAR",
            "onednn_op", "onednn_nt", "has_forward_hooks",
            "BACKENDS", "PLAIN", "ONEDNN"]
 
@@ -48,6 +51,11 @@ logger = logging.getLogger("slaknet.linear")
 # what 'auto' means per kind of call ('train': forward + both gradients, 'forward': no-grad inference),
 # decided on first use (timed or from the per-machine cache) or pinned (pin_auto_choice)
 _auto_choice: Optional[Dict[str, str]] = None
+# training calls: one backend for every shape, set by pin_auto_choice (a resumed run that started before the
+# per-shape questions existed, or a caller's explicit pin); None: per shape (train_choice)
+_pinned_train: Optional[str] = None
+# rows timed for one per-shape training question: larger inputs are timed on a slice and share the answer
+_MAX_TIMED_ROWS = 8 * 56 * 56
 
 
 def onednn_op() -> Optional[Callable]:
@@ -160,14 +168,64 @@ def auto_choice(kind: str = "train") -> str:
     return _auto_choice[kind]
 
 
-def pin_auto_choice(name: str) -> None:
-    """Make ``auto`` mean ``name`` (e.g. 'onednn' or 'plain') for training calls in this process
-    (``SLAKNET_LINEAR`` still wins); inference calls keep their own answer."""
-    global _auto_choice
+def pin_auto_choice(name: Optional[str]) -> None:
+    """Make ``auto`` mean ``name`` (e.g. 'onednn' or 'plain') for every training call in this process instead
+    of the per-shape answers (``SLAKNET_LINEAR`` still wins); inference calls keep their own answer.
+    ``None`` goes back to the per-shape answers."""
+    global _auto_choice, _pinned_train
+    if name is None:
+        _pinned_train = None
+        return
     if name not in backend_names() or name == "auto":
         raise ValueError(f"auto can mean one of {', '.join(backend_names()[1:])}, not {name!r}")
     _auto_choice = dict(_auto_choice or {})
-    _auto_choice["train"] = name if gemm_backend(name).available() else "plain"
+    _auto_choice["train"] = _pinned_train = name if gemm_backend(name).available() else "plain"
+
+
+def pinned_choice() -> Optional[str]:
+    """The backend :func:`pin_auto_choice` fixed for training calls, or None (per-shape answers)."""
+    return _pinned_train
+
+
+def train_key(rows: int, in_features: int, out_features: int) -> str:
+    """The per-shape question ``auto`` times (and caches) for training calls of a layer of this shape."""
+    return (f"linear/train/cpu/float32/t{torch.get_num_threads()}/m{min(rows, _MAX_TIMED_ROWS)}"
+            f"/k{in_features}/n{out_features}")
+
+
+def _layer_calls(rows: int, in_f: int, out_f: int, names: Sequence[str]) -> Dict[str, Callable[[], None]]:
+    """Per candidate, one layer's three training GEMMs (forward, input and weight gradient) as
+    :class:`_GemmLinear` runs them, on random inputs of this shape."""
+    g = torch.Generator().manual_seed(rows + 7 * in_f + 13 * out_f)
+    x, w = torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g)
+    b, gy = torch.randn(out_f, generator=g), torch.randn(rows, out_f, generator=g)
+
+    def calls_for(name: str) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                _nt(x, w, b, "none", name)
+                _nt(gy, w.t(), None, "none", name)
+                _weight_grad(x, gy, out_f >= in_f, name)
+        return run
+
+    return {name: calls_for(name) for name in names}
+
+
+def train_choice(rows: int, in_features: int, out_features: int) -> str:
+    """What ``auto`` runs for a training call (fp32, CPU) of a layer of this shape: the pinned backend if
+    :func:`pin_auto_choice` set one, else this shape's answer (timed once per machine, cached)."""
+    if _pinned_train is not None:
+        return _pinned_train
+    if rows < 1:
+        return "plain"
+    names = [b.name for b in gemm_backends() if b.name == "plain" or (b.timed and b.available())]
+    try:
+        return autotune.decide(train_key(rows, in_features, out_features), names,
+                               lambda: _layer_calls(min(rows, _MAX_TIMED_ROWS), in_features, out_features, names),
+                               baseline="plain", fallback="plain", device="cpu")
+    except RuntimeError as exc:  # a GEMM this build cannot run: stay on F.linear
+        logger.info("linear on cpu: timing failed (%s); using plain", exc)
+        return "plain"
 
 
 def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -204,7 +262,9 @@ def _route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     if name != "auto":
         return name
     grad = training if training is not None else _needs_grad(x, weight, bias)
-    return auto_choice("train" if grad else "forward")
+    if not grad:
+        return auto_choice("forward")
+    return train_choice(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0])
 
 
 def _fp32_gemm(backend: Optional[str], training: bool) -> str:
@@ -216,6 +276,13 @@ def _fp32_gemm(backend: Optional[str], training: bool) -> str:
 def _nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], act: str, gemm: str) -> torch.Tensor:
     """``act(a @ b.T + bias)`` on GEMM backend ``gemm`` (oneDNN: one fused call; plain: ``F.linear``)."""
     return gemm_backend(gemm).nt(a, b, bias, act)
+
+
+def _weight_grad(x: torch.Tensor, gy: torch.Tensor, wide_out: bool, gemm: str) -> torch.Tensor:
+    """``gy^T @ x`` (the weight gradient); oneDNN is fastest with the wider matrix as the first operand."""
+    if wide_out:
+        return _nt(x.t(), gy.t(), None, "none", gemm).t().contiguous()
+    return _nt(gy.t(), x.t(), None, "none", gemm)
 
 
 class _GemmLinear(torch.autograd.Function):
@@ -241,10 +308,7 @@ class _GemmLinear(torch.autograd.Function):
             gx = _nt(gy, w.t(), None, "none", gemm).to(x2d.dtype)  # gy @ W (oneDNN reads the transposed view)
         if ctx.needs_input_grad[1]:
             out_f, in_f = weight.shape
-            # gy^T @ x; oneDNN is fastest with the wider matrix as the first operand
-            gw = _nt(x.t(), gy.t(), None, "none", gemm).t().contiguous() if out_f >= in_f \
-                else _nt(gy.t(), x.t(), None, "none", gemm)
-            gw = gw.to(weight.dtype)
+            gw = _weight_grad(x, gy, out_f >= in_f, gemm).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0).to(weight.dtype)
         return gx, gw, gb, None, None

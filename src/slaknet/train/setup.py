@@ -117,10 +117,12 @@ def _pin_machine_choices(run: "Run", resumed: Optional[Dict[str, Any]]) -> Optio
     if run.device.type != "cpu":
         return None
     if old.get("linear_auto") in ("onednn", "plain"):
-        pointwise.pin_auto_choice(old["linear_auto"])  # the 1x1 layers' GEMM ('auto' is timed)
+        # a run started before the 1x1 layers' training GEMM was chosen per shape: its one GEMM for all
+        pointwise.pin_auto_choice(old["linear_auto"])
     if resumed is not None and str(run.cfg.threads).lower() == "auto" and old.get("resolved_threads"):
         torch.set_num_threads(int(old["resolved_threads"]))  # 'auto' follows the machine's load
-    return pointwise.auto_choice()
+    # per shape: the answers are autotune questions, recorded with the others and pinned above on a resume
+    return pointwise.pinned_choice() or "per-shape"
 
 
 def _setup_data(run: "Run", linear_auto: Optional[str]) -> None:
