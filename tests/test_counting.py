@@ -134,3 +134,25 @@ def test_counts_print_in_units_that_fit():
     assert [human_count(n) for n in (7, 1234, 1_082_050, 8_110_000_000)] == ["7", "1.23 K", "1.08 M", "8.11 G"]
     text = count_model(slaknet.create_model("slak_pico"), 32).table()
     assert "0.00 G" not in text and " M" in text  # a 32 px slak_pico has a few million MACs, not "0.00 G"
+
+
+def test_counting_asks_auto_no_training_question(tmp_path, monkeypatch):
+    """Counting runs one no-grad forward on the plain depthwise kernel: it never makes `auto` time (and cache)
+    batch-1 training shapes that the run itself does not use."""
+    import timm
+
+    from slaknet.layers import autotune
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv(autotune.ENV_BUDGET, "60")
+    monkeypatch.delenv("SLAKNET_LINEAR", raising=False)
+    monkeypatch.delenv("SLAKNET_DWCONV", raising=False)
+    autotune.reset()
+    try:
+        model = timm.create_model("slak_pico", num_classes=3).train()
+        count_model(model, 64)
+        assert model.training  # restored
+        asked = [k for k in autotune.decisions() if "/train/" in k or k.startswith("dwconv/")]
+        assert asked == []
+    finally:
+        autotune.reset()

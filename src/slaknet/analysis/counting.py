@@ -26,6 +26,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from slaknet.layers.dwconv import use_backend
+
 __all__ = ["Counts", "count_model", "conv_tap_coverage", "human_count"]
 
 
@@ -180,7 +182,10 @@ def count_model(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, i
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        model(example if example is not None else torch.zeros(1, in_chans, h, w, device=device, dtype=dtype))
+        # shapes are all the hooks need: no gradients, and the plain depthwise kernel, so that counting never
+        # makes `auto` time batch-1 training shapes (slaknet.layers.autotune)
+        with torch.no_grad(), use_backend("plain"):
+            model(example if example is not None else torch.zeros(1, in_chans, h, w, device=device, dtype=dtype))
     finally:
         for hd in handles:
             hd.remove()
