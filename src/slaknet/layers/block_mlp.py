@@ -39,8 +39,6 @@ __all__ = ["mlp_branch", "residual_mlp", "fused_residual_mlp", "chunk_rows", "au
 
 # hidden floats per chunk: 2^20 (4 MB) keeps a chunk's hidden activations in the last-level cache
 _CHUNK_HIDDEN = 1 << 20
-# rows timed for one auto question: larger batches are timed on a slice and share the answer
-_MAX_TIMED_ROWS = 8 * 56 * 56
 
 
 def mlp_branch(y: torch.Tensor, norm: nn.Module, fc1: nn.Module, act: nn.Module, fc2: nn.Module,
@@ -83,7 +81,7 @@ def fused_residual_mlp(shortcut2d: torch.Tensor, y2d: torch.Tensor, norm: nn.Lay
 
 def auto_key(rows: int, channels: int, hidden: int) -> str:
     """The question ``auto`` times (and caches) for this MLP shape with the current number of threads."""
-    return (f"block-mlp/forward/cpu/float32/t{torch.get_num_threads()}/m{min(rows, _MAX_TIMED_ROWS)}"
+    return (f"block-mlp/forward/cpu/float32/t{torch.get_num_threads()}/m{min(rows, pointwise.MAX_TIMED_ROWS)}"
             f"/c{channels}/h{hidden}")
 
 
@@ -133,12 +131,12 @@ def _choose(s2d: torch.Tensor, y2d: torch.Tensor, norm: nn.Module, fc1: nn.Modul
     timed once per machine (>= 5% faster to replace plain)."""
     m, c = y2d.shape
     key = auto_key(m, c, fc1.out_features)
-    chunked = chunk_rows(fc1.out_features) < min(m, _MAX_TIMED_ROWS)
+    chunked = chunk_rows(fc1.out_features) < min(m, pointwise.MAX_TIMED_ROWS)
     names = ["plain", "fused", "whole"] if chunked else ["plain", "fused"]
 
     def candidates() -> Dict[str, Callable[[], object]]:
         pointwise.auto_choice("forward")  # the unfused path's own GEMM question: decided before timing
-        rows = min(m, _MAX_TIMED_ROWS)
+        rows = min(m, pointwise.MAX_TIMED_ROWS)
         s, y = s2d[:rows], y2d[:rows]
         y4, s4 = y.view(1, rows, 1, c).permute(0, 3, 1, 2), s.view(1, rows, 1, c).permute(0, 3, 1, 2)
 

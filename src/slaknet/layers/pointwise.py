@@ -42,7 +42,7 @@ from slaknet.layers.backends import GemmBackend, gemm_backend, gemm_backends, re
 from slaknet.layers.dispatch import autocast_dtype, backend_name, exporting
 
 __all__ = ["Linear", "linear", "linear_backend", "auto_choice", "pin_auto_choice", "pinned_choice", "auto_key",
-           "train_key", "train_choice", "backend_names", "ENV_VAR",
+           "train_key", "train_choice", "MAX_TIMED_ROWS", "backend_names", "ENV_VAR",
            "onednn_op", "onednn_nt", "has_forward_hooks",
            "BACKENDS", "PLAIN", "ONEDNN"]
 
@@ -54,8 +54,9 @@ _auto_choice: Optional[Dict[str, str]] = None
 # training calls: one backend for every shape, set by pin_auto_choice (a resumed run that started before the
 # per-shape questions existed, or a caller's explicit pin); None: per shape (train_choice)
 _pinned_train: Optional[str] = None
-# rows timed for one per-shape training question: larger inputs are timed on a slice and share the answer
-_MAX_TIMED_ROWS = 8 * 56 * 56
+# rows timed for one per-shape question (here and in slaknet.layers.block_mlp): SLaK-T stage 1 at batch 8;
+# larger inputs are timed on a slice and share the answer
+MAX_TIMED_ROWS = 8 * 56 * 56
 
 
 def onednn_op() -> Optional[Callable]:
@@ -111,20 +112,17 @@ def _timing_calls(kind: str, names: Sequence[str]) -> Dict[str, Callable[[], Non
             layers.append((torch.randn(rows, cin, generator=g), torch.randn(cout, cin, generator=g),
                            torch.randn(cout, generator=g), torch.randn(rows, cout, generator=g), act))
 
-    def calls_for(nt: Callable) -> Callable[[], None]:
+    def calls_for(name: str) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
                 for x, w, b, gy, act in layers:
                     if kind == "forward":
-                        nt(x, w, b, act)
-                        continue
-                    nt(x, w, b, "none")
-                    nt(gy, w.t(), None, "none")
-                    out_f, in_f = w.shape
-                    nt(x.t(), gy.t(), None, "none") if out_f >= in_f else nt(gy.t(), x.t(), None, "none")
+                        _nt(x, w, b, act, name)
+                    else:
+                        _train_gemms(x, w, b, gy, name)
         return run
 
-    return {name: calls_for(gemm_backend(name).nt) for name in names}
+    return {name: calls_for(name) for name in names}
 
 
 def auto_key(kind: str) -> str:
@@ -189,7 +187,7 @@ def pinned_choice() -> Optional[str]:
 
 def train_key(rows: int, in_features: int, out_features: int) -> str:
     """The per-shape question ``auto`` times (and caches) for training calls of a layer of this shape."""
-    return (f"linear/train/cpu/float32/t{torch.get_num_threads()}/m{min(rows, _MAX_TIMED_ROWS)}"
+    return (f"linear/train/cpu/float32/t{torch.get_num_threads()}/m{min(rows, MAX_TIMED_ROWS)}"
             f"/k{in_features}/n{out_features}")
 
 
@@ -203,9 +201,7 @@ def _layer_calls(rows: int, in_f: int, out_f: int, names: Sequence[str]) -> Dict
     def calls_for(name: str) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
-                _nt(x, w, b, "none", name)
-                _nt(gy, w.t(), None, "none", name)
-                _weight_grad(x, gy, out_f >= in_f, name)
+                _train_gemms(x, w, b, gy, name)
         return run
 
     return {name: calls_for(name) for name in names}
@@ -221,7 +217,7 @@ def train_choice(rows: int, in_features: int, out_features: int) -> str:
     names = [b.name for b in gemm_backends() if b.name == "plain" or (b.timed and b.available())]
     try:
         return autotune.decide(train_key(rows, in_features, out_features), names,
-                               lambda: _layer_calls(min(rows, _MAX_TIMED_ROWS), in_features, out_features, names),
+                               lambda: _layer_calls(min(rows, MAX_TIMED_ROWS), in_features, out_features, names),
                                baseline="plain", fallback="plain", device="cpu")
     except RuntimeError as exc:  # a GEMM this build cannot run: stay on F.linear
         logger.info("linear on cpu: timing failed (%s); using plain", exc)
@@ -283,6 +279,13 @@ def _weight_grad(x: torch.Tensor, gy: torch.Tensor, wide_out: bool, gemm: str) -
     if wide_out:
         return _nt(x.t(), gy.t(), None, "none", gemm).t().contiguous()
     return _nt(gy.t(), x.t(), None, "none", gemm)
+
+
+def _train_gemms(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], gy: torch.Tensor, gemm: str) -> None:
+    """One training call's three GEMMs as :class:`_GemmLinear` runs them (what ``auto`` times for training)."""
+    _nt(x, w, b, "none", gemm)
+    _nt(gy, w.t(), None, "none", gemm)
+    _weight_grad(x, gy, w.shape[0] >= w.shape[1], gemm)
 
 
 class _GemmLinear(torch.autograd.Function):
